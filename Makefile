@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# The venv gets the CPU build of torch pinned for the project's machines (2 cores, no GPU);
+# the package itself asks only for a loose `torch>=2.1`, so a GPU user keeps their own build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_PIN ?= torch==2.13.0
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/critical-tokens: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/critical-tokens
+
+demo: setup
+	$(BIN)/critical-tokens reproduce --preset cpu --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/pretrain.py
+	$(BIN)/python benchmarks/rl.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,50 @@
+"""The ``critical-tokens`` command: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import add_arguments, from_namespace
+from .runs import UserError
+
+
+def _commands():
+    from .critical import CriticalConfig, critical
+    from .evaluate import EvaluateConfig, evaluate
+    from .pretrain import PretrainConfig, pretrain
+    from .rl import RLConfig, train
+
+    return {
+        "pretrain": (PretrainConfig, pretrain, "pre-train a GPT-2 on scratchpad addition of 1..N digits"),
+        "evaluate": (EvaluateConfig, evaluate, "accuracy on identical and varying digits for N..N+3 (tables 4 and 5)"),
+        "critical": (CriticalConfig, critical, "critical tokens: certainty gap (table 1), where failures start, discovery, pictures"),
+        "rl": (RLConfig, train, "RL fine-tuning (A2C) with no, the standard, or the prioritized KL penalty"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would drown our own progress bars
+    commands = _commands()
+    parser = argparse.ArgumentParser(prog="critical-tokens", description=__doc__.strip() if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (config_class, _, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p, config_class)
+    ns = parser.parse_args(argv)
+    config_class, run, _ = commands[ns.command]
+    try:
+        run(from_namespace(config_class, ns))
+    except UserError as e:
+        print(f"critical-tokens {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"critical-tokens {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

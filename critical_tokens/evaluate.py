@@ -1,0 +1,135 @@
+"""Length generalisation of a pre-trained model: the paper's tables 4 and 5 (Appendix A).
+
+Accuracy of greedy decoding on "identical" (both operands n digits) and "varying" (one operand n
+digits, the other fewer) additions for n = N..N+3, 1,000 examples per cell by default, with 95%
+confidence intervals by bootstrap resampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import addition
+from .config import arg
+from .generation import addition_stop_rule, generate
+from .model import check_fits
+from .runs import UserError, atomic_write_text, write_json
+from .tokenizer import encode
+
+KINDS = ("identical", "varying")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: str = arg(None, "pre-training run directory (or any directory holding a critical-tokens model)", positional=True, metavar="RUN_DIR")
+    examples: int = arg(1000, "examples per cell (the paper: 1,000)")
+    extra_digits: int = arg(3, "evaluate n = N..N+extra_digits")
+    batch_size: int = arg(250, "prompts generated in parallel")
+    n_digits: int | None = arg(None, "N, if the model does not record it")
+    show_failures: int = arg(0, "print this many failed scratchpads (first wrong character marked)")
+    seed: int = arg(1234, "seed of the evaluation sets")
+    bootstrap: int = arg(1000, "bootstrap resamples for the confidence intervals")
+
+
+def completions(model, tokenizer, pairs, *, batch_size: int = 250, temperature: float = 0.0, generator=None, desc=None) -> list[str]:
+    """Generated completions (greedy by default) for (a, b) pairs, in batches."""
+    stop = addition_stop_rule(tokenizer)
+    n_digits = max(max(len(str(a)), len(str(b))) for a, b in pairs)
+    longest = addition.max_completion_length(n_digits)
+    texts: list[str] = []
+    batches = range(0, len(pairs), batch_size)
+    for start in tqdm(batches, desc=desc, leave=False, disable=desc is None):
+        chunk = pairs[start : start + batch_size]
+        prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in chunk]
+        prompt_len = max(map(len, prompts))
+        check_fits(model, prompt_len + longest)
+        # SPEC section 4: up to 100 characters past the longest completion, as far as the context allows.
+        max_new = min(longest + 100, model.config.n_positions - prompt_len)
+        out = generate(model, prompts, max_new_tokens=max_new, temperature=temperature, generator=generator, **stop)
+        texts += out.completions(tokenizer)
+    return texts
+
+
+def accuracy_on(model, tokenizer, pairs, **kwargs) -> torch.Tensor:
+    """(len(pairs),) float 0/1: whether each generated result is right."""
+    texts = completions(model, tokenizer, pairs, **kwargs)
+    return torch.tensor([addition.is_correct(a, b, t) for (a, b), t in zip(pairs, texts)], dtype=torch.float)
+
+
+def bootstrap_ci(correct: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of a 0/1 array."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(correct, size=(resamples, len(correct)), replace=True).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def first_difference(expected: str, got: str) -> int:
+    for i, (x, y) in enumerate(zip(expected, got)):
+        if x != y:
+            return i
+    return min(len(expected), len(got))
+
+
+def mark_failure(a: int, b: int, got: str) -> dict:
+    """A failed generation: the prompt and scratchpad with its first wrong character in ``⟦ ⟧``."""
+    expected = addition.completion(a, b)
+    i = first_difference(expected, got)
+    marked = f"{addition.prompt(a, b)}{got[:i]}⟦{got[i:i + 1] or '∅'}⟧{got[i + 1:]}"
+    return {"a": a, "b": b, "first_wrong": i, "expected": expected[i : i + 1], "marked": marked}
+
+
+def evaluate_model(model, tokenizer, n_digits: int, config: EvaluateConfig) -> dict:
+    """{"cells": [{kind, n, accuracy, ci_low, ci_high, examples}], "failures": [...]}"""
+    model.eval()
+    cells, failures = [], []
+    for kind in KINDS:
+        for n in range(n_digits, n_digits + config.extra_digits + 1):
+            if kind == "varying" and n < 2:
+                continue
+            pairs = addition.eval_pairs(n, kind, config.examples, seed=config.seed + 97 * n + (kind == "varying"))
+            texts = completions(model, tokenizer, pairs, batch_size=config.batch_size, desc=f"{kind} {n} digits")
+            correct = np.array([addition.is_correct(a, b, t) for (a, b), t in zip(pairs, texts)], dtype=float)
+            low, high = bootstrap_ci(correct, config.bootstrap, seed=config.seed + n)
+            cells.append({"kind": kind, "n": n, "accuracy": float(correct.mean()), "ci_low": low, "ci_high": high, "examples": len(pairs)})
+            failures += [mark_failure(a, b, t) for (a, b), t, ok in zip(pairs, texts, correct) if not ok]
+    return {"n_digits": n_digits, "cells": cells, "failures": failures[: config.show_failures]}
+
+
+def table_markdown(result: dict) -> str:
+    """The layout of the paper's tables 4 (identical) and 5 (varying): one row per model, one column
+    per digit count, accuracy ± half-width of the 95% interval, in percent."""
+    n0 = result["n_digits"]
+    lines = []
+    for kind, number in (("identical", 4), ("varying", 5)):
+        cells = [c for c in result["cells"] if c["kind"] == kind]
+        header = " | ".join(f"{'N' if c['n'] == n0 else 'N+' + str(c['n'] - n0)} ({c['n']})" for c in cells)
+        lines += [f"**{kind.capitalize()} digits** (paper's table {number})", "", f"| N | {header} |",
+                  "|---" * (len(cells) + 1) + "|"]
+        values = " | ".join(f"{100 * c['accuracy']:.1f}% ± {100 * (c['ci_high'] - c['ci_low']) / 2:.1f}%" for c in cells)
+        lines += [f"| {n0} | {values} |", ""]
+    return "\n".join(lines)
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    from .pretrain import load_pretrained
+
+    if config.run is None:
+        raise UserError("give the run directory to evaluate: critical-tokens evaluate RUN_DIR")
+    if config.examples <= 0 or config.batch_size <= 0:
+        raise UserError("--examples and --batch-size must be positive")
+    model, tokenizer, n_digits = load_pretrained(config.run, config.n_digits)
+    result = evaluate_model(model, tokenizer, n_digits, config)
+    markdown = table_markdown(result)
+    out = Path(config.run) / "eval"
+    write_json(out / "table.json", result)
+    atomic_write_text(out / "table.md", markdown + "\n")
+    print(markdown)
+    for f in result["failures"]:
+        print(f"\n--- {f['a']}+{f['b']}: first wrong character in ⟦ ⟧ at {f['first_wrong']}, expected {f['expected']!r} ---\n{f['marked']}")
+    return result

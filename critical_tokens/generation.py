@@ -1,0 +1,154 @@
+"""Batched generation with the KV cache: greedy or temperature sampling, per-row stopping.
+
+Written as a short explicit loop over ``model(...)`` calls (instead of ``model.generate``) because
+the RL loop needs, for every generated token, the sampling log-probability and optionally the
+model's certainty, and because a lean loop has far less per-token overhead on a CPU
+(``benchmarks/generation.py`` measures it). Rows of different prompt lengths are left-padded and
+get correct position ids, so a row's tokens do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import inspect
+
+import torch
+
+from . import kl
+from .tokenizer import encode
+
+
+@dataclass
+class Generation:
+    sequences: torch.Tensor  # (B, P+T) prompts left-padded, completions right-padded
+    attention_mask: torch.Tensor  # (B, P+T) 1 on prompt and completion tokens
+    prompt_length: int  # P
+    completion_mask: torch.Tensor  # (B, T) bool: generated tokens (the stop token included)
+    logprobs: torch.Tensor  # (B, T) log-prob of each generated token at the sampling temperature
+    certainty: torch.Tensor | None  # (B, T) the generating model's certainty at each step
+    finished: torch.Tensor  # (B,) bool: stopped by the stop rule (False: hit the length limit)
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]  # (B, T)
+
+    def completions(self, tokenizer) -> list[str]:
+        ids = self.completion_ids.tolist()
+        lengths = self.completion_mask.sum(-1).tolist()
+        return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths)]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x calls the KV cache ``cache``; 4.x called it ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 0.0,
+    stop_token_id: int | None = None,
+    stop_after: Sequence[int] = (),
+    certainty_method: str | None = None,
+    certainty_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Generates a completion for every prompt (lists of token ids) in one batch.
+
+    ``temperature`` 0 is greedy (log-probs then at temperature 1); otherwise tokens are sampled from
+    softmax(logits / temperature). A row stops at end-of-text, or at the first ``stop_token_id``
+    generated after the token sequence ``stop_after`` (for the addition task: the newline after the
+    result line, i.e. after ``"</scratch>\\n"``), or after ``max_new_tokens`` (``finished`` False).
+    """
+    device = next(model.parameters()).device
+    input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # (B, P)
+    B, P = input_ids.shape
+    attention_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], 1)
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # (B, T)
+    logprobs = torch.zeros((B, max_new_tokens), device=device)
+    certainty = torch.zeros((B, max_new_tokens), device=device) if certainty_method else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    marker = torch.tensor(list(stop_after), dtype=torch.long, device=device)
+    after_marker = torch.full((B,), len(marker) == 0, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+
+    cache_arg = _cache_argument(model)
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True)
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V)
+        if temperature > 0:
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            u = torch.rand(logp.shape, generator=generator, device="cpu").to(device)
+            token = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # Gumbel-max sampling
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            token = logp.argmax(-1)
+        token = torch.where(done, pad_token_id, token)  # (B,)
+        tokens[:, t] = token
+        logprobs[:, t] = logp.gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0)
+        if certainty is not None:
+            certainty[:, t] = kl.certainty(logits, certainty_method, certainty_temperature).masked_fill(done, 0.0)
+        lengths += (~done).long()
+
+        stop = token == eos_token_id
+        if stop_token_id is not None:
+            stop |= after_marker & (token == stop_token_id)
+        if len(marker) and t + 1 >= len(marker):
+            after_marker |= (tokens[:, t + 1 - len(marker) : t + 1] == marker).all(-1)
+        finished |= stop & ~done
+        done |= stop
+        if bool(done.all()) or t + 1 == max_new_tokens:
+            break
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask[:, : P + t + 1],
+            position_ids=next_position,
+            use_cache=True,
+            **{cache_arg: out["cache"] if "cache" in out else out.past_key_values},
+        )
+        next_position = next_position + 1
+
+    T = int(lengths.max().item()) if B else 0
+    completion_mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (B, T)
+    sequences = torch.cat([input_ids, tokens[:, :T]], 1)
+    full_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
+    return Generation(
+        sequences=sequences,
+        attention_mask=full_mask,
+        prompt_length=P,
+        completion_mask=completion_mask,
+        logprobs=logprobs[:, :T],
+        certainty=None if certainty is None else certainty[:, :T],
+        finished=finished,
+    )
+
+
+def addition_stop_rule(tokenizer) -> dict:
+    """Keyword arguments of :func:`generate` that end an addition episode at the newline after the
+    result line (SPEC section 1)."""
+    return dict(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_token_id=encode(tokenizer, "\n")[0],
+        stop_after=encode(tokenizer, "</scratch>\n"),
+    )

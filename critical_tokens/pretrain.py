@@ -1,0 +1,241 @@
+"""Supervised pre-training on scratchpad addition with operands of 1..N digits (SPEC section 3).
+
+The loop is written out top to bottom: data -> model -> AdamW with warmup + cosine decay ->
+per-step loss on the completion tokens -> periodic in-distribution accuracy -> checkpoints.
+A checkpoint (``model/``, Hugging Face format, plus ``trainer_state.pt``) lets ``--resume`` continue
+with the same data order and give the same numbers as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from . import addition
+from .config import arg
+from .evaluate import accuracy_on
+from .model import build_model, count_parameters, gpt2_reduced_vocab, load_model, preset
+from .runs import MetricsLog, UserError, atomic_dir, load_run_config, save_config
+from .tokenizer import build_tokenizer, encode, load_tokenizer
+
+MAX_DIGITS = 30
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    out: str = arg("runs/pretrain", "run directory to create (config, metrics.jsonl, model/)")
+    n_digits: int = arg(5, "N: operands of 1..N digits (the comfort zone)")
+    preset: str = arg("tiny", "model size: micro, tiny, small, medium or paper")
+    init: Literal["scratch", "gpt2"] = arg("scratch", "from scratch, or pre-trained GPT-2 with the vocabulary reduced to characters")
+    gpt2_source: str = arg("gpt2", "--init gpt2: hub name or local directory of a GPT-2 model and tokenizer")
+    examples_per_length: int = arg(20_000, "training examples per operand length (the paper: 20,000)")
+    epochs: float = arg(1.0, "passes over the data set")
+    batch_size: int = arg(64, "sequences per optimizer step")
+    lr: float = arg(1e-3, "peak AdamW learning rate")
+    weight_decay: float = arg(0.1, "AdamW weight decay")
+    warmup_fraction: float = arg(0.05, "fraction of the steps with linear warmup, then cosine decay to 0")
+    grad_clip: float = arg(1.0, "gradient-norm clipping")
+    loss_on: Literal["completion", "all"] = arg("completion", "tokens that carry the loss: the completion, or the whole text")
+    random_position_offset: bool = arg(False, "deviation from the paper: shift each sequence's positions by a random offset so every position embedding is trained")
+    eval_every: int = arg(500, "steps between in-distribution accuracy checks")
+    eval_examples: int = arg(200, "examples per in-distribution accuracy check")
+    checkpoint_every: int = arg(500, "steps between checkpoints")
+    seed: int = arg(0, "seed of the data set, the initialisation and the data order")
+    device: str = arg("auto", "auto, cpu or cuda")
+    resume: bool = arg(False, "continue an interrupted run in --out from its last checkpoint")
+
+
+def validate(config: PretrainConfig) -> None:
+    if not 1 <= config.n_digits <= MAX_DIGITS:
+        raise UserError(f"--n-digits must be between 1 and {MAX_DIGITS}, got {config.n_digits}")
+    preset(config.preset)
+    for name in ("examples_per_length", "batch_size", "eval_every", "eval_examples", "checkpoint_every"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.epochs <= 0 or config.lr <= 0:
+        raise UserError("--epochs and --lr must be positive")
+    if not 0 <= config.warmup_fraction < 1:
+        raise UserError("--warmup-fraction must be in [0, 1)")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is available")
+    return torch.device(name)
+
+
+def encode_examples(tokenizer, pairs: list[tuple[int, int]]) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + completion + end-of-text, prompt length) per pair."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for a, b in pairs:
+        p = encode(tokenizer, addition.prompt(a, b))
+        c = encode(tokenizer, addition.completion(a, b))
+        out.append((p + c + [eos], len(p)))
+    return out
+
+
+def epoch_batches(n_examples: int, lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: shuffled, then sorted by length within windows of 50 batches (less
+    padding), then the batches shuffled. Depends only on (seed, epoch), which is what makes
+    ``--resume`` reproduce the uninterrupted data order."""
+    rng = random.Random(f"{seed}-{epoch}")
+    order = list(range(n_examples))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, n_examples, window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples, indices, pad_id: int, loss_on: str, max_offset: int, rng: torch.Generator):
+    width = max(len(examples[i][0]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        seq, prompt_len = examples[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        start = prompt_len if loss_on == "completion" else 0
+        labels[row, start : len(seq)] = ids[row, start : len(seq)]
+    position_ids = torch.arange(width)[None, :].repeat(len(indices), 1)
+    if max_offset > 0:  # --random-position-offset
+        offsets = torch.randint(0, max_offset - width + 1, (len(indices), 1), generator=rng)
+        position_ids = position_ids + offsets
+    return ids, mask, labels, position_ids
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int) -> None:
+    with atomic_dir(run_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer_state.pt")
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    validate(config)
+    run_dir = Path(config.out)
+    if config.resume:
+        saved = load_run_config(run_dir)["config"]
+        if not (run_dir / "model" / "trainer_state.pt").exists():
+            raise UserError(f"{run_dir} holds no checkpoint to resume from")
+        config = replace(PretrainConfig(**saved), resume=True, device=config.device)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+
+    # 1. Data: balanced over operand lengths 1..N, tokenized once.
+    tokenizer = build_tokenizer()
+    pairs = addition.pretraining_pairs(config.n_digits, config.examples_per_length, config.seed)
+    examples = encode_examples(tokenizer, pairs)
+    lengths = [len(seq) for seq, _ in examples]
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total_steps = math.ceil(config.epochs * steps_per_epoch)
+
+    # 2. Model: a fresh GPT-2 preset, or GPT-2's weights with the character vocabulary.
+    if config.resume:
+        model = load_model(run_dir / "model")
+    elif config.init == "gpt2":
+        model = gpt2_reduced_vocab(config.gpt2_source, tokenizer)
+    else:
+        model = build_model(config.preset, tokenizer, config.n_digits)
+    model.config.critical_tokens_n_digits = config.n_digits  # read back by evaluate / rl / critical
+    model.to(device)
+    if max(lengths) > model.config.n_positions:
+        raise UserError(f"the longest example has {max(lengths)} tokens, more than the model's {model.config.n_positions} positions")
+    use_amp = device.type == "cuda"
+    train_model = torch.compile(model) if device.type == "cuda" else model
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+    step = 0
+    if config.resume:
+        state = torch.load(run_dir / "model" / "trainer_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        print(f"resuming {run_dir} at step {step}/{total_steps}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    n_params = count_parameters(model)
+    save_config(run_dir, config, kind="pretrain", n_params=n_params, n_examples=len(examples), total_steps=total_steps,
+                n_positions=model.config.n_positions, vocab_size=len(tokenizer), device=str(device))
+    print(f"pre-training {config.preset} ({n_params / 1e6:.2f}M parameters, {model.config.n_positions} positions) "
+          f"on {len(examples):,} additions of 1..{config.n_digits} digits, {total_steps:,} steps of {config.batch_size}")
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if config.resume else None)
+    eval_pairs = addition.eval_pairs(config.n_digits, "identical", config.eval_examples, seed=10_000 + config.seed)
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    tokens_seen, t0 = 0, time.perf_counter()
+    model.train()
+    while step < total_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch = epoch_batches(len(examples), lengths, config.batch_size, config.seed, epoch)[index]
+        # The offset generator is seeded per step, so a resumed run draws the same offsets.
+        offset_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        max_offset = model.config.n_positions if config.random_position_offset else 0
+        ids, mask, labels, position_ids = (t.to(device) for t in collate(examples, batch, tokenizer.pad_token_id, config.loss_on, max_offset, offset_rng))
+
+        # 3. One optimizer step on the next-token loss of the completion tokens.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = train_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite loss at step {step}; the last good checkpoint is in {run_dir / 'model'}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        tokens_seen += int(mask.sum())
+        tokens_per_s = tokens_seen / (time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+
+        # 4. Periodic in-distribution accuracy (greedy) and checkpoint.
+        if step % config.eval_every == 0 or step == total_steps:
+            model.eval()
+            record["accuracy_identical_n"] = accuracy_on(model, tokenizer, eval_pairs).mean().item()
+            model.train()
+            bar.write(f"step {step}: loss {loss.item():.4f}, in-distribution accuracy {record['accuracy_identical_n']:.3f}")
+        metrics.log(record)
+        if step % config.checkpoint_every == 0 or step == total_steps:
+            save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step)
+    bar.close()
+    metrics.close()
+    return run_dir
+
+
+def load_pretrained(run_dir: str | Path, n_digits: int | None = None):
+    """(model, tokenizer, N) of a pre-training run; ``n_digits`` overrides N (needed when unknown)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"{run_dir} holds no checkpoint (expected {run_dir}/model/config.json)")
+    model = load_model(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise UserError(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
+    n = n_digits or getattr(model.config, "critical_tokens_n_digits", None)
+    if n is None:
+        raise UserError(f"{run_dir}: the number of digits it was pre-trained on is unknown; pass --n-digits")
+    return model, tokenizer, int(n)

@@ -1,0 +1,353 @@
+"""RL fine-tuning with A2C and a standard or prioritized KL penalty (SPEC sections 4 and 5).
+
+One iteration, as numbered steps in :func:`train`:
+
+1. rollout    - sample a batch of episodes from the policy at its temperature (KV cache);
+2. reward     - +1 / -1 on the last token of each episode (a length-limit hit counts as wrong);
+3. reference  - one teacher-forced pass of the frozen pre-trained model: log-probs and certainty;
+4. KL weights - w = c(s)^beta (prioritized), 1 (standard) or none;
+then for each minibatch of episodes:
+5. policy     - one teacher-forced pass of the policy: log-probs, entropy, values;
+6. advantages - GAE (gamma 1, lambda 0.95);
+7. loss       - actor + vf_coef * value - ent_coef * entropy + kl_coef * KL term;
+8. update     - gradient clipping, Adam;
+and at the end of the iteration: 9. log (and every ``eval_every`` episodes: evaluate, checkpoint).
+
+The paper's reference code takes one gradient step every 2 tokens of a single episode with a
+learning rate of 1e-6; here a step is taken on a minibatch of whole episodes, so the learning rate
+is larger (see ``RLConfig.lr``). Both arms of a comparison share every value except the KL options.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import addition, kl
+from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
+from .config import arg
+from .evaluate import accuracy_on
+from .generation import addition_stop_rule, generate
+from .model import RL_SLACK, check_fits, count_parameters
+from .pretrain import load_pretrained, pick_device
+from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config
+from .tokenizer import encode
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    pretrained: str = arg(None, "pre-training run to fine-tune (its model/ is the policy's start and the frozen reference)", positional=True, metavar="PRETRAINED_RUN")
+    out: str = arg("runs/rl", "run directory to create")
+    kl: Literal["none", "standard", "prioritized"] = arg("prioritized", "KL penalty to the pre-trained model: none, standard, or prioritized by the reference's certainty (the paper's method)")
+    beta: str = arg("150", "prioritized KL exponent: w = c^beta (the paper: 150), or 'auto' to calibrate it on the reference model (see --auto-beta-quantile)")
+    kl_coef: float = arg(5.0, "alpha, the KL coefficient (the paper: 5 for sec. 5.3, 10 for sec. 5.2)")
+    estimator: Literal["k1", "k2", "k3"] = arg("k2", "Schulman's KL estimator (the paper: k2)")
+    certainty: Literal["max_prob", "negentropy"] = arg("max_prob", "certainty c(s) of the reference: eq. 2 max_prob (the paper's) or eq. 1 negentropy")
+    certainty_temperature: float = arg(4.0, "temperature of the reference distribution in c(s) (the paper: 4)")
+    kl_as_reward: bool = arg(False, "put -kl_coef * w * k into the per-token reward (as TRL's PPO) instead of a loss term")
+    auto_beta_quantile: float = arg(0.05, "--beta auto: the certainty quantile of the reference's own rollouts whose weight is --auto-beta-weight")
+    auto_beta_weight: float = arg(0.5, "--beta auto: the weight at that quantile")
+    temperature: float = arg(2.0, "policy temperature for sampling and for the log-probs in the loss (the paper: 2)")
+    task: Literal["plus1", "plus2"] = arg("plus1", "RL additions with N+1 or N+2 digits (SPEC section 2)")
+    episodes: int = arg(2000, "training episodes in total")
+    batch_size: int = arg(64, "episodes per collect (the paper: 50)")
+    minibatch_size: int = arg(32, "episodes per gradient step")
+    lr: float = arg(2e-5, "Adam learning rate (the paper: 1e-6 with a step every 2 tokens; retuned for minibatch steps)")
+    vf_coef: float = arg(0.1, "value loss coefficient")
+    ent_coef: float = arg(0.001, "entropy bonus coefficient")
+    gamma: float = arg(1.0, "discount")
+    gae_lambda: float = arg(0.95, "GAE lambda")
+    grad_clip: float = arg(1.0, "gradient-norm clipping")
+    eval_every: int = arg(256, "episodes between evaluations and checkpoints")
+    eval_episodes: int = arg(100, "evaluation episodes on the RL task (greedy and sampled)")
+    eval_comfort_episodes: int = arg(20, "evaluation episodes in the comfort zone (N digits)")
+    probe_examples: int = arg(64, "fixed N+1 probe prompts for the critical-token probabilities")
+    n_digits: int | None = arg(None, "N, if the pre-trained model does not record it")
+    seed: int = arg(0, "seed of the prompts, the sampling and the value head")
+    device: str = arg("auto", "auto, cpu or cuda")
+    resume: bool = arg(False, "continue an interrupted run in --out from its last checkpoint")
+
+
+def validate(config: RLConfig) -> None:
+    if config.pretrained is None:
+        raise UserError("give the pre-training run to fine-tune: critical-tokens rl PRETRAINED_RUN")
+    if config.beta != "auto":
+        try:
+            beta = float(config.beta)
+        except ValueError:
+            raise UserError(f"--beta must be a number or 'auto', got {config.beta!r}") from None
+        if not beta >= 0:
+            raise UserError(f"--beta must be >= 0, got {config.beta}")
+    for name in ("kl_coef", "vf_coef", "ent_coef", "grad_clip"):
+        if not getattr(config, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    for name in ("temperature", "certainty_temperature", "lr"):
+        if not getattr(config, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    for name in ("episodes", "batch_size", "minibatch_size", "eval_every", "eval_episodes", "probe_examples"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if not (0 < config.auto_beta_quantile < 1 and 0 < config.auto_beta_weight < 1):
+        raise UserError("--auto-beta-quantile and --auto-beta-weight must be in (0, 1)")
+
+
+class Policy(torch.nn.Module):
+    """The language model and the critic's value head, sharing the transformer (SPEC section 4)."""
+
+    def __init__(self, lm, value_head: ValueHead):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+
+    def forward(self, sequences, attention_mask, prompt_length: int, temperature: float):
+        """Teacher-forced pass over prompt + completion; returns the action logits at the policy
+        temperature (B, T, V) and the values of the states the actions were taken in (B, T)."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+        states = slice(prompt_length - 1, sequences.shape[1] - 1)  # state t predicts completion token t
+        logits = out.logits[:, states].float() / temperature  # (B, T, V)
+        values = self.value_head(out.hidden_states[-1][:, states])  # (B, T)
+        return logits, values
+
+
+@torch.no_grad()
+def reference_pass(ref_lm, sequences, attention_mask, prompt_length: int, config: RLConfig):
+    """Log-probs of the taken actions under the frozen reference at the policy temperature (B, T),
+    and the reference's certainty c(s) at the certainty temperature (B, T)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = ref_lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, prompt_length - 1 : sequences.shape[1] - 1].float()  # (B, T, V)
+    actions = sequences[:, prompt_length:]  # (B, T)
+    ref_logprobs = token_logprobs(logits / config.temperature, actions)
+    certainty = kl.certainty(logits, config.certainty, config.certainty_temperature)
+    return ref_logprobs, certainty
+
+
+def terminal_rewards(pairs, texts, finished, completion_mask, wrong: float = -1.0) -> torch.Tensor:
+    """(B, T): 0 everywhere, +1 / ``wrong`` on each episode's last token (SPEC section 4)."""
+    correct = torch.tensor([addition.is_correct(a, b, t) for (a, b), t in zip(pairs, texts)])
+    correct &= finished.cpu()  # an episode that hit the length limit is wrong
+    final = torch.where(correct, 1.0, wrong)
+    rewards = torch.zeros(completion_mask.shape)
+    last = completion_mask.long().sum(-1) - 1  # (B,)
+    rewards[torch.arange(len(pairs)), last] = final
+    return rewards.to(completion_mask.device)
+
+
+def kl_weights(certainty: torch.Tensor, config: RLConfig, beta: float) -> torch.Tensor | None:
+    """The per-token KL weights: c^beta (prioritized), ones (standard), None (no KL)."""
+    if config.kl == "none":
+        return None
+    if config.kl == "standard":
+        return torch.ones_like(certainty)
+    return kl.prioritized_weights(certainty, beta)
+
+
+def calibrated_beta(ref_lm, tokenizer, n_digits: int, config: RLConfig) -> tuple[float, dict]:
+    """--beta auto: beta such that the weight is ``auto_beta_weight`` at the ``auto_beta_quantile``
+    of the reference's certainty on its own rollouts of RL prompts (kl.calibrate_beta)."""
+    pairs = addition.rl_pairs(n_digits, int(config.task[-1]), 64, seed=config.seed + 777)
+    prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
+    max_new = addition.max_completion_length(n_digits + int(config.task[-1])) + RL_SLACK
+    gen = generate(ref_lm, prompts, max_new_tokens=max_new, temperature=config.temperature,
+                   certainty_method=config.certainty, certainty_temperature=config.certainty_temperature,
+                   generator=torch.Generator().manual_seed(config.seed + 777), **addition_stop_rule(tokenizer))
+    c = gen.certainty[gen.completion_mask]
+    beta = kl.calibrate_beta(c, config.auto_beta_quantile, config.auto_beta_weight)
+    quantiles = {f"c_q{int(q * 100):02d}": float(torch.quantile(c, q)) for q in (0.01, 0.05, 0.25, 0.5)}
+    return beta, quantiles
+
+
+def save_checkpoint(run_dir: Path, policy: Policy, tokenizer, optimizer, iteration: int, episodes: int) -> None:
+    with atomic_dir(run_dir / "model") as tmp:
+        policy.lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(policy.value_head.state_dict(), str(tmp / "value_head.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration, "episodes": episodes}, tmp / "trainer_state.pt")
+
+
+@torch.no_grad()
+def evaluate_policy(lm, tokenizer, n_digits: int, plus: int, config: RLConfig, probe_pairs) -> dict:
+    """Accuracy (binary reward) on the RL task, greedy and sampled, and in the comfort zone, plus the
+    policy's probability of the right token at the tracked critical tokens."""
+    from .critical import tracked_probabilities
+
+    was_training = lm.training
+    lm.eval()
+    task_pairs = addition.rl_pairs(n_digits, plus, config.eval_episodes, seed=config.seed + 1_000_003)
+    comfort_pairs = addition.eval_pairs(n_digits, "varying", config.eval_comfort_episodes, seed=config.seed + 2_000_003) if n_digits > 1 else \
+        addition.eval_pairs(n_digits, "identical", config.eval_comfort_episodes, seed=config.seed + 2_000_003)
+    sampler = torch.Generator().manual_seed(config.seed + 3_000_003)
+    record = {
+        "eval/accuracy_greedy": accuracy_on(lm, tokenizer, task_pairs).mean().item(),
+        "eval/accuracy_sampled": accuracy_on(lm, tokenizer, task_pairs, temperature=config.temperature, generator=sampler).mean().item(),
+        "eval/comfort_accuracy_greedy": accuracy_on(lm, tokenizer, comfort_pairs).mean().item(),
+    }
+    record.update(tracked_probabilities(lm, tokenizer, probe_pairs, n_digits, temperature=config.temperature))
+    lm.train(was_training)
+    return record
+
+
+def train(config: RLConfig) -> Path:
+    validate(config)
+    run_dir = Path(config.out)
+    if config.resume:
+        saved = load_run_config(run_dir)["config"]
+        if not (run_dir / "model" / "trainer_state.pt").exists():
+            raise UserError(f"{run_dir} holds no checkpoint to resume from")
+        config = replace(RLConfig(**saved), resume=True, device=config.device)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+
+    # The frozen reference and the policy both start from the pre-trained model.
+    ref_lm, tokenizer, n_digits = load_pretrained(config.pretrained, config.n_digits)
+    ref_lm.to(device).eval().requires_grad_(False)
+    start = run_dir / "model" if config.resume else Path(config.pretrained)
+    lm, _, _ = load_pretrained(start, n_digits)
+    value_head = ValueHead(lm.config.n_embd)
+    if config.resume:
+        value_head.load_state_dict(load_file(str(run_dir / "model" / "value_head.safetensors")))
+    policy = Policy(lm, value_head).to(device).train()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+
+    plus = int(config.task[-1])
+    stop_rule = addition_stop_rule(tokenizer)
+    max_new = addition.max_completion_length(n_digits + plus) + RL_SLACK  # SPEC section 4
+    prompt_len = len(addition.prompt(10 ** (n_digits + plus) - 1, 10 ** (n_digits + plus) - 1))
+    check_fits(lm, prompt_len + max_new)
+    iterations = math.ceil(config.episodes / config.batch_size)
+    iteration, episodes = 0, 0
+    if config.resume:
+        state = torch.load(run_dir / "model" / "trainer_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        iteration, episodes = state["iteration"], state["episodes"]
+        beta = load_run_config(run_dir)["beta"]
+        print(f"resuming {run_dir} at episode {episodes}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        beta_info = {}
+        if config.kl == "prioritized" and config.beta == "auto":
+            beta, beta_info = calibrated_beta(ref_lm, tokenizer, n_digits, config)
+        else:
+            beta = float(config.beta) if config.beta != "auto" else 0.0
+        save_config(run_dir, config, kind="rl", n_digits=n_digits, beta=beta, beta_calibration=beta_info,
+                    n_params=count_parameters(policy), iterations=iterations, max_new_tokens=max_new, device=str(device))
+    print(f"RL {config.kl} KL" + (f" (beta {beta:.4g}{' = auto' if config.beta == 'auto' else ''})" if config.kl == "prioritized" else "")
+          + f" on {config.task} ({n_digits + plus} digits) from {config.pretrained}: {config.episodes} episodes,"
+          f" {config.batch_size} per collect, minibatches of {config.minibatch_size}, lr {config.lr}, temperature {config.temperature}")
+
+    probe_pairs = addition.rl_pairs(n_digits, 1, config.probe_examples, seed=config.seed + 4_000_003)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=episodes if config.resume else None)
+    if not config.resume:
+        metrics.log({"step": 0, "episodes": 0, **evaluate_policy(policy.lm, tokenizer, n_digits, plus, config, probe_pairs)})
+    timer = Timer()
+    bar = tqdm(total=iterations * config.batch_size, initial=episodes, desc=f"rl {config.kl}", unit="ep", dynamic_ncols=True)
+    while iteration < iterations:
+        # Every iteration draws its prompts and samples from generators seeded by (seed, iteration):
+        # the same seed gives the same numbers, and --resume continues exactly.
+        sampler = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+        pairs = addition.rl_pairs(n_digits, plus, config.batch_size, seed=config.seed * 1_000_003 + iteration)
+
+        # 1. Rollout: sample episodes from the policy at its temperature.
+        with timer("rollout"):
+            policy.eval()
+            prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
+            rollout = generate(policy.lm, prompts, max_new_tokens=max_new, temperature=config.temperature, generator=sampler, **stop_rule)
+            policy.train()
+            texts = rollout.completions(tokenizer)
+            b_sequences, b_attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
+            b_completion_mask = rollout.completion_mask  # (B, T)
+
+        # 2. Reward: +1 / -1 at the end of each episode.
+        b_rewards = terminal_rewards(pairs, texts, rollout.finished, b_completion_mask)  # (B, T)
+
+        # 3. Reference: log-probs of the sampled tokens and certainty c(s) of the frozen model.
+        with timer("reference"):
+            b_ref_logprobs, b_certainty = reference_pass(ref_lm, b_sequences, b_attention_mask, P, config)  # (B, T)
+
+        # 4. KL weights: the prioritized KL penalty's w(s) = c(s)^beta (kl.prioritized_weights).
+        b_weights = kl_weights(b_certainty, config, beta)  # (B, T) or None
+
+        stats: dict[str, list[float]] = {}
+        order = torch.randperm(len(pairs), generator=sampler)
+        for start in range(0, len(pairs), config.minibatch_size):
+            mb = order[start : start + config.minibatch_size]
+            mb_mask = b_completion_mask[mb]
+            T = int(mb_mask.sum(-1).max())  # trim the minibatch's trailing padding
+            mb_mask = mb_mask[:, :T]
+            with timer("update"):
+                # 5. Policy: log-probs of the taken actions, entropy and values, one teacher-forced pass.
+                logits, values = policy(b_sequences[mb, : P + T], b_attention_mask[mb, : P + T], P, config.temperature)  # (b, T, V), (b, T)
+                logprobs = token_logprobs(logits, b_sequences[mb, P : P + T])  # (b, T)
+                entropy = entropy_from_logits(logits)  # (b, T)
+                ref_logprobs = b_ref_logprobs[mb, :T]
+                weights = None if b_weights is None else b_weights[mb, :T]
+                kl_per_token = kl.kl_estimate(logprobs, ref_logprobs, config.estimator)  # (b, T)
+
+                # 6. Advantages: GAE on the terminal reward (optionally minus the weighted KL per token).
+                rewards = b_rewards[mb, :T]
+                if config.kl_as_reward and weights is not None:
+                    rewards = rewards - config.kl_coef * (weights * kl_per_token).detach()
+                advantages, returns = gae(rewards, values.detach(), mb_mask, config.gamma, config.gae_lambda)
+
+                # 7. Loss, term by term.
+                actor_loss = -kl.masked_mean(advantages * logprobs, mb_mask)
+                value_loss = 0.5 * kl.masked_mean((values - returns) ** 2, mb_mask)
+                entropy_bonus = kl.masked_mean(entropy, mb_mask)
+                if weights is None or config.kl_as_reward:
+                    kl_term = torch.zeros((), device=device)
+                else:
+                    kl_term = kl.kl_penalty(logprobs, ref_logprobs, mb_mask, config.estimator, weights)
+                loss = actor_loss + config.vf_coef * value_loss - config.ent_coef * entropy_bonus + config.kl_coef * kl_term
+                if not torch.isfinite(loss):
+                    raise UserError(f"non-finite loss at episode {episodes} (iteration {iteration}); "
+                                    f"the last good checkpoint is in {run_dir / 'model'}")
+
+                # 8. Update.
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+                optimizer.step()
+            for name, value in (("loss", loss), ("actor_loss", actor_loss), ("value_loss", value_loss), ("entropy", entropy_bonus),
+                                ("kl_term", kl_term), ("kl", kl.masked_mean(kl_per_token, mb_mask)), ("grad_norm", grad_norm)):
+                stats.setdefault(name, []).append(float(value.detach()))
+
+        # 9. Log.
+        iteration += 1
+        episodes += len(pairs)
+        mask = b_completion_mask
+        correct = (b_rewards.sum(-1) > 0).float()
+        record = {"step": episodes, "episodes": episodes, "iteration": iteration,
+                  "reward": b_rewards.sum(-1).mean().item(), "accuracy": correct.mean().item(),
+                  "episode_length": mask.sum(-1).float().mean().item(), "truncated": (~rollout.finished).float().mean().item(),
+                  **{k: float(np.mean(v)) for k, v in stats.items()}, **{f"time/{k}": v for k, v in timer.totals.items()}}
+        if b_weights is not None:
+            w = b_weights[mask]
+            record.update({"weight_mean": w.mean().item(), "weight_q05": torch.quantile(w, 0.05).item(),
+                           "weight_q50": torch.quantile(w, 0.5).item(), "certainty_mean": b_certainty[mask].mean().item()})
+        if episodes % config.eval_every < config.batch_size or iteration == iterations:
+            with timer("evaluation"):
+                record.update(evaluate_policy(policy.lm, tokenizer, n_digits, plus, config, probe_pairs))
+            save_checkpoint(run_dir, policy, tokenizer, optimizer, iteration, episodes)
+        metrics.log(record)
+        bar.update(len(pairs))
+        bar.set_postfix(reward=f"{record['reward']:+.2f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}",
+                        w=f"{record.get('weight_mean', float('nan')):.3f}")
+        if "eval/accuracy_greedy" in record:
+            bar.write(f"episode {episodes}: greedy {record['eval/accuracy_greedy']:.2f}, sampled {record['eval/accuracy_sampled']:.2f}, "
+                      f"comfort {record['eval/comfort_accuracy_greedy']:.2f}, p(critical) {record.get('p_correct/critical_mean', float('nan')):.3f}")
+    bar.close()
+    metrics.close()
+    total = sum(timer.totals.values())
+    print("time split: " + ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in timer.totals.items()))
+    return run_dir

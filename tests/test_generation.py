@@ -1,0 +1,172 @@
+"""Batched generation: left padding, sampling, log-probs and the addition stop rule."""
+
+import pytest
+import torch
+
+from critical_tokens.addition import completion, prompt
+from critical_tokens.generation import addition_stop_rule, generate, left_pad
+from critical_tokens.model import build_model
+from critical_tokens.tokenizer import decode, encode
+
+PAIRS = [(1, 2), (12345, 678), (99, 1)]  # prompts of three different lengths
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A micro GPT-2 with large random weights, so that its outputs depend on every input detail."""
+    torch.manual_seed(0)
+    model = build_model("micro", tokenizer, n_digits=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [encode(tokenizer, prompt(a, b)) for a, b in PAIRS]
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batched_rows_equal_rows_generated_alone(model, tokenizer, prompts):
+    """Left padding and position ids are right: a row's greedy tokens and log-probs do not depend on
+    the rest of the batch."""
+    stop = addition_stop_rule(tokenizer)
+    batch = generate(model, prompts, max_new_tokens=MAX_NEW, **stop)
+    lengths = batch.completion_mask.sum(-1)  # (B,)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=MAX_NEW, **stop)
+        n = int(lengths[i])
+        assert int(alone.completion_mask.sum()) == n
+        assert batch.completion_ids[i, :n].tolist() == alone.completion_ids[0, :n].tolist()
+        torch.testing.assert_close(batch.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-5, rtol=1e-5)
+        assert bool(batch.finished[i]) == bool(alone.finished[0])
+    # not vacuous: the rows' log-probs differ, so a row that saw wrong positions or padding would show
+    assert not torch.allclose(batch.logprobs[0], batch.logprobs[1], atol=1e-3)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator(model, tokenizer, prompts):
+    stop = addition_stop_rule(tokenizer)
+    runs = [
+        generate(model, prompts, max_new_tokens=MAX_NEW, temperature=2.0,
+                 generator=torch.Generator().manual_seed(7), **stop)
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert torch.equal(runs[0].logprobs, runs[1].logprobs)
+    greedy = generate(model, prompts, max_new_tokens=MAX_NEW, **stop)
+    assert not torch.equal(runs[0].sequences, greedy.sequences)  # temperature 2 really samples
+
+
+@pytest.mark.parametrize("temperature", [0.0, 2.0])
+def test_logprobs_match_a_teacher_forced_forward_pass(model, tokenizer, prompts, temperature):
+    stop = addition_stop_rule(tokenizer)
+    gen = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature,
+                   generator=torch.Generator().manual_seed(3), **stop)
+    P, T = gen.prompt_length, gen.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=gen.sequences, attention_mask=gen.attention_mask,
+                       position_ids=position_ids_of(gen.attention_mask)).logits  # (B, P+T, V)
+    # the logits at position P-1+t predict completion token t; greedy log-probs are at temperature 1
+    scale = temperature if temperature > 0 else 1.0
+    logp = torch.log_softmax(logits[:, P - 1 : P - 1 + T].float() / scale, dim=-1)  # (B, T, V)
+    expected = logp.gather(-1, gen.completion_ids[..., None])[..., 0]  # (B, T)
+    mask = gen.completion_mask
+    torch.testing.assert_close(gen.logprobs[mask], expected[mask], atol=1e-4, rtol=0)
+    assert (gen.logprobs[~mask] == 0).all()
+
+
+def test_completion_mask_covers_exactly_the_generated_tokens(model, tokenizer, prompts):
+    stop = addition_stop_rule(tokenizer)
+    gen = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=2.0,
+                   generator=torch.Generator().manual_seed(1), **stop)
+    B, T = gen.completion_mask.shape
+    assert gen.sequences.shape == (B, gen.prompt_length + T)
+    assert T == int(gen.completion_mask.sum(-1).max())
+    for i in range(B):
+        n = int(gen.completion_mask[i].sum())
+        assert gen.completion_mask[i, :n].all() and not gen.completion_mask[i, n:].any()  # a prefix
+        assert (gen.completion_ids[i, n:] == tokenizer.pad_token_id).all()
+        assert (gen.completion_ids[i, :n] != tokenizer.pad_token_id).all()
+        if bool(gen.finished[i]):
+            last = int(gen.completion_ids[i, n - 1])
+            assert last in (tokenizer.eos_token_id, stop["stop_token_id"])
+        else:
+            assert n == MAX_NEW
+    prompt_mask = gen.attention_mask[:, : gen.prompt_length]
+    assert prompt_mask.sum(-1).tolist() == [len(p) for p in prompts]
+    assert torch.equal(gen.attention_mask[:, gen.prompt_length :].bool(), gen.completion_mask)
+
+
+# --- the stop rule, with a fake model that emits a fixed text ---------------------------------------
+
+
+class ScriptOutput(dict):
+    """What :func:`generate` reads from a model call: ``out.logits`` and ``out["cache"]``."""
+
+    @property
+    def logits(self):
+        return self["logits"]
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits, greedily, the i-th token of row b's script at the i-th generation step (then padding).
+    The "cache" it hands back is just the number of tokens generated so far."""
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int, pad_id: int):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # generate() reads the device from it
+        self.scripts, self.vocab_size, self.pad_id = scripts, vocab_size, pad_id
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, cache=None, **kwargs):
+        step = 0 if cache is None else cache + 1
+        B, L = input_ids.shape
+        logits = torch.zeros((B, L, self.vocab_size))
+        for b, script in enumerate(self.scripts):
+            logits[b, -1, script[step] if step < len(script) else self.pad_id] = 100.0
+        return ScriptOutput(logits=logits, cache=step)
+
+
+def scripted_generation(tokenizer, texts, max_new_tokens, eos_after=()):
+    scripts = [encode(tokenizer, t) + ([tokenizer.eos_token_id] if i in eos_after else []) for i, t in enumerate(texts)]
+    fake = ScriptedModel(scripts, len(tokenizer), tokenizer.pad_token_id)
+    prompts = [encode(tokenizer, prompt(123, 45))] * len(texts)
+    return generate(fake, prompts, max_new_tokens=max_new_tokens, **addition_stop_rule(tokenizer))
+
+
+def test_stops_at_the_newline_after_the_result_line(tokenizer):
+    expected = completion(123, 45)  # "\n<scratch>\n...\n</scratch>\n1 6 8\n": many newlines before the stop
+    gen = scripted_generation(tokenizer, [expected + "Input:\n12"], max_new_tokens=len(expected) + 20)
+    assert bool(gen.finished[0])
+    assert int(gen.completion_mask[0].sum()) == len(expected)
+    assert gen.completions(tokenizer) == [expected]
+    assert decode(tokenizer, gen.completion_ids[0]) == expected
+
+
+def test_rows_stop_independently(tokenizer):
+    expected = completion(123, 45)
+    texts = [expected + "Input:\n12", "\n<scratch>\n[1", "\n<scratch>\n[1,2,3] + [4,5] , A=[] , C=0 ,"]
+    # row 0: the stop rule; row 1: end-of-text; row 2: runs into the length limit
+    gen = scripted_generation(tokenizer, texts, max_new_tokens=len(expected) + 5, eos_after={1})
+    assert gen.finished.tolist() == [True, True, False]
+    assert gen.completion_mask.sum(-1).tolist() == [len(expected), len(texts[1]) + 1, len(expected) + 5]
+    assert gen.completions(tokenizer)[:2] == [expected, texts[1]]
+    assert int(gen.completion_ids[1, len(texts[1])]) == tokenizer.eos_token_id
+
+
+def test_hitting_max_new_tokens_is_not_finished(tokenizer):
+    expected = completion(123, 45)
+    gen = scripted_generation(tokenizer, [expected], max_new_tokens=len(expected) - 1)  # one short of the stop
+    assert not bool(gen.finished[0])
+    assert gen.completion_mask.all() and gen.completion_mask.shape == (1, len(expected) - 1)
+    assert gen.completions(tokenizer) == [expected[:-1]]
