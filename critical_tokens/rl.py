@@ -335,11 +335,13 @@ def train(config: RLConfig) -> Path:
             w = b_weights[mask]
             record.update({"weight_mean": w.mean().item(), "weight_q05": torch.quantile(w, 0.05).item(),
                            "weight_q50": torch.quantile(w, 0.5).item(), "certainty_mean": b_certainty[mask].mean().item()})
-        if episodes % config.eval_every < config.batch_size or iteration == iterations:
+        checkpoint = episodes % config.eval_every < config.batch_size or iteration == iterations
+        if checkpoint:
             with timer("evaluation"):
                 record.update(evaluate_policy(policy.lm, tokenizer, n_digits, plus, config, probe_pairs))
+        metrics.log(record)  # before the checkpoint: a resumed run drops lines past its checkpoint
+        if checkpoint:
             save_checkpoint(run_dir, policy, tokenizer, optimizer, iteration, episodes)
-        metrics.log(record)
         bar.update(len(pairs))
         bar.set_postfix(reward=f"{record['reward']:+.2f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}",
                         w=f"{record.get('weight_mean', float('nan')):.3f}")

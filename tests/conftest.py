@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from critical_tokens import cli
 from critical_tokens.tokenizer import build_tokenizer
@@ -12,6 +13,16 @@ MICRO_PRETRAIN_ARGS = [
     "--preset", "micro", "--n-digits", "2", "--examples-per-length", "100", "--epochs", "1",
     "--batch-size", "16", "--eval-every", "5", "--eval-examples", "10", "--checkpoint-every", "5",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The test models are tiny: a second intra-op thread only adds synchronisation, which costs
+    10x on a busy 2-core machine. No result depends on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,127 @@
+"""Evaluation (the paper's tables 4 and 5): bootstrap intervals, failure marking, the table, the command."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from critical_tokens import cli
+from critical_tokens.addition import completion, prompt
+from critical_tokens.evaluate import bootstrap_ci, first_difference, mark_failure, table_markdown
+
+# --- pure functions -------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_of_all_ones_is_a_point():
+    assert bootstrap_ci(np.ones(50)) == (1.0, 1.0)
+    assert bootstrap_ci(np.zeros(50)) == (0.0, 0.0)
+
+
+def test_bootstrap_ci_of_a_fair_coin_brackets_one_half():
+    correct = np.array([0.0, 1.0] * 100)  # 200 examples, mean 1/2
+    low, high = bootstrap_ci(correct, resamples=2000, seed=1)
+    # the normal approximation gives 0.5 +- 1.96 * sqrt(0.25 / 200) = 0.5 +- 0.069
+    assert 0.40 < low < 0.5 < high < 0.60
+    assert bootstrap_ci(correct, resamples=2000, seed=1) == (low, high)  # seeded: reproducible
+
+
+@pytest.mark.parametrize(
+    "expected, got, index",
+    [("abc", "abd", 2), ("abc", "xbc", 0), ("abc", "abc", 3), ("abc", "ab", 2), ("ab", "abc", 2), ("", "x", 0)],
+)
+def test_first_difference(expected, got, index):
+    assert first_difference(expected, got) == index
+
+
+def test_mark_failure_marks_the_first_wrong_character():
+    right = completion(12, 5)  # "\n<scratch>\n[1,2] + [5] , A=[] , ..."
+    i = right.index("[5]") + 1
+    got = right[:i] + "4" + right[i + 1 :]
+    failure = mark_failure(12, 5, got)
+    assert failure["a"] == 12 and failure["b"] == 5
+    assert failure["first_wrong"] == i and failure["expected"] == "5"
+    assert failure["marked"] == prompt(12, 5) + right[:i] + "⟦4⟧" + right[i + 1 :]
+
+
+def test_mark_failure_of_a_truncated_completion_marks_the_missing_character():
+    right = completion(12, 5)
+    failure = mark_failure(12, 5, right[:10])
+    assert failure["first_wrong"] == 10 and failure["expected"] == right[10]
+    assert failure["marked"] == prompt(12, 5) + right[:10] + "⟦∅⟧"
+
+
+def test_table_markdown_layout():
+    def cell(kind, n, accuracy, low, high):
+        return {"kind": kind, "n": n, "accuracy": accuracy, "ci_low": low, "ci_high": high, "examples": 100}
+
+    result = {
+        "n_digits": 2,
+        "cells": [
+            cell("identical", 2, 0.5, 0.4, 0.6),
+            cell("identical", 3, 0.25, 0.2, 0.3),
+            cell("varying", 2, 1.0, 1.0, 1.0),
+            cell("varying", 3, 0.0, 0.0, 0.0),
+        ],
+    }
+    assert table_markdown(result) == (
+        "**Identical digits** (paper's table 4)\n"
+        "\n"
+        "| N | N (2) | N+1 (3) |\n"
+        "|---|---|---|\n"
+        "| 2 | 50.0% ± 10.0% | 25.0% ± 5.0% |\n"
+        "\n"
+        "**Varying digits** (paper's table 5)\n"
+        "\n"
+        "| N | N (2) | N+1 (3) |\n"
+        "|---|---|---|\n"
+        "| 2 | 100.0% ± 0.0% | 0.0% ± 0.0% |\n"
+    )
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_copy(pretrained_run, tmp_path):
+    """A private copy of the shared micro run (evaluation writes into the run directory)."""
+    return shutil.copytree(pretrained_run, tmp_path / "run")
+
+
+def test_evaluate_command_writes_the_tables(run_copy, capsys):
+    assert cli.main(["evaluate", str(run_copy), "--examples", "20", "--show-failures", "2"]) == 0
+    result = json.loads((run_copy / "eval" / "table.json").read_text())
+    assert result["n_digits"] == 2
+    cells = [(c["kind"], c["n"]) for c in result["cells"]]
+    assert cells == [("identical", n) for n in (2, 3, 4, 5)] + [("varying", n) for n in (2, 3, 4, 5)]
+    for c in result["cells"]:
+        assert c["examples"] == 20
+        assert 0.0 <= c["ci_low"] <= c["accuracy"] <= c["ci_high"] <= 1.0
+    assert len(result["failures"]) <= 2
+    markdown = (run_copy / "eval" / "table.md").read_text()
+    assert markdown == table_markdown(result) + "\n"
+    assert "| N | N (2) | N+1 (3) | N+2 (4) | N+3 (5) |" in markdown
+    out = capsys.readouterr().out
+    assert "**Identical digits**" in out and "**Varying digits**" in out
+    assert out.count("first wrong character") == len(result["failures"])
+
+
+def corrupt_weights(run_dir):
+    (run_dir / "model" / "model.safetensors").write_bytes(b"\x00garbage, not safetensors" * 8)
+
+
+@pytest.mark.parametrize("problem", ["missing", "no checkpoint", "corrupt weights"])
+def test_evaluate_bad_run_exits_2_with_one_line(run_copy, tmp_path, capsys, problem):
+    if problem == "missing":
+        run = tmp_path / "nothing"
+    elif problem == "no checkpoint":
+        run = tmp_path / "empty"
+        run.mkdir()
+    else:
+        run = run_copy
+        corrupt_weights(run)
+    assert cli.main(["evaluate", str(run), "--examples", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("critical-tokens evaluate: error:") and str(run) in err[0]
+    assert not (run / "eval").exists()

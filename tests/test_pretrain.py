@@ -1,0 +1,154 @@
+"""End-to-end pre-training at micro size: the run directory, the loss, --resume, and bad input."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from critical_tokens import cli, pretrain
+from critical_tokens.model import context_length
+from critical_tokens.pretrain import load_pretrained
+from critical_tokens.runs import read_metrics
+
+from conftest import MICRO_PRETRAIN_ARGS
+
+
+def test_pretrain_writes_a_self_describing_run(pretrained_run):
+    config = json.loads((pretrained_run / "config.json").read_text())
+    assert config["config"]["n_digits"] == 2 and config["config"]["preset"] == "micro"
+    assert config["n_examples"] == 200 and config["total_steps"] == 13  # ceil(200 / 16)
+
+    metrics = read_metrics(pretrained_run)
+    assert [r["step"] for r in metrics] == list(range(1, 14))
+    assert all(math.isfinite(r["loss"]) for r in metrics)
+    evaluated = [r["step"] for r in metrics if "accuracy_identical_n" in r]
+    assert evaluated == [5, 10, 13]  # every --eval-every steps, and at the end
+    assert all(0.0 <= r["accuracy_identical_n"] <= 1.0 for r in metrics if "accuracy_identical_n" in r)
+
+    model, tokenizer, n_digits = load_pretrained(pretrained_run)
+    assert n_digits == 2
+    assert model.config.n_positions == context_length(2) and model.config.vocab_size == len(tokenizer)
+    assert (pretrained_run / "model" / "trainer_state.pt").exists()
+    assert not [p.name for p in pretrained_run.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+# --- a slightly longer run: the loss goes down, and --resume reproduces it ------------------------
+
+RESUME_ARGS = [
+    "--preset", "micro", "--n-digits", "2", "--examples-per-length", "80", "--epochs", "1", "--batch-size", "8",
+    "--lr", "3e-3", "--eval-every", "100", "--eval-examples", "4", "--checkpoint-every", "10",
+]  # 160 additions, 20 steps of 8, a checkpoint at step 10
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "a"
+    assert cli.main(["pretrain", "--out", str(out), *RESUME_ARGS]) == 0
+    return out
+
+
+def test_loss_goes_down(uninterrupted_run):
+    losses = [r["loss"] for r in read_metrics(uninterrupted_run)]
+    assert len(losses) == 20
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.3, (first, last)
+
+
+def test_resume_gives_the_same_model_and_metrics(uninterrupted_run, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+
+    class InterruptedLog(pretrain.MetricsLog):
+        """Ctrl-C during step 13: three steps after the checkpoint at step 10 were logged."""
+
+        def log(self, record):
+            if record["step"] == 13:
+                raise KeyboardInterrupt
+            super().log(record)
+
+    monkeypatch.setattr(pretrain, "MetricsLog", InterruptedLog)
+    assert cli.main(["pretrain", "--out", str(out), *RESUME_ARGS]) == 130
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 13))
+    assert torch.load(out / "model" / "trainer_state.pt", weights_only=False)["step"] == 10
+    monkeypatch.undo()
+
+    assert cli.main(["pretrain", "--out", str(out), "--resume"]) == 0
+    expected, resumed = read_metrics(uninterrupted_run), read_metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, 21))  # steps 11, 12 logged once, not twice
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in expected], rel=1e-6, abs=1e-7)
+    assert resumed[-1]["accuracy_identical_n"] == expected[-1]["accuracy_identical_n"]
+
+    model_a, _, _ = load_pretrained(uninterrupted_run)
+    model_b, _, _ = load_pretrained(out)
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_random_position_offset_runs(tmp_path):
+    out = tmp_path / "offset"
+    rc = cli.main(["pretrain", "--out", str(out), "--random-position-offset", "--preset", "micro", "--n-digits", "1",
+                   "--examples-per-length", "24", "--batch-size", "8", "--eval-every", "100", "--eval-examples", "2"])
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["config"]["random_position_offset"] is True
+    metrics = read_metrics(out)
+    assert len(metrics) == 3 and all(math.isfinite(r["loss"]) for r in metrics)
+
+
+# --- bad input: exit code 2, one line on stderr, nothing written --------------------------------------
+
+
+def run_cli(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse rejects some input itself, with exit code 2
+        return e.code
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--n-digits", "0"], "--n-digits"),
+        (["--n-digits", "1000"], "--n-digits"),
+        (["--preset", "huge"], "preset"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_arguments_exit_2_without_writing(tmp_path, capsys, change, message):
+    out = tmp_path / "run"
+    assert run_cli(["pretrain", "--out", str(out), *MICRO_PRETRAIN_ARGS, *change]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not out.exists()  # nothing half-written, no model/
+
+
+def test_existing_out_without_resume_exits_2(pretrained_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(pretrained_run, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    metrics_before = (out / "metrics.jsonl").read_text()
+    assert run_cli(["pretrain", "--out", str(out), *MICRO_PRETRAIN_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--resume" in err[0]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_resume_of_a_missing_dir_exits_2(tmp_path, capsys):
+    out = tmp_path / "missing"
+    assert run_cli(["pretrain", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert not out.exists()
+
+
+def test_resume_of_a_dir_without_checkpoint_exits_2(pretrained_run, tmp_path, capsys):
+    out = tmp_path / "no_checkpoint"
+    out.mkdir()
+    shutil.copy(pretrained_run / "config.json", out / "config.json")
+    assert run_cli(["pretrain", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint" in err[0]
+    assert not (out / "model").exists()

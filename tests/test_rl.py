@@ -1,0 +1,144 @@
+"""The RL loop: one update moves the policy and the value head but never the reference; an end-to-end
+micro run writes its metrics; same seed, same numbers; --resume equals an uninterrupted run; bad input."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from critical_tokens import cli, rl
+from critical_tokens.a2c import ValueHead
+from critical_tokens.pretrain import load_pretrained
+
+# A micro RL run: 2 iterations of 8 episodes, evaluation at the end only, on 3-digit additions.
+MICRO_RL_ARGS = ["--episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--eval-every", "16",
+                 "--eval-episodes", "4", "--eval-comfort-episodes", "2", "--probe-examples", "2", "--lr", "1e-3"]
+
+
+def run_rl(pretrained_run, out, *extra):
+    return cli.main(["rl", str(pretrained_run), "--out", str(out), *MICRO_RL_ARGS, *extra])
+
+
+def metric_lines(run_dir):
+    """metrics.jsonl without the wall-clock fields (they differ between runs by nature)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+def test_one_update_moves_policy_and_value_head_not_reference(pretrained_run, monkeypatch):
+    """Spy on the models and the value head that train() creates, run one iteration, compare."""
+    ref, tokenizer, n = load_pretrained(pretrained_run)
+    ref_before = {k: v.clone() for k, v in ref.state_dict().items()}
+    seen = {}
+    real_load = rl.load_pretrained
+
+    def spy_load(path, n_digits=None):
+        model, tok, n_ = real_load(path, n_digits)
+        seen.setdefault("models", []).append(model)
+        return model, tok, n_
+
+    class SpyValueHead(ValueHead):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["head_before"] = {k: v.clone() for k, v in self.state_dict().items()}
+
+    monkeypatch.setattr(rl, "load_pretrained", spy_load)
+    monkeypatch.setattr(rl, "ValueHead", SpyValueHead)
+    out = pretrained_run.parent / "rl-update"
+    shutil.rmtree(out, ignore_errors=True)
+    config = rl.RLConfig(pretrained=str(pretrained_run), out=str(out), episodes=8, batch_size=8, minibatch_size=8,
+                         eval_every=1000, eval_episodes=2, eval_comfort_episodes=2, probe_examples=2, lr=1e-3, kl="standard")
+    rl.train(config)
+    head_before = seen["head_before"]
+    reference, policy_lm = seen["models"]
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, ref_before[k]), f"reference parameter {k} changed"
+    assert all(not p.requires_grad for p in reference.parameters())
+    moved = [k for k, v in policy_lm.state_dict().items() if not torch.equal(v, ref_before[k])]
+    assert moved, "no policy parameter moved"
+    from safetensors.torch import load_file
+
+    head_after = load_file(str(out / "model" / "value_head.safetensors"))
+    assert any(not torch.equal(head_after[k], head_before[k]) for k in head_before), "value head did not move"
+
+
+def test_end_to_end_writes_metrics_and_checkpoint(pretrained_run, tmp_path):
+    assert run_rl(pretrained_run, tmp_path / "run", "--kl", "prioritized", "--beta", "10") == 0
+    lines = metric_lines(tmp_path / "run")
+    assert lines[0]["episodes"] == 0 and "eval/accuracy_greedy" in lines[0]
+    train_lines = lines[1:]
+    assert [line["episodes"] for line in train_lines] == [8, 16]
+    for key in ("reward", "accuracy", "loss", "actor_loss", "value_loss", "entropy", "kl_term", "kl", "grad_norm",
+                "weight_mean", "weight_q05", "weight_q50"):
+        assert all(key in line for line in train_lines), key
+    assert all(-1 <= line["reward"] <= 1 and 0 <= line["weight_mean"] <= 1 for line in train_lines)
+    assert "eval/accuracy_sampled" in train_lines[-1]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["beta"] == 10 and config["config"]["kl"] == "prioritized"
+    assert (tmp_path / "run" / "model" / "value_head.safetensors").exists()
+    load_pretrained(tmp_path / "run")  # the checkpoint is a loadable Hugging Face model
+
+
+@pytest.mark.parametrize("kl", ["none", "standard"])
+def test_same_seed_same_numbers(pretrained_run, tmp_path, kl):
+    assert run_rl(pretrained_run, tmp_path / "a", "--kl", kl, "--seed", "3") == 0
+    assert run_rl(pretrained_run, tmp_path / "b", "--kl", kl, "--seed", "3") == 0
+    assert metric_lines(tmp_path / "a") == metric_lines(tmp_path / "b")
+
+
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(pretrained_run, tmp_path, monkeypatch):
+    assert run_rl(pretrained_run, tmp_path / "full", "--eval-every", "8") == 0
+
+    # Interrupt the second run right after its first checkpoint (episode 8).
+    real_save = rl.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl, "save_checkpoint", save_then_crash)
+    assert run_rl(pretrained_run, tmp_path / "cut", "--eval-every", "8") == 130
+    monkeypatch.setattr(rl, "save_checkpoint", real_save)
+    assert cli.main(["rl", str(pretrained_run), "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "full")
+
+
+def test_auto_beta_is_calibrated_and_saved(pretrained_run, tmp_path):
+    assert run_rl(pretrained_run, tmp_path / "auto", "--beta", "auto") == 0
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["beta"] > 0 and "c_q05" in config["beta_calibration"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "-1"], "--beta"),
+    (["--beta", "abc"], "--beta"),
+    (["--kl-coef", "-0.5"], "--kl-coef"),
+    (["--temperature", "0"], "--temperature"),
+    (["--certainty-temperature", "-1"], "--certainty-temperature"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(pretrained_run, tmp_path, capsys, flags, message):
+    assert run_rl(pretrained_run, tmp_path / "bad", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unknown_estimator_and_missing_run(tmp_path, capsys, pretrained_run):
+    with pytest.raises(SystemExit) as e:
+        run_rl(pretrained_run, tmp_path / "x", "--estimator", "k4")
+    assert e.value.code == 2
+    assert cli.main(["rl", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert cli.main(["rl", str(not_a_model), "--out", str(tmp_path / "z")]) == 2
+
+
+def test_rl_config_defaults_are_the_papers_where_not_retuned():
+    config = rl.RLConfig()
+    paper = {"kl_coef": 5.0, "estimator": "k2", "certainty": "max_prob", "certainty_temperature": 4.0, "temperature": 2.0,
+             "vf_coef": 0.1, "ent_coef": 0.001, "gamma": 1.0, "gae_lambda": 0.95, "beta": "150"}
+    assert {k: getattr(config, k) for k in paper} == paper
+    assert dataclasses.fields(config)  # frozen dataclass: one source of truth
