@@ -12,7 +12,9 @@ from .runs import UserError
 def _commands():
     from .critical import CriticalConfig, critical
     from .evaluate import EvaluateConfig, evaluate
+    from .experiments import ReproduceConfig, reproduce
     from .pretrain import PretrainConfig, pretrain
+    from .report import ReportConfig, report
     from .rl import RLConfig, train
 
     return {
@@ -20,6 +22,8 @@ def _commands():
         "evaluate": (EvaluateConfig, evaluate, "accuracy on identical and varying digits for N..N+3 (tables 4 and 5)"),
         "critical": (CriticalConfig, critical, "critical tokens: certainty gap (table 1), where failures start, discovery, pictures"),
         "rl": (RLConfig, train, "RL fine-tuning (A2C) with no, the standard, or the prioritized KL penalty"),
+        "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (smoke, cpu, paper): runs, plots, REPORT.md"),
+        "report": (ReportConfig, report, "rebuild REPORT.md and plots/ of a reproduction from its files"),
     }
 
 

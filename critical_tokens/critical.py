@@ -130,11 +130,8 @@ def _teacher_forced_batch(model, prompts, completions_ids, pad_token_id, tempera
     logp = torch.log_softmax(completion_logits / temperature, dim=-1)  # (B, L, V)
     p_correct = logp.gather(-1, targets[..., None])[..., 0].exp()  # (B, L)
 
-    rows = []
-    for i, completion_ids in enumerate(completions_ids):
-        n = len(completion_ids)
-        rows.append(TokenScores(*(t[i, :n].cpu().numpy().astype(np.float64) for t in (max_prob, negentropy, p_correct))))
-    return rows
+    arrays = torch.stack([max_prob, negentropy, p_correct]).cpu().double().numpy()  # (3, B, L), one transfer
+    return [TokenScores(*arrays[:, i, : len(c)]) for i, c in enumerate(completions_ids)]
 
 
 def teacher_forced(
@@ -162,6 +159,8 @@ def critical_tokens_of(pairs: Sequence[tuple[int, int]], n_digits: int) -> list[
     Operands of at most N digits (the comfort zone) have no critical tokens: there is nothing to
     analyse on such prompts.
     """
+    if not pairs:
+        raise UserError("no prompts to analyse")
     rows = [addition.critical_tokens(a, b, n_digits) for a, b in pairs]
     if not any(rows):
         shown = ", ".join(f"{a}+{b}" for a, b in pairs[:3]) + (", ..." if len(pairs) > 3 else "")
@@ -275,7 +274,7 @@ class FirstError:
     got: str  # "" when the generation ends there
     correct: bool  # the result line is right all the same
     critical: CriticalToken | None  # the critical token at `offset`, if there is one
-    place: str  # where it is in the scratchpad: "step 2 line", "result line", ...
+    place: str  # where it is in the scratchpad: "step 2 line, operand 1 list", "result line", ...
 
     @property
     def category(self) -> str:
@@ -283,7 +282,8 @@ class FirstError:
 
 
 def scratchpad_place(expected: str, offset: int) -> str:
-    """The line of the correct completion holding `offset` (a line's newline belongs to it)."""
+    """Where `offset` is in the correct completion: its line (a line's newline belongs to it) and, on
+    a step line, whether it is in operand 1's list, operand 2's list, or the rest."""
     if offset >= len(expected):
         return "past the end"
     lines = expected.split("\n")  # "", "<scratch>", step lines..., "[] + [] ...", "</scratch>", result, ""
@@ -291,8 +291,11 @@ def scratchpad_place(expected: str, offset: int) -> str:
     line = expected.count("\n", 0, offset)
     if line <= 1:
         return "<scratch> line"
-    if line <= 1 + n_steps:
-        return f"step {line - 1} line"
+    if line <= 1 + n_steps:  # which part of the step line: copying a list, or the arithmetic after
+        text, column = lines[line], offset - (expected.rfind("\n", 0, offset) + 1)
+        end1 = text.index("]")
+        part = "operand 1 list" if column <= end1 else "operand 2 list" if column <= text.index("]", end1 + 1) else "rest"
+        return f"step {line - 1} line, {part}"
     return {2 + n_steps: "final list line", 3 + n_steps: "</scratch> line"}.get(line, "result line")
 
 
@@ -412,6 +415,7 @@ def tracked_probabilities(model, tokenizer, pairs: Sequence[tuple[int, int]], n_
 CRITICAL_COLOR = "#ff8c00"
 WRONG_COLOR = "#e00000"
 CMAP = "Blues_r"  # uncertain tokens dark, certain ones pale
+WRAP = 100  # characters per row of the picture (a runaway generation has no newlines)
 
 
 @dataclass(frozen=True)
@@ -457,11 +461,13 @@ def failed_scratchpads(model, tokenizer, pairs: Sequence[tuple[int, int]], n_dig
     return pads
 
 
-def _cells(text: str) -> list[tuple[int, int, str]]:
+def _cells(text: str, wrap: int = WRAP) -> list[tuple[int, int, str]]:
     """(row, column, shown character) per character of `text`, plus one cell after its end; a
-    newline is shown as "↵" at the end of its line."""
+    newline is shown as "↵" at the end of its line, and lines longer than `wrap` are folded."""
     cells, row, col = [], 0, 0
     for ch in text:
+        if col == wrap:
+            row, col = row + 1, 0
         cells.append((row, col, "↵" if ch == "\n" else ch))
         row, col = (row + 1, 0) if ch == "\n" else (row, col + 1)
     return cells + [(row, col, "")]
@@ -498,7 +504,9 @@ def render_html(scratchpads: Sequence[Scratchpad], path: str | Path, title: str 
     for pad in scratchpads:
         critical = set(pad.critical_offsets)
         spans = []
-        for offset, (_, _, shown) in enumerate(_cells(pad.text)):
+        for offset, (_, col, shown) in enumerate(_cells(pad.text)):
+            if col == 0 and offset and pad.text[offset - 1] != "\n":
+                spans.append("\n")  # a folded line
             if offset == len(pad.text):
                 if pad.first_wrong == offset:  # the generation stopped too early
                     spans.append(f'<span style="outline: 2px solid {WRONG_COLOR};" title="expected more">&nbsp;</span>')
@@ -529,10 +537,10 @@ def render_png(scratchpads: Sequence[Scratchpad], path: str | Path, title: str =
 
     if not scratchpads:
         raise ValueError("render_png needs at least one scratchpad")
-    cmap, norm = colormaps[CMAP].copy(), colors.Normalize(*_color_range(scratchpads))
-    cmap.set_bad("white")
+    cmap, norm = colormaps[CMAP].with_extremes(bad="white"), colors.Normalize(*_color_range(scratchpads))
     layouts = [_cells(p.text) for p in scratchpads]
-    rows = [cells[-1][0] + 1 for cells in layouts]
+    # The cell after the end is drawn only when it holds the first wrong character (a premature stop).
+    rows = [(cells if p.first_wrong == len(p.text) else cells[:-1])[-1][0] + 1 for p, cells in zip(scratchpads, layouts)]
     width = max(col for cells in layouts for _, col, _ in cells) + 1
     fig = Figure(figsize=(0.11 * width + 1.5, 0.2 * (sum(rows) + 2 * len(rows)) + 0.6), layout="constrained")
     axes = fig.subplots(len(scratchpads), 1, squeeze=False, gridspec_kw={"height_ratios": rows})[:, 0]
@@ -585,6 +593,8 @@ def _validate(config: CriticalConfig) -> None:
         raise UserError("--examples and --batch-size must be positive, --show at least 0")
     if config.certainty_temperature <= 0 or config.temperature <= 0:
         raise UserError("--certainty-temperature and --temperature must be positive")
+    if (config.html or config.png) and config.show == 0:
+        raise UserError("--html and --png draw --show scratchpads: give --show at least 1")
     if config.plus not in (1, 2):
         raise UserError(f"--plus must be 1 or 2, got {config.plus}")
 
@@ -650,15 +660,17 @@ def critical(config: CriticalConfig) -> dict:
 # --- The report, from the saved numbers --------------------------------------------------------------
 
 
-def _ci(row: dict, digits: int = 4) -> str:
+def _ci(row: dict, digits: int = 4, sign: str = "+") -> str:
+    """mean [low, high]; values below 0.01 in scientific notation (the non-critical gaps are ~1e-3)."""
     if row["mean"] is None:
         return "-"
-    return f"{row['mean']:+.{digits}f} [{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}]"
+    spec = f"{sign}.{digits}f" if abs(row["mean"]) >= 0.01 else f"{sign}.2e"
+    return f"{row['mean']:{spec}} [{row['ci_low']:{spec}}, {row['ci_high']:{spec}}]"
 
 
 def _table_rows(table1: dict, names: Sequence[str]) -> list[str]:
     return [f"| {name} | {_ci(table1['max_prob'][name])} | {_ci(table1['negentropy'][name])} | "
-            f"{_ci(table1['p_correct'][name], 3).replace('+', '')} | {table1['max_prob'][name]['outputs']} |"
+            f"{_ci(table1['p_correct'][name], 3, sign='')} | {table1['max_prob'][name]['outputs']} |"
             for name in names]
 
 
@@ -674,7 +686,7 @@ def report_markdown(report: dict) -> str:
         f"## Certainty gap Δ (the paper's table 1): N = {n}, {report['examples']} additions of {digits} digits",
         "",
         f"Δ = certainty on a token - mean certainty on the other tokens of the output; certainty at T = {T}; "
-        "mean over outputs [95% bootstrap interval].",
+        f"p(right token) at temperature {report['config']['temperature']}; mean over outputs [95% bootstrap interval].",
         "", *header, *_table_rows(t1, ["critical", "non-critical", "non-critical (lowest)"]),
         "", "### Per critical-token name", "", *header, *_table_rows(t1, names),
         "", "### Per step and operand", "", *header, *_table_rows(t1, places),

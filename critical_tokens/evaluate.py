@@ -38,6 +38,8 @@ class EvaluateConfig:
 
 def completions(model, tokenizer, pairs, *, batch_size: int = 250, temperature: float = 0.0, generator=None, desc=None) -> list[str]:
     """Generated completions (greedy by default) for (a, b) pairs, in batches."""
+    if not pairs:
+        return []
     stop = addition_stop_rule(tokenizer)
     n_digits = max(max(len(str(a)), len(str(b))) for a, b in pairs)
     longest = addition.max_completion_length(n_digits)
@@ -117,13 +119,14 @@ def table_markdown(result: dict) -> str:
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    from .pretrain import load_pretrained
+    from .pretrain import load_pretrained, pick_device
 
     if config.run is None:
         raise UserError("give the run directory to evaluate: critical-tokens evaluate RUN_DIR")
     if config.examples <= 0 or config.batch_size <= 0:
         raise UserError("--examples and --batch-size must be positive")
     model, tokenizer, n_digits = load_pretrained(config.run, config.n_digits)
+    model.to(pick_device("auto"))
     result = evaluate_model(model, tokenizer, n_digits, config)
     markdown = table_markdown(result)
     out = Path(config.run) / "eval"

@@ -36,10 +36,10 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(n_layer=12, n_head=12, n_embd=768, meant_for_n_digits=7),  # ~85M, the paper's
 }
 
-RL_SLACK = 100
+RL_SLACK = 100  # SPEC section 4: an episode may run 100 characters past the longest completion
 # No dropout: the task is synthetic and unlimited, and RL needs the policy's log-probs at rollout and
 # update time to be the same function.
-NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # SPEC section 4: an episode may run 100 characters past the longest completion
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def max_sequence_length(n_digits: int) -> int:
@@ -72,6 +72,7 @@ def build_model(preset_name: str, tokenizer: PreTrainedTokenizerFast, n_digits: 
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU as one fused kernel (same function)
         **NO_DROPOUT,
     )
     return GPT2LMHeadModel(config)

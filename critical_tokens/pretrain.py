@@ -23,7 +23,7 @@ from . import addition
 from .config import arg
 from .evaluate import accuracy_on
 from .model import build_model, count_parameters, gpt2_reduced_vocab, load_model, preset
-from .runs import MetricsLog, UserError, atomic_dir, load_run_config, save_config
+from .runs import MetricsLog, UserError, atomic_dir, load_run_config, read_metrics, save_config
 from .tokenizer import build_tokenizer, encode, load_tokenizer
 
 MAX_DIGITS = 30
@@ -182,6 +182,8 @@ def pretrain(config: PretrainConfig) -> Path:
     eval_pairs = addition.eval_pairs(config.n_digits, "identical", config.eval_examples, seed=10_000 + config.seed)
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     tokens_seen, t0 = 0, time.perf_counter()
+    previous = read_metrics(run_dir) if config.resume else []
+    elapsed_before = previous[-1].get("elapsed_s", 0.0) if previous else 0.0  # wall time before a resume
     model.train()
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
@@ -206,7 +208,8 @@ def pretrain(config: PretrainConfig) -> Path:
         tokens_per_s = tokens_seen / (time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s:,.0f}")
-        record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+        record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
+                  "elapsed_s": elapsed_before + time.perf_counter() - t0}
 
         # 4. Periodic in-distribution accuracy (greedy) and checkpoint.
         if step % config.eval_every == 0 or step == total_steps:
@@ -235,7 +238,7 @@ def load_pretrained(run_dir: str | Path, n_digits: int | None = None):
         tokenizer = load_tokenizer(model_dir)
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
         raise UserError(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
-    n = n_digits or getattr(model.config, "critical_tokens_n_digits", None)
+    n = n_digits if n_digits is not None else getattr(model.config, "critical_tokens_n_digits", None)
     if n is None:
         raise UserError(f"{run_dir}: the number of digits it was pre-trained on is unknown; pass --n-digits")
     return model, tokenizer, int(n)

@@ -1,6 +1,7 @@
 """Critical tokens: the gap Δ, discovery, where failures start, tracking, and the `critical` command."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,10 +10,13 @@ import torch
 from critical_tokens import addition
 from critical_tokens.cli import main
 from critical_tokens.critical import (
+    Scratchpad,
     certainty_gap,
     discover_critical_positions,
     discovery_scores,
     first_error,
+    render_html,
+    render_png,
     table_by_position,
     teacher_forced,
     tracked_probabilities,
@@ -20,7 +24,7 @@ from critical_tokens.critical import (
 )
 from critical_tokens.model import build_model
 from critical_tokens.runs import UserError
-from critical_tokens.tokenizer import build_tokenizer
+from critical_tokens.tokenizer import build_tokenizer, encode
 
 # --- the gap Δ and table 1, by hand -----------------------------------------------------------------
 
@@ -112,6 +116,20 @@ def test_where_failures_start_counts_and_recovery():
     assert summary["recovery"] == {"recovered": 1, "total": 2, "fraction": 0.5}
 
 
+# --- pictures -----------------------------------------------------------------------------------------
+
+
+def test_pictures_outline_critical_tokens_and_a_premature_stop(tmp_path):
+    stopped = Scratchpad("stopped early", "<[1,", (0.9, 0.8, 0.7, 0.2), critical_offsets=(3,), first_wrong=4)
+    render_html([stopped], tmp_path / "p.html")
+    page = (tmp_path / "p.html").read_text()
+    assert page.count("outline: 2px solid #ff8c00") == 2  # the legend and the comma at offset 3
+    assert 'title="expected more"' in page  # the red box after the last character
+    assert "&lt;" in page and "offset 3: certainty 0.2000" in page  # characters escaped, values on hover
+    render_png([stopped], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- teacher forcing and tracking with a micro model -------------------------------------------------
 
 
@@ -131,6 +149,19 @@ def test_teacher_forced_does_not_depend_on_the_batch(micro):
         assert len(scores.max_prob) == len(addition.completion(*pair))
         for field in ("max_prob", "negentropy", "p_correct"):
             np.testing.assert_allclose(getattr(scores, field), getattr(alone, field), atol=1e-5)
+
+
+def test_teacher_forced_scores_the_completion_tokens(micro):
+    # Completion token t is predicted by the logits at prompt length + t - 1.
+    model, tokenizer = micro
+    a, b = 1234, 56
+    prompt, target = encode(tokenizer, addition.prompt(a, b)), encode(tokenizer, addition.completion(a, b))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + target])).logits[0]  # (S, V)
+    probs = torch.softmax(logits[len(prompt) - 1 : -1] / 2.0, dim=-1)  # (L, V)
+    expected = probs[torch.arange(len(target)), torch.tensor(target)].numpy()
+    scores = teacher_forced(model, tokenizer, [(a, b)], temperature=2.0)[0]
+    np.testing.assert_allclose(scores.p_correct, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tracked_probabilities_on_n_plus_1_pairs(micro):
@@ -153,26 +184,25 @@ def test_tracked_probabilities_refuses_comfort_zone_pairs(micro):
 # --- the command, end to end -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("pt") / "run"
-    assert main(["pretrain", "--out", str(run), "--preset", "micro", "--n-digits", "2", "--examples-per-length", "50",
-                 "--epochs", "1", "--batch-size", "16", "--eval-every", "1000", "--checkpoint-every", "1000",
-                 "--eval-examples", "5"]) == 0
+@pytest.fixture
+def micro_run(pretrained_run, tmp_path):
+    """A copy of the session's micro pre-training run (N = 2): the command writes into it."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run, run)
     return run
 
 
 def test_critical_command_end_to_end(micro_run, tmp_path, capsys):
     html, png = tmp_path / "pads.html", tmp_path / "pads.png"
-    code = main(["critical", str(micro_run), "--examples", "12", "--batch-size", "6", "--show", "4",
+    code = main(["critical", str(micro_run), "--examples", "6", "--batch-size", "6", "--show", "2",
                  "--html", str(html), "--png", str(png)])
     assert code == 0
     out = capsys.readouterr().out
     assert "Certainty gap" in out and "Where failures start" in out and "precision@k" in out
     report = json.loads((micro_run / "critical" / "report.json").read_text())
-    assert report["n_digits"] == 2 and report["examples"] == 12
-    assert report["table1"]["max_prob"]["critical"]["outputs"] == 12
-    assert report["failures"]["generations"] == 12
+    assert report["n_digits"] == 2 and report["examples"] == 6
+    assert report["table1"]["max_prob"]["critical"]["outputs"] == 6
+    assert report["failures"]["generations"] == 6
     assert (micro_run / "critical" / "report.md").read_text().startswith("## Certainty gap")
     assert html.read_text().startswith("<!doctype html>")
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,215 @@
+"""`critical-tokens reproduce` and `report`: the smoke preset end to end, skipping and resuming,
+the report rebuilt from files, preset validation, and the statistics behind the verdicts."""
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from critical_tokens import cli
+from critical_tokens.critical import CriticalConfig
+from critical_tokens.evaluate import EvaluateConfig
+from critical_tokens.experiments import (
+    PRESETS_DIR,
+    SECTIONS,
+    check_preset,
+    load_preset,
+    plan,
+    preset_names,
+    selected,
+    with_seeds,
+)
+from critical_tokens.pretrain import PretrainConfig
+from critical_tokens.report import Estimate, t_interval, versus
+from critical_tokens.rl import RLConfig
+from critical_tokens.runs import UserError, read_json
+
+CONFIG_CLASSES = {"pretrain": PretrainConfig, "evaluate": EvaluateConfig, "critical": CriticalConfig, "rl": RLConfig}
+
+
+def checksums(root: Path) -> dict[str, str]:
+    """Every file of a reproduction but the logs (a rerun appends nothing to them either way)."""
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "logs" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """One smoke reproduction (about a minute on 2 cores); treat as read-only, copy it to change it."""
+    out = tmp_path_factory.mktemp("reproduce") / "smoke"
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--jobs", "2"]) == 0
+    return out
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+
+def test_smoke_reproduction_writes_report_plots_and_every_hyperparameter(smoke):
+    report = (smoke / "REPORT.md").read_text()
+    for heading in ("## Summary", "tables 4-5", "table 1", "figure 3", "figure 4", "figure 6", "figure 7", "## Hyper-parameters", "## Runs"):
+        assert heading in report
+    assert "critical-tokens reproduce --preset smoke" in report and "Wall time" in report and "Hardware" in report
+    for plot in ("levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens"):
+        assert (smoke / "plots" / f"{plot}.png").stat().st_size > 0
+        assert (smoke / "plots" / f"{plot}.svg").stat().st_size > 0
+        assert f"plots/{plot}.png" in report
+
+    meta = read_json(smoke / "reproduce.json")
+    assert meta["preset"] == json.loads((PRESETS_DIR / "smoke.json").read_text())
+    for job in meta["jobs"]:  # every field of the command's config, resolved
+        if job["kind"] in CONFIG_CLASSES:
+            assert set(job["config"]) == {f.name for f in dataclasses.fields(CONFIG_CLASSES[job["kind"]])}
+        assert (smoke / job.get("same_as_dir", job["dir"]) / "DONE.json").exists()
+    rl_jobs = [j for j in meta["jobs"] if j["kind"] == "rl"]
+    assert {j["experiment"] for j in rl_jobs} == {"kl_comparison", "beta_sweep", "rl_levels"}
+    assert [j["same_as"] for j in rl_jobs if j["name"] == "beta_sweep/beta0/seed0"] == ["kl_comparison/standard/seed0"]
+
+    run = smoke / "kl_comparison" / "standard" / "seed1"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["episodes"] == 32 and "eval/accuracy_sampled" in lines[-1]
+    assert any((run / "tb").glob("events.out.tfevents.*"))  # TensorBoard, always
+    timing = read_json(smoke / "timing.json")
+    assert timing["wall_s"] > 0 and timing["hardware"]["cores"] >= 1
+
+
+def test_running_again_skips_everything_and_changes_nothing(smoke):
+    before = checksums(smoke)
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(smoke), "--jobs", "2"]) == 0
+    assert checksums(smoke) == before  # runs, timing, and the rebuilt report and plots alike
+
+
+def test_an_interrupted_reproduction_resumes(smoke, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(smoke, out)
+    resumed = out / "kl_comparison" / "standard" / "seed0"
+    (resumed / "DONE.json").unlink()  # as if stopped after its last checkpoint
+    restarted = out / "kl_comparison" / "prioritized-auto" / "seed1"
+    (restarted / "DONE.json").unlink()
+    shutil.rmtree(restarted / "model")  # as if stopped before its first checkpoint
+    metrics = (resumed / "metrics.jsonl").read_text()
+
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--only", "kl-comparison", "--jobs", "2"]) == 0
+    assert read_json(resumed / "DONE.json")["resumed"] is True
+    assert (resumed / "metrics.jsonl").read_text() == metrics
+    assert read_json(restarted / "DONE.json")["resumed"] is False
+    assert read_json(restarted / "config.json")["config"]["seed"] == 1
+    assert len(read_json(out / "timing.json")["invocations"]) == 2
+
+
+def test_report_rebuilds_from_the_files_alone(smoke, tmp_path):
+    assert cli.main(["report", str(smoke), "--to", str(tmp_path / "published")]) == 0
+    assert (tmp_path / "published" / "REPORT.md").read_text() == (smoke / "REPORT.md").read_text()
+    assert (tmp_path / "published" / "plots" / "kl_comparison.svg").exists()
+
+
+def test_a_changed_hyperparameter_is_refused_not_mixed(smoke, tmp_path):
+    preset = json.loads((PRESETS_DIR / "smoke.json").read_text())
+    preset["rl"]["lr"] = 0.5
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps(preset))
+    before = checksums(smoke)
+    assert cli.main(["reproduce", "--preset", str(path), "--out", str(smoke), "--only", "kl_comparison"]) == 2
+    assert checksums(smoke) == before
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+
+
+def test_unknown_experiment_or_preset_exits_2(tmp_path, capsys):
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(tmp_path / "x"), "--only", "nope"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--preset", "laptop", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'laptop'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert cli.main(["report", str(tmp_path)]) == 2
+
+
+def test_missing_shipped_checkpoint_says_pretrain_makes_it(tmp_path, capsys):
+    preset = json.loads((PRESETS_DIR / "smoke.json").read_text())
+    preset["models"]["n2"]["shipped"] = "no-such-checkpoint"
+    path = tmp_path / "shipped.json"
+    path.write_text(json.dumps(preset))
+    assert cli.main(["reproduce", "--preset", str(path), "--out", str(tmp_path / "x"), "--only", "levels"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-checkpoint" in err and "--pretrain" in err and len(err.strip().splitlines()) == 1
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_and_every_key_is_a_real_field(name):
+    assert set(preset_names()) >= {"smoke", "cpu", "paper"}
+    preset, _ = load_preset(name)
+    jobs, models = plan(preset)
+    assert {j.kind for j in jobs} >= {"evaluate", "critical", "rl"}
+    for section, (config_class, _) in SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        entries = preset[section].values() if section == "models" else [preset.get(section, {})]
+        for entry in entries:
+            assert set(entry) - {"shipped"} <= fields
+    for experiment in preset["experiments"].values():
+        assert set(experiment.get("rl", {})) <= {f.name for f in dataclasses.fields(RLConfig)}
+        for arm in experiment.get("arms", []):
+            assert set(arm) - {"name"} <= {f.name for f in dataclasses.fields(RLConfig)}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["rl"].update(lrr=1e-4), "'lrr' is not a RLConfig field"),
+    (lambda p: p["models"]["n2"].update(n_digit=2), "'n_digit' is not a PretrainConfig field"),
+    (lambda p: p["evaluate"].update(run="x"), "'run' is set by reproduce"),
+    (lambda p: p["experiments"]["kl_comparison"]["arms"][0].update(temprature=1.0), "'temprature' is not a RLConfig field"),
+    (lambda p: p["experiments"].update(figure5={}), "unknown experiment 'figure5'"),
+    (lambda p: p["experiments"]["levels"].update(models=["n9"]), "no model 'n9'"),
+    (lambda p: p["rl"].update(kl="prioritised"), "'prioritised' is not one of"),
+    (lambda p: p["rl"].update(episodes="many"), "'many' is not of type int"),
+    (lambda p: p["rl"].update(episodes=-1), "--episodes must be positive"),
+    (lambda p: p["experiments"]["beta_sweep"].update(betas=[-1]), "beta must be >= 0"),
+])
+def test_a_typo_in_a_preset_is_a_user_error(edit, message):
+    preset = json.loads((PRESETS_DIR / "smoke.json").read_text())
+    edit(preset)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_preset(preset, "smoke.json")
+
+
+def test_only_takes_names_comma_lists_and_dashes_and_brings_what_an_experiment_reads():
+    preset, _ = load_preset("smoke")
+    assert selected(("kl-comparison,levels",), preset) == ["levels", "kl_comparison"]
+    assert selected(("tracked_tokens",), preset) == ["kl_comparison", "tracked_tokens"]
+    assert selected((), preset) == list(preset["experiments"])
+    assert all(spec.get("seeds", 5) == 5 for spec in with_seeds(preset, 5)["experiments"].values())
+
+
+def test_beta_numbers_and_text_give_the_same_run():
+    preset, _ = load_preset("smoke")
+    preset["experiments"]["kl_comparison"]["arms"].append({"name": "p150", "kl": "prioritized", "beta": 150})
+    preset["experiments"]["beta_sweep"]["betas"] = [0, "150", 150.0]
+    jobs, _ = plan(preset)
+    by_name = {j.name: j for j in jobs}
+    assert by_name["kl_comparison/p150/seed0"].config["beta"] == "150"
+    assert by_name["beta_sweep/beta150/seed0"].same_as == "kl_comparison/p150/seed0"
+
+
+# --- statistics behind the verdicts ------------------------------------------------------------------------------
+
+
+def test_t_interval_by_hand():
+    # values 1, 2, 3: mean 2, sample sd 1, t_{0.975, 2} = 4.303 -> 2 ± 4.303 / sqrt(3) = 2 ± 2.4843
+    e = t_interval([1.0, 2.0, 3.0])
+    assert e.mean == 2.0 and e.n == 3
+    assert math.isclose(e.high - e.mean, 4.303 / math.sqrt(3), rel_tol=1e-9)
+    assert t_interval([0.5]) == Estimate(0.5, None, None, 1)  # one seed: no interval
+    assert t_interval([]) is None
+
+
+def test_versus_needs_separate_intervals_to_be_clear():
+    low, high = Estimate(0.2, 0.1, 0.3, 3), Estimate(0.5, 0.4, 0.6, 3)
+    assert versus(high, low) == "clearly above"
+    assert versus(Estimate(0.35, 0.25, 0.45, 3), low) == "above"
+    assert versus(low, high) == "not above"
+    assert versus(Estimate(0.9, None, None, 1), low) == "above"  # one seed is never "clearly"
