@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         elif get_origin(kind) is tuple:
             kwargs["type"] = get_args(kind)[0]
             kwargs["nargs"] = "+"
+            kwargs["action"] = "extend"  # --only a --only b and --only a b both give (a, b)
         else:
             kwargs["type"] = kind
         if meta.get("metavar"):
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
                 kwargs["default"] = f.default
             parser.add_argument(f.name, **kwargs)
         else:
-            kwargs["default"] = f.default
+            kwargs["default"] = None if kwargs.get("action") == "extend" else f.default
             if "help" in kwargs and f.default is not dataclasses.MISSING and kind is not bool:
                 kwargs["help"] += f" (default: {f.default})"
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
@@ -62,4 +63,6 @@ def from_namespace(config_class: type, ns: argparse.Namespace):
     for f in dataclasses.fields(config_class):
         if isinstance(values[f.name], list):
             values[f.name] = tuple(values[f.name])
+        elif values[f.name] is None and f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
     return config_class(**values)

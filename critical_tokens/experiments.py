@@ -239,10 +239,15 @@ def model_dir_name(name: str, fields: dict, shipped: bool) -> str:
 
 
 def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[list[Job], dict]:
-    """All the jobs of a preset, in the order they should start, and the models' descriptions."""
+    """All the jobs of a preset, in the order they should start, and the models' descriptions.
+    Every config is built and checked by its command's own validation."""
+    from . import pretrain as pretraining, rl
+
     models, model_jobs = {}, {}
     for name, spec in preset["models"].items():
-        fields = asdict(PretrainConfig(**model_fields(preset, name, where)))
+        model_config = PretrainConfig(**model_fields(preset, name, where))
+        pretraining.validate(model_config)
+        fields = asdict(model_config)
         for key in ("out", "device", "resume"):
             fields.pop(key)
         shipped = spec.get("shipped") if not pretrain else None
@@ -253,7 +258,6 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
             job = Job(f"pretrain/{name}", "pretrain", "pretrain", directory, asdict(PretrainConfig(**fields, out=directory)))
         models[name] = {"dir": directory, "shipped": shipped, "init": fields["init"], "config": fields}
         model_jobs[name] = job
-    _validate_config(PretrainConfig, [j.config for j in model_jobs.values() if j.kind == "pretrain"])
 
     experiments = preset["experiments"]
     jobs: list[Job] = []
@@ -270,9 +274,13 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
                 directory = f"{experiment}/{arm}/seed{seed}"
                 fields = section_fields(preset, "rl", {**spec.get("rl", {}), **overrides}, f"{where}: experiments.{experiment}")
                 config = RLConfig(**fields, pretrained=models[model]["dir"], out=directory, seed=seed)
+                rl.validate(config)
                 jobs.append(Job(f"{experiment}/{arm}/seed{seed}", "rl", experiment, directory, asdict(config),
                                 needs=f"pretrain/{model}", arm=arm, seed=seed))
-    _validate_config(RLConfig, [j.config for j in jobs if j.kind == "rl"])
+    names = [j.name for j in jobs]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"{where}: two runs of the preset would both be {name} (the same arm or beta twice)")
     return list(model_jobs.values()) + _share_identical(jobs), models
 
 
@@ -284,11 +292,8 @@ def _rl_arms(experiments: dict, where: str):
         for arm in spec["arms"]:
             if not isinstance(arm, dict):
                 raise UserError(f"{where}: experiments.kl_comparison: each arm is an object with a name and RLConfig fields")
-            overrides = {k: v for k, v in arm.items() if k != "name"}
             _check_name(arm.get("name"), f"{where}: experiments.kl_comparison arm")
-            arms.append((arm["name"], spec["model"], overrides))
-        if len({a for a, _, _ in arms}) != len(arms):
-            raise UserError(f"{where}: experiments.kl_comparison: two arms have the same name")
+            arms.append((arm["name"], spec["model"], {k: v for k, v in arm.items() if k != "name"}))
         yield "kl_comparison", arms
     if "beta_sweep" in experiments:
         spec = experiments["beta_sweep"]
@@ -313,14 +318,6 @@ def _beta_text(beta: Any, where: str) -> str:
     if value < 0:
         raise UserError(f"{where}: experiments.beta_sweep: beta must be >= 0, got {beta}")
     return format(value, "g")
-
-
-def _validate_config(config_class: type, configs: list[dict]) -> None:
-    from . import pretrain, rl
-
-    check = {PretrainConfig: pretrain.validate, RLConfig: rl.validate}[config_class]
-    for config in configs:
-        check(config_class(**config))
 
 
 def comparable(config: dict) -> dict:
@@ -563,8 +560,9 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
     if gpus:
         gpu_ids = context.Queue()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        for gpu in (visible.split(",") if visible else range(gpus))[:n_jobs]:
-            gpu_ids.put(gpu)
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        for worker in range(n_jobs):  # round robin: more jobs than GPUs share them
+            gpu_ids.put(ids[worker % len(ids)])
     interactive = sys.stderr.isatty()
     overall = tqdm(total=len(runnable), initial=len(finished), desc="reproduce", unit="run", position=0,
                    dynamic_ncols=True, smoothing=0, disable=not interactive)
@@ -597,7 +595,8 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
                 elif job.needs is None or job.needs in finished:
                     todo.remove(job)
                     slot = next(i for i, bar in enumerate(slots) if bar is None)
-                    slots[slot] = tqdm(desc=job.name, position=slot + 1, leave=False, dynamic_ncols=True, disable=not interactive, unit="")
+                    slots[slot] = tqdm(desc=job.name, position=slot + 1, leave=False, dynamic_ncols=True, disable=not interactive,
+                                       unit={"rl": "ep", "pretrain": "step"}.get(job.kind, "it"))
                     future = pool.submit(execute, job, str(root), status[job.name] == "resume", wandb)
                     running[future] = (job, slot)
             if not running:
@@ -700,7 +699,11 @@ def reproduce(config: ReproduceConfig) -> Path:
           f"({counts['done']} done, {counts['resume']} to resume, {counts['fresh']} to run), "
           f"{n_jobs} in parallel" + (f" on {gpus} GPUs" if gpus else "") + f"; logs in {root / 'logs'}")
 
-    walls, failed = run_plan(chosen, status, root, n_jobs, gpus, wandb)
+    try:
+        walls, failed = run_plan(chosen, status, root, n_jobs, gpus, wandb)
+    except KeyboardInterrupt:  # the time spent still counts towards the reproduction's wall time
+        _record_timing(root, config, time.perf_counter() - t0, {}, experiments, interrupted=True)
+        raise
     if walls or failed:
         _record_timing(root, config, time.perf_counter() - t0, walls, experiments)
     report(ReportConfig(run=str(root)))
@@ -711,14 +714,15 @@ def reproduce(config: ReproduceConfig) -> Path:
     return root
 
 
-def _record_timing(root: Path, config: ReproduceConfig, wall: float, walls: dict, experiments: list[str]) -> None:
+def _record_timing(root: Path, config: ReproduceConfig, wall: float, walls: dict, experiments: list[str], interrupted: bool = False) -> None:
     """OUT/timing.json: the hardware and every invocation that ran something (a resumed
     reproduction's wall time is the sum of its invocations)."""
     path = root / "timing.json"
     timing = read_json(path) if path.exists() else {"invocations": []}
     timing["hardware"] = hardware()
     timing["invocations"].append({"command": command_line(config), "finished": _now(), "wall_s": round(wall, 1),
-                                  "experiments": experiments, "runs": len(walls), "run_wall_s": round(sum(walls.values()), 1)})
+                                  "experiments": experiments, "runs": len(walls), "run_wall_s": round(sum(walls.values()), 1),
+                                  **({"interrupted": True} if interrupted else {})})
     timing["wall_s"] = round(sum(i["wall_s"] for i in timing["invocations"]), 1)
     write_json(path, timing)
 

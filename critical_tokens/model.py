@@ -122,7 +122,8 @@ def gpt2_reduced_vocab(source: str, tokenizer: PreTrainedTokenizerFast) -> GPT2L
 def load_model(path: str | Path) -> GPT2LMHeadModel:
     path = Path(path)
     try:
-        return GPT2LMHeadModel.from_pretrained(str(path))
+        # float32 whatever the file holds: a checkpoint shipped in half precision is computed in float32.
+        return GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a corrupt weights file
         raise UserError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
 

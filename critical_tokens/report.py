@@ -282,7 +282,7 @@ def plot_curves(plots: Plots, name: str, title: str, groups: dict[str, list[list
                 ax.fill_between(xs, [e.low for e in estimates], [e.high for e in estimates], color=_color(i), alpha=0.2, linewidth=0)
         ax.set_title(panel_title, fontsize=9)
         ax.set_xlabel("episodes")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel("p(right token)" if key.startswith("p_correct/") else ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{title} (mean over seeds, 95% t-interval)", fontsize=10)
@@ -659,8 +659,7 @@ def section_tracked_tokens(rep: Reproduction, plots: Plots) -> Section:
         ours = f"{prioritized} above {standard} at {above} of {len(keys)} tracked tokens ({clear} clearly)"
     lines += ["", f"Verdict: **{verdict}** ({ours}).", ""]
     if keys:
-        path = plot_curves(plots, "tracked_tokens", "p(right token) at the tracked critical tokens", runs, keys, rows=2 if len(keys) > 3 else 1,
-                           ylabel="p(right token)")
+        path = plot_curves(plots, "tracked_tokens", "p(right token) at the tracked critical tokens", runs, keys, rows=2 if len(keys) > 3 else 1)
         lines += [f"![figure 7]({path})", ""] if path else []
     return Section(lines, [(finding, PAPER_CLAIMS["tracked_tokens"], ours, verdict)])
 
@@ -687,7 +686,7 @@ def _header(rep: Reproduction) -> list[str]:
     lines += [f"- Hardware: {machine}",
               f"- Wall time: {_duration(wall) if wall is not None else 'not recorded'}"
               + (f" over {len(invocations)} invocations (resumed)" if len(invocations) > 1 else "")
-              + f"; {meta['parallel_jobs']} runs in parallel, {meta['threads_per_job']} threads each",
+              + f"; {meta['parallel_jobs']} runs in parallel, {meta['threads_per_job']} torch thread(s) per run",
               f"- Initialisation of the pre-trained models: " + ", ".join(f"{m}: {d['init']}" + (f" (shipped checkpoint `{d['shipped']}`)" if d.get("shipped") else "")
                                                                          for m, d in rep.models.items()), ""]
     return lines
@@ -713,12 +712,13 @@ def _hyperparameters(rep: Reproduction) -> list[str]:
         if job is None:
             continue
         resolved = {k: v for k, v in job["config"].items() if k not in ("run", "out", "pretrained", "seed", "device", "resume")}
-        if section == "rl":  # the shared base: RLConfig defaults under the preset's "rl" section
+        if section == "rl":  # the shared base: RLConfig's defaults under the preset's "rl" section
             from dataclasses import asdict
 
+            from .experiments import section_fields
             from .rl import RLConfig
 
-            resolved = {k: v for k, v in asdict(RLConfig(**preset.get("rl", {}))).items() if k in resolved}
+            resolved = {k: v for k, v in asdict(RLConfig(**section_fields(preset, "rl", {}))).items() if k in resolved}
         lines += ["", f"**{section}** (`{config_name}`{', shared by every RL run; experiments override some below' if section == 'rl' else ''})", "",
                   "| field | value | set by the preset |", "|---|---|---|"]
         lines += [f"| {k} | {v} | {'yes' if k in preset.get(section, {}) else 'default'} |" for k, v in resolved.items()]

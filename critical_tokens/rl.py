@@ -203,7 +203,7 @@ def train(config: RLConfig) -> Path:
         saved = load_run_config(run_dir)["config"]
         if not (run_dir / "model" / "trainer_state.pt").exists():
             raise UserError(f"{run_dir} holds no checkpoint to resume from")
-        config = replace(RLConfig(**saved), resume=True, device=config.device)
+        config = replace(RLConfig(**saved), resume=True, device=config.device, out=str(run_dir))
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
     device = pick_device(config.device)

@@ -188,11 +188,14 @@ def test_only_takes_names_comma_lists_and_dashes_and_brings_what_an_experiment_r
 def test_beta_numbers_and_text_give_the_same_run():
     preset, _ = load_preset("smoke")
     preset["experiments"]["kl_comparison"]["arms"].append({"name": "p150", "kl": "prioritized", "beta": 150})
-    preset["experiments"]["beta_sweep"]["betas"] = [0, "150", 150.0]
+    preset["experiments"]["beta_sweep"]["betas"] = [0, 150.0]
     jobs, _ = plan(preset)
     by_name = {j.name: j for j in jobs}
     assert by_name["kl_comparison/p150/seed0"].config["beta"] == "150"
     assert by_name["beta_sweep/beta150/seed0"].same_as == "kl_comparison/p150/seed0"
+    preset["experiments"]["beta_sweep"]["betas"] = [150, "150"]  # the same beta twice
+    with pytest.raises(UserError, match="both be beta_sweep/beta150/seed0"):
+        plan(preset)
 
 
 # --- statistics behind the verdicts ------------------------------------------------------------------------------
