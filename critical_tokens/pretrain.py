@@ -185,9 +185,12 @@ def pretrain(config: PretrainConfig) -> Path:
     previous = read_metrics(run_dir) if config.resume else []
     elapsed_before = previous[-1].get("elapsed_s", 0.0) if previous else 0.0  # wall time before a resume
     model.train()
+    start_step = step
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
-        batch = epoch_batches(len(examples), lengths, config.batch_size, config.seed, epoch)[index]
+        if index == 0 or step == start_step:  # the epoch's batches, computed once per epoch
+            batches = epoch_batches(len(examples), lengths, config.batch_size, config.seed, epoch)
+        batch = batches[index]
         # The offset generator is seeded per step, so a resumed run draws the same offsets.
         offset_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         max_offset = model.config.n_positions if config.random_position_offset else 0

@@ -142,3 +142,10 @@ def test_rl_config_defaults_are_the_papers_where_not_retuned():
              "vf_coef": 0.1, "ent_coef": 0.001, "gamma": 1.0, "gae_lambda": 0.95, "beta": "150"}
     assert {k: getattr(config, k) for k in paper} == paper
     assert dataclasses.fields(config)  # frozen dataclass: one source of truth
+
+
+def test_kl_as_reward_moves_the_penalty_into_the_rewards(pretrained_run, tmp_path):
+    """With --kl-as-reward the loss has no KL term (it is in the per-token rewards instead)."""
+    assert run_rl(pretrained_run, tmp_path / "r", "--kl", "standard", "--kl-as-reward") == 0
+    lines = metric_lines(tmp_path / "r")[1:]
+    assert all(line["kl_term"] == 0 and line["kl"] != 0 for line in lines)
