@@ -74,7 +74,7 @@ SECTIONS = {  # preset section -> (config class, fields reproduce sets)
     "critical": (CriticalConfig, {"run", "n_digits", "html", "png"}),
     "rl": (RLConfig, {"pretrained", "out", "device", "resume", "seed"}),
 }
-PATH_FIELDS = ("out", "pretrained", "run")  # relative to OUT in a job's config
+PATH_FIELDS = ("out", "pretrained", "run", "init_from")  # relative to OUT in a job's config
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -252,10 +252,17 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
             fields.pop(key)
         shipped = spec.get("shipped") if not pretrain else None
         directory = f"pretrain/{model_dir_name(name, fields, shipped is not None)}"
+        # Continued pre-training: ``init_from`` names an earlier model of the preset.
+        parent = fields.get("init_from")
+        if parent is not None and parent not in models:
+            raise UserError(f"{where}: models.{name}.init_from must name a model listed before it, got {parent!r}")
         if shipped:
             job = Job(f"pretrain/{name}", "copy", "pretrain", directory, {"shipped": shipped, **fields})
         else:
-            job = Job(f"pretrain/{name}", "pretrain", "pretrain", directory, asdict(PretrainConfig(**fields, out=directory)))
+            if parent is not None:
+                fields = {**fields, "init_from": models[parent]["dir"]}
+            job = Job(f"pretrain/{name}", "pretrain", "pretrain", directory, asdict(PretrainConfig(**fields, out=directory)),
+                      needs=None if parent is None or shipped else f"pretrain/{parent}")
         models[name] = {"dir": directory, "shipped": shipped, "init": fields["init"], "config": fields}
         model_jobs[name] = job
 
@@ -362,8 +369,12 @@ def jobs_to_run(jobs: list[Job], experiments: list[str]) -> list[Job]:
     by_name = {j.name: j for j in jobs}
     chosen = [j for j in jobs if j.experiment in experiments]
     chosen += [by_name[j.same_as] for j in chosen if j.same_as]
-    chosen += [by_name[j.needs] for j in chosen if j.needs]
     names = {j.name for j in chosen}
+    while True:  # the models they read, and the models those are continued from
+        needed = {j.needs for j in jobs if j.name in names and j.needs} - names
+        if not needed:
+            break
+        names |= needed
     return [j for j in jobs if j.name in names]
 
 

@@ -36,6 +36,7 @@ class PretrainConfig:
     preset: str = arg("tiny", "model size: micro, tiny, small, medium or paper")
     init: Literal["scratch", "gpt2"] = arg("scratch", "from scratch, or pre-trained GPT-2 with the vocabulary reduced to characters")
     gpt2_source: str = arg("gpt2", "--init gpt2: hub name or local directory of a GPT-2 model and tokenizer")
+    init_from: str | None = arg(None, "continued pre-training: start from the weights of this pre-training run (overrides --init and --preset)")
     examples_per_length: int = arg(20_000, "training examples per operand length (the paper: 20,000)")
     epochs: float = arg(1.0, "passes over the data set")
     batch_size: int = arg(64, "sequences per optimizer step")
@@ -150,6 +151,8 @@ def pretrain(config: PretrainConfig) -> Path:
     # 2. Model: a fresh GPT-2 preset, or GPT-2's weights with the character vocabulary.
     if config.resume:
         model = load_model(run_dir / "model")
+    elif config.init_from:
+        model, _, _ = load_pretrained(config.init_from, config.n_digits)
     elif config.init == "gpt2":
         model = gpt2_reduced_vocab(config.gpt2_source, tokenizer)
     else:

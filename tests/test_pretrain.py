@@ -152,3 +152,16 @@ def test_resume_of_a_dir_without_checkpoint_exits_2(pretrained_run, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint" in err[0]
     assert not (out / "model").exists()
+
+
+def test_init_from_continues_from_another_runs_weights(pretrained_run, tmp_path):
+    """--init-from starts from the given run's weights (continued pre-training), not from scratch."""
+    out = tmp_path / "continued"
+    args = [a for a in MICRO_PRETRAIN_ARGS]
+    args[args.index("--examples-per-length") + 1] = "10"  # one step of 16
+    assert cli.main(["pretrain", "--out", str(out), "--init-from", str(pretrained_run), "--lr", "1e-9", *args]) == 0
+    start, _, _ = load_pretrained(pretrained_run)
+    continued, _, _ = load_pretrained(out)
+    for (name, a), b in zip(start.state_dict().items(), continued.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name  # a learning rate of 1e-9 barely moves the weights
+    assert json.loads((out / "config.json").read_text())["config"]["init_from"] == str(pretrained_run)
