@@ -43,6 +43,7 @@ TARGET = {"in_distribution_min": 0.90, "n_plus_1_range": (0.10, 0.70), "failures
 # Candidate configurations, cheapest first. Each is a set of PretrainConfig overrides.
 CANDIDATES: dict[str, dict] = {
     "tiny-n4": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3),
+    "tiny-n3": dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=3, lr=1e-3),
     "tiny-n4-offset": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3, random_position_offset=True),
     "tiny-n5": dict(preset="tiny", n_digits=5, examples_per_length=20_000, epochs=1, lr=2e-3),
     "small-n4": dict(preset="small", n_digits=4, examples_per_length=10_000, epochs=2, lr=1e-3),
