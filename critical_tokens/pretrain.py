@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +23,7 @@ from . import addition
 from .config import arg
 from .evaluate import accuracy_on
 from .model import build_model, count_parameters, gpt2_reduced_vocab, load_model, preset
-from .runs import MetricsLog, UserError, atomic_dir, load_run_config, read_metrics, save_config
+from .runs import MetricsLog, UserError, atomic_dir, read_metrics, save_config, start_or_resume
 from .tokenizer import build_tokenizer, encode, load_tokenizer
 
 MAX_DIGITS = 30
@@ -129,14 +129,8 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
 
 def pretrain(config: PretrainConfig) -> Path:
     validate(config)
+    config = start_or_resume(config)
     run_dir = Path(config.out)
-    if config.resume:
-        saved = load_run_config(run_dir)["config"]
-        if not (run_dir / "model" / "trainer_state.pt").exists():
-            raise UserError(f"{run_dir} holds no checkpoint to resume from")
-        config = replace(PretrainConfig(**saved), resume=True, device=config.device, out=str(run_dir))
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
 

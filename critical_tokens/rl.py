@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +38,7 @@ from .evaluate import accuracy_on
 from .generation import addition_stop_rule, generate
 from .model import RL_SLACK, check_fits, count_parameters
 from .pretrain import load_pretrained, pick_device
-from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config
+from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, start_or_resume
 from .tokenizer import encode
 
 
@@ -198,14 +198,8 @@ def evaluate_policy(lm, tokenizer, n_digits: int, plus: int, config: RLConfig, p
 
 def train(config: RLConfig) -> Path:
     validate(config)
+    config = start_or_resume(config)
     run_dir = Path(config.out)
-    if config.resume:
-        saved = load_run_config(run_dir)["config"]
-        if not (run_dir / "model" / "trainer_state.pt").exists():
-            raise UserError(f"{run_dir} holds no checkpoint to resume from")
-        config = replace(RLConfig(**saved), resume=True, device=config.device, out=str(run_dir))
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
 

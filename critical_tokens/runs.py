@@ -130,6 +130,21 @@ def load_run_config(run_dir: str | Path) -> dict[str, Any]:
     return read_json(run_dir / "config.json")
 
 
+def start_or_resume(config):
+    """The config a training command runs with. On ``--resume``: the run's saved config (with this
+    invocation's device and directory), after checking that there is a checkpoint to resume from.
+    Otherwise: ``config`` itself, refusing to write into an existing non-empty directory."""
+    run_dir = Path(config.out)
+    if config.resume:
+        saved = load_run_config(run_dir)["config"]
+        if not (run_dir / "model" / "trainer_state.pt").exists():
+            raise UserError(f"{run_dir} holds no checkpoint to resume from")
+        return dataclasses.replace(type(config)(**saved), resume=True, device=config.device, out=str(run_dir))
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
+    return config
+
+
 class Timer:
     """Accumulates wall time per named phase: ``with timer("rollout"): ...``."""
 

@@ -44,6 +44,10 @@ TARGET = {"in_distribution_min": 0.90, "n_plus_1_range": (0.10, 0.70), "failures
 CANDIDATES: dict[str, dict] = {
     "tiny-n4": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3),
     "tiny-n3": dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=3, lr=1e-3),
+    # Continued pre-training of tiny-n3 on fresh data (the shipped `tiny-n3`): stage 1 ended with the
+    # schedule while the digits were still being learned.
+    "tiny-n3-continued": dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=3, lr=1e-3, warmup_fraction=0.02,
+                              seed=1, init_from="runs/regime/tiny-n3"),
     "tiny-n4-offset": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3, random_position_offset=True),
     "tiny-n5": dict(preset="tiny", n_digits=5, examples_per_length=20_000, epochs=1, lr=2e-3),
     "small-n4": dict(preset="small", n_digits=4, examples_per_length=10_000, epochs=2, lr=1e-3),
