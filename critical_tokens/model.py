@@ -31,7 +31,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "micro": Preset(n_layer=2, n_head=2, n_embd=32, meant_for_n_digits=2),  # tests: trains in seconds
     "tiny": Preset(n_layer=4, n_head=4, n_embd=128, meant_for_n_digits=5),  # ~0.9M parameters
-    "small": Preset(n_layer=6, n_head=8, n_embd=256, meant_for_n_digits=7),  # ~4.9M parameters
+    "small": Preset(n_layer=6, n_head=8, n_embd=256, meant_for_n_digits=7),  # ~5.0M parameters
     "medium": Preset(n_layer=6, n_head=6, n_embd=384, meant_for_n_digits=7),  # Lee et al.'s nanoGPT size
     "paper": Preset(n_layer=12, n_head=12, n_embd=768, meant_for_n_digits=7),  # ~85M, the paper's
 }
