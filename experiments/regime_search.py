@@ -35,6 +35,7 @@ from critical_tokens.runs import read_json, read_metrics, write_json, atomic_wri
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "docs" / "regime"
 TABLE = ROOT / "docs" / "cpu-regime.md"
+CONCLUSION = ROWS / "conclusion.md"  # written by hand from the table; rendered after it
 
 # The target of the search: a model the CPU can fine-tune whose N+1 accuracy is partial and whose
 # failures start at low-certainty critical tokens.
@@ -48,6 +49,12 @@ CANDIDATES: dict[str, dict] = {
     # schedule while the digits were still being learned.
     "tiny-n3-continued": dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=3, lr=1e-3, warmup_fraction=0.02,
                               seed=1, init_from="runs/regime/tiny-n3"),
+    # A third stage on twice the data for four epochs (the shipped `tiny-n3` since stage 3), and the same
+    # stage with random position offsets, to compare with and without them at the same budget.
+    "tiny-n3-stage3": dict(preset="tiny", n_digits=3, examples_per_length=20_000, epochs=4, lr=1e-3, warmup_fraction=0.02,
+                           seed=3, init_from="runs/regime/tiny-n3-continued"),
+    "tiny-n3-stage3-offset": dict(preset="tiny", n_digits=3, examples_per_length=20_000, epochs=4, lr=1e-3, warmup_fraction=0.02,
+                                  seed=3, init_from="runs/regime/tiny-n3-continued", random_position_offset=True),
     "tiny-n4-offset": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3, random_position_offset=True),
     "tiny-n5": dict(preset="tiny", n_digits=5, examples_per_length=20_000, epochs=1, lr=2e-3),
     "small-n4": dict(preset="small", n_digits=4, examples_per_length=10_000, epochs=2, lr=1e-3),
@@ -136,6 +143,8 @@ def render() -> str:
     untried = [n for n in CANDIDATES if not (ROWS / f"{n}.json").exists()]
     if untried:
         lines += ["", "Not run yet (each needs its pre-training; see the script's CANDIDATES): " + ", ".join(f"`{n}`" for n in untried) + "."]
+    if CONCLUSION.exists():
+        lines += ["", CONCLUSION.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 

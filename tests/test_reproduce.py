@@ -14,6 +14,7 @@ from critical_tokens import cli
 from critical_tokens.critical import CriticalConfig
 from critical_tokens.evaluate import EvaluateConfig
 from critical_tokens.experiments import (
+    CHECKPOINTS_DIR,
     PRESETS_DIR,
     SECTIONS,
     check_preset,
@@ -156,6 +157,25 @@ def test_every_preset_loads_and_every_key_is_a_real_field(name):
         assert set(experiment.get("rl", {})) <= {f.name for f in dataclasses.fields(RLConfig)}
         for arm in experiment.get("arms", []):
             assert set(arm) - {"name"} <= {f.name for f in dataclasses.fields(RLConfig)}
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_shipped_checkpoints_were_made_by_the_recipe_their_preset_states(name):
+    """A preset that uses a shipped checkpoint also says how to redo it (``--pretrain``); the two must
+    agree on every recorded pre-training field but the paths (``out``, and ``init_from``, which the
+    preset names by model)."""
+    preset, _ = load_preset(name)
+    for model, spec in preset["models"].items():
+        if "shipped" not in spec:
+            continue
+        recorded = read_json(CHECKPOINTS_DIR / spec["shipped"] / "config.json")["config"]
+        assert recorded.get("init_from") is None or "init_from" in spec
+        for field, value in spec.items():
+            if field not in ("shipped", "init_from"):
+                assert recorded[field] == value, f"{name}: models.{model}.{field}"
+        for field, value in recorded.items():
+            if field not in spec and field not in ("out", "init_from", "resume", "device"):
+                assert value == getattr(PretrainConfig(), field), f"{name}: models.{model}.{field} (default)"
 
 
 @pytest.mark.parametrize("edit, message", [
