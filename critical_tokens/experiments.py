@@ -262,7 +262,7 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
             if parent is not None:
                 fields = {**fields, "init_from": models[parent]["dir"]}
             job = Job(f"pretrain/{name}", "pretrain", "pretrain", directory, asdict(PretrainConfig(**fields, out=directory)),
-                      needs=None if parent is None or shipped else f"pretrain/{parent}")
+                      needs=None if parent is None else f"pretrain/{parent}")
         models[name] = {"dir": directory, "shipped": shipped, "init": fields["init"], "config": fields}
         model_jobs[name] = job
 
