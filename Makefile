@@ -13,7 +13,7 @@ $(BIN)/critical-tokens: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,trl,ray,slurm]" "$(TORCH_PIN)"  # the extras their tests need (ray and submitit: ~40 s); the pin keeps torch
 	touch $@
 
 setup: $(BIN)/critical-tokens
@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/pretrain.py
 	$(BIN)/python benchmarks/rl.py
+	$(BIN)/python benchmarks/trl_prioritized.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

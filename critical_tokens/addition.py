@@ -36,6 +36,7 @@ from typing import Literal
 _SCRATCH_OPEN = "\n<scratch>\n"
 _SCRATCH_CLOSE = "</scratch>\n"
 _RESULT_LINE = re.compile(r"[0-9]( [0-9])*")
+MAX_DIGITS = 30  # the largest N a command takes (--n-digits)
 
 
 def prompt(a: int, b: int) -> str:
@@ -144,10 +145,21 @@ def sample_pair(n_digits: int, rng: random.Random) -> tuple[int, int]:
     return _pair_with_long_operand(n_digits, other_digits, rng)
 
 
-def pretraining_pairs(n_digits_max: int, per_length: int, seed: int) -> list[tuple[int, int]]:
-    """The pre-training set: `per_length` pairs `sample_pair(L)` for each L in 1..N, shuffled."""
+def pretraining_pairs(n_digits_max: int, per_length: int, seed: int, n_plus_one_fraction: float = 0.0) -> list[tuple[int, int]]:
+    """The pre-training set: `per_length` pairs `sample_pair(L)` for each L in 1..N, shuffled.
+
+    `n_plus_one_fraction` (a deviation from the paper, 0 by default) replaces nothing and adds
+    `rl_pairs(N, 1)` additions (the RL task's distribution) so that they make up that fraction of
+    the whole set. They come from their own random stream: the 1..N pairs are the same whatever
+    the fraction.
+    """
+    if not 0 <= n_plus_one_fraction < 1:
+        raise ValueError(f"n_plus_one_fraction must be in [0, 1), got {n_plus_one_fraction}")
     rng = random.Random(seed)
     pairs = [sample_pair(n, rng) for n in range(1, n_digits_max + 1) for _ in range(per_length)]
+    n_extra = round(len(pairs) * n_plus_one_fraction / (1 - n_plus_one_fraction))
+    if n_extra:
+        pairs += rl_pairs(n_digits_max, 1, n_extra, seed=f"{seed}-n+1")
     rng.shuffle(pairs)
     return pairs
 
@@ -172,7 +184,7 @@ def eval_pairs(
     return pairs
 
 
-def rl_pairs(n_digits_pretrained: int, plus: int, count: int, seed: int) -> list[tuple[int, int]]:
+def rl_pairs(n_digits_pretrained: int, plus: int, count: int, seed: int | str) -> list[tuple[int, int]]:
     """RL fine-tuning additions, the "plus k" task of SPEC section 2 (k = 1: "plus1", 2: "plus2").
 
     One operand, chosen at random, has N+k digits; the other has, with probability 1/2, a length

@@ -6,7 +6,10 @@ import argparse
 import sys
 
 from .config import add_arguments, from_namespace
-from .runs import UserError
+from .runs import UserError, no_half_made_run
+
+DESCRIPTION = "RL fine-tuning with a prioritized KL penalty, and the study of critical tokens: one command per stage."
+EPILOG = "Each command has its own help: critical-tokens COMMAND --help."
 
 
 def _commands():
@@ -21,7 +24,7 @@ def _commands():
         "pretrain": (PretrainConfig, pretrain, "pre-train a GPT-2 on scratchpad addition of 1..N digits"),
         "evaluate": (EvaluateConfig, evaluate, "accuracy on identical and varying digits for N..N+3 (tables 4 and 5)"),
         "critical": (CriticalConfig, critical, "critical tokens: certainty gap (table 1), where failures start, discovery, pictures"),
-        "rl": (RLConfig, train, "RL fine-tuning (A2C) with no, the standard, or the prioritized KL penalty"),
+        "rl": (RLConfig, train, "RL fine-tuning (A2C, PPO, GRPO or RLOO) with no, the standard, or the prioritized KL penalty"),
         "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (smoke, cpu, paper): runs, plots, REPORT.md"),
         "report": (ReportConfig, report, "rebuild REPORT.md and plots/ of a reproduction from its files"),
     }
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would drown our own progress bars
     commands = _commands()
-    parser = argparse.ArgumentParser(prog="critical-tokens", description=__doc__.strip() if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="critical-tokens", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (config_class, _, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     config_class, run, _ = commands[ns.command]
     try:
-        run(from_namespace(config_class, ns))
+        config = from_namespace(config_class, ns)
+        with no_half_made_run(config):
+            run(config)
     except UserError as e:
         print(f"critical-tokens {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -35,11 +35,11 @@ import torch
 
 from . import addition, kl
 from .addition import TRACKED_TOKENS, CriticalToken, tracked_token_key
-from .config import arg
+from .config import arg, check_fields, check_range
 from .evaluate import bootstrap_ci, completions, first_difference
 from .generation import addition_stop_rule, generate
 from .model import check_fits
-from .runs import UserError, atomic_write_text, write_json
+from .runs import UserError, atomic_write_text, check_output, output_dir, write_json
 from .tokenizer import encode
 
 DISCOVERY_KS = (1, 3, 5, 10)
@@ -565,7 +565,7 @@ def render_png(scratchpads: Sequence[Scratchpad], path: str | Path, title: str =
     fig.suptitle(f"{title} (orange: critical token, red: first wrong character)", fontsize=9)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="certainty", shrink=0.8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, format="png")  # exactly `path`: without a format, a name lacking ".png" gets one added
 
 
 # --- 7. The command ---------------------------------------------------------------------------------
@@ -574,7 +574,8 @@ def render_png(scratchpads: Sequence[Scratchpad], path: str | Path, title: str =
 @dataclass(frozen=True)
 class CriticalConfig:
     run: str = arg(None, "pre-training run directory (or any directory holding a critical-tokens model)", positional=True, metavar="RUN_DIR")
-    n_digits: int | None = arg(None, "N, if the model does not record it")
+    out: str | None = arg(None, "directory for report.json and report.md (default: RUN_DIR/critical; for a checkpoint shipped in the package, ./critical-<name>)")
+    n_digits: int | None = arg(None, "N, the digits the model was pre-trained on (default: the N the model records)")
     plus: Literal[1, 2] = arg(1, "analyse additions of N+1 or N+2 digits (the RL task's distribution)")
     examples: int = arg(500, "prompts to analyse")
     certainty_temperature: float = arg(4.0, "temperature T of the certainty, eq. 1 and 2 (the paper: 4)")
@@ -586,17 +587,16 @@ class CriticalConfig:
     batch_size: int = arg(250, "prompts per forward pass and per generation batch")
 
 
-def _validate(config: CriticalConfig) -> None:
+def validate(config: CriticalConfig) -> None:
     if config.run is None:
         raise UserError("give the run directory to analyse: critical-tokens critical RUN_DIR")
-    if config.examples <= 0 or config.batch_size <= 0 or config.show < 0:
-        raise UserError("--examples and --batch-size must be positive, --show at least 0")
-    if config.certainty_temperature <= 0 or config.temperature <= 0:
-        raise UserError("--certainty-temperature and --temperature must be positive")
+    check_fields(config)
+    check_range(config, ("examples", "batch_size", "certainty_temperature", "temperature"), 0, low_open=True)
+    check_range(config, ("show",), 0)
     if (config.html or config.png) and config.show == 0:
         raise UserError("--html and --png draw --show scratchpads: give --show at least 1")
-    if config.plus not in (1, 2):
-        raise UserError(f"--plus must be 1 or 2, got {config.plus}")
+    check_output(config.html, "--html")
+    check_output(config.png, "--png")
 
 
 def picture(model, tokenizer, pairs, scores, tokens, first_errors: Sequence[dict], n_digits: int, show: int, certainty_temperature: float) -> list[Scratchpad]:
@@ -609,9 +609,10 @@ def picture(model, tokenizer, pairs, scores, tokens, first_errors: Sequence[dict
 
 def critical(config: CriticalConfig) -> dict:
     """`critical-tokens critical RUN_DIR`: table 1, where failures start, discovery, pictures."""
-    from .pretrain import load_pretrained, pick_device
+    from .model import load_pretrained, pick_device
 
-    _validate(config)
+    validate(config)
+    out = output_dir(config.out, config.run, "critical")
     model, tokenizer, n_digits = load_pretrained(config.run, config.n_digits)
     model.to(pick_device("auto")).eval()
 
@@ -644,7 +645,6 @@ def critical(config: CriticalConfig) -> dict:
         "scratchpads": [asdict(p) for p in pads],
     }
     markdown = report_markdown(report)
-    out = Path(config.run) / "critical"
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown + "\n")
     if pads and config.html:

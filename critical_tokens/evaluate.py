@@ -8,17 +8,16 @@ confidence intervals by bootstrap resampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import addition
-from .config import arg
+from .config import arg, check_fields, check_range
 from .generation import addition_stop_rule, generate
-from .model import check_fits
-from .runs import UserError, atomic_write_text, write_json
+from .model import check_fits, load_pretrained, pick_device
+from .runs import UserError, atomic_write_text, output_dir, write_json
 from .tokenizer import encode
 
 KINDS = ("identical", "varying")
@@ -27,10 +26,11 @@ KINDS = ("identical", "varying")
 @dataclass(frozen=True)
 class EvaluateConfig:
     run: str = arg(None, "pre-training run directory (or any directory holding a critical-tokens model)", positional=True, metavar="RUN_DIR")
+    out: str | None = arg(None, "directory for table.json and table.md (default: RUN_DIR/eval; for a checkpoint shipped in the package, ./eval-<name>)")
     examples: int = arg(1000, "examples per cell (the paper: 1,000)")
     extra_digits: int = arg(3, "evaluate n = N..N+extra_digits")
     batch_size: int = arg(250, "prompts generated in parallel")
-    n_digits: int | None = arg(None, "N, if the model does not record it")
+    n_digits: int | None = arg(None, "N, the digits the model was pre-trained on (default: the N the model records)")
     show_failures: int = arg(0, "print this many failed scratchpads (first wrong character marked)")
     seed: int = arg(1234, "seed of the evaluation sets")
     bootstrap: int = arg(1000, "bootstrap resamples for the confidence intervals")
@@ -118,21 +118,26 @@ def table_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(config: EvaluateConfig) -> dict:
-    from .pretrain import load_pretrained, pick_device
-
+def validate(config: EvaluateConfig) -> None:
     if config.run is None:
         raise UserError("give the run directory to evaluate: critical-tokens evaluate RUN_DIR")
-    if config.examples <= 0 or config.batch_size <= 0:
-        raise UserError("--examples and --batch-size must be positive")
+    check_fields(config)
+    check_range(config, ("examples", "batch_size", "bootstrap"), 0, low_open=True)
+    check_range(config, ("extra_digits",), 0, addition.MAX_DIGITS)
+    check_range(config, ("show_failures",), 0)
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    validate(config)
+    out = output_dir(config.out, config.run, "eval")
     model, tokenizer, n_digits = load_pretrained(config.run, config.n_digits)
     model.to(pick_device("auto"))
     result = evaluate_model(model, tokenizer, n_digits, config)
     markdown = table_markdown(result)
-    out = Path(config.run) / "eval"
     write_json(out / "table.json", result)
     atomic_write_text(out / "table.md", markdown + "\n")
     print(markdown)
     for f in result["failures"]:
         print(f"\n--- {f['a']}+{f['b']}: first wrong character in ⟦ ⟧ at {f['first_wrong']}, expected {f['expected']!r} ---\n{f['marked']}")
+    print(f"\nwrote {out / 'table.json'} and {out / 'table.md'}")
     return result

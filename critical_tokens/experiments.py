@@ -14,16 +14,20 @@ A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes eve
   - ``beta_sweep`` (figure 6): ``{"model", "seeds", "rl", "betas": [0, 10, ..., "auto"]}``, beta 0
     being the standard KL penalty (w = c^0 = 1, as in the paper's figure);
   - ``rl_levels`` (figure 3): ``{"models", "seeds", "rl"}``, one arm per pre-trained model;
-  - ``tracked_tokens`` (figures 4 right and 7): ``{}``, read from the kl_comparison runs.
+  - ``tracked_tokens`` (figures 4 right and 7): ``{}``, read from the kl_comparison runs;
+  - ``kl_by_model`` (beyond the paper): ``{"models", "seeds", "rl", "arms"}``, the arms of figure 4
+    from each of several models (e.g. pre-trained with different N+1 doses): how the gain of the
+    prioritized KL depends on where RL starts. Its runs are ``OUT/kl_by_model/<model>/<arm>/seed<k>/``.
   Every experiment may carry a ``"notes"`` string; so may the preset.
 
 `plan` turns a preset into jobs: one per model to pre-train (cached under ``OUT/pretrain/`` by a
 hash of its config), per evaluation, per critical-token analysis and per RL run
 (``OUT/<experiment>/<arm>/seed<k>/``), each with its fully resolved config. An RL run whose config
 equals an earlier one (beta 0 of the sweep and the standard arm, say) runs once and is shared.
-`run_plan` executes the jobs in parallel worker processes; a finished job (``DONE.json``) is
-skipped, an interrupted one resumed from its checkpoint. The report is built from the files by
-:mod:`critical_tokens.report`.
+`run_plan` executes the jobs in parallel, in worker processes here, as Ray tasks or as SLURM jobs
+(:mod:`critical_tokens.launchers`); a finished job (``DONE.json``) is skipped, an interrupted one
+resumed from its checkpoint, a failed one retried a bounded number of times. The report is built
+from the files by :mod:`critical_tokens.report`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import re
@@ -39,24 +42,25 @@ import shutil
 import sys
 import time
 import traceback
-import typing
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
-from .config import arg
+from .config import arg, check_range, check_types
 from .critical import CriticalConfig
 from .evaluate import EvaluateConfig
+from .launchers import LocalLauncher, RayLauncher, SlurmLauncher, check_installed
+from .preset_fields import SECTIONS, section_fields, typed_fields
 from .pretrain import PretrainConfig
 from .rl import RLConfig
-from .runs import UserError, read_json, write_json
+from .runs import UserError, check_output, describe_kind, read_json, run_kind, write_json
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
-EXPERIMENTS = ("levels", "table1", "kl_comparison", "beta_sweep", "rl_levels", "tracked_tokens")
+EXPERIMENTS = ("levels", "table1", "kl_comparison", "beta_sweep", "rl_levels", "tracked_tokens", "kl_by_model")
 DONE = "DONE.json"  # written in a job's directory when it has finished
 
 # What each experiment may hold besides "notes", and the fields reproduce sets itself.
@@ -67,12 +71,7 @@ EXPERIMENT_KEYS = {
     "beta_sweep": {"model", "seeds", "rl", "betas"},
     "rl_levels": {"models", "seeds", "rl"},
     "tracked_tokens": set(),
-}
-SECTIONS = {  # preset section -> (config class, fields reproduce sets)
-    "models": (PretrainConfig, {"out", "device", "resume"}),
-    "evaluate": (EvaluateConfig, {"run", "n_digits"}),
-    "critical": (CriticalConfig, {"run", "n_digits", "html", "png"}),
-    "rl": (RLConfig, {"pretrained", "out", "device", "resume", "seed"}),
+    "kl_by_model": {"models", "seeds", "rl", "arms"},
 }
 PATH_FIELDS = ("out", "pretrained", "run", "init_from")  # relative to OUT in a job's config
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -87,6 +86,13 @@ class ReproduceConfig:
     pretrain: bool = arg(False, "pre-train from scratch even the models the package ships a checkpoint for")
     seeds: int = arg(0, "seeds per experiment (0: the preset's)")
     wandb: bool = arg(False, "also log every finished run to Weights & Biases (offline unless WANDB_API_KEY is set), if wandb is installed")
+    launcher: Literal["local", "ray", "slurm"] = arg("local", "where the runs run: worker processes here, Ray tasks (pip install 'critical-tokens[ray]'), or SLURM jobs through submitit ('critical-tokens[slurm]'); --out must be on a file system every node sees")
+    retries: int = arg(2, "times a failed run is started again (from its last checkpoint); a problem with its input is not retried")
+    cpus_per_job: int = arg(0, "CPU cores (torch threads) per run; 0: local: this machine's cores over --jobs; ray, slurm: 1")
+    gpus_per_job: int = arg(0, "ray, slurm: GPUs per run (local: one per worker when this machine has GPUs)")
+    ray_address: str | None = arg(None, "ray: the address of a running Ray cluster ('auto': the one this node belongs to); default: a local Ray instance")
+    slurm_partition: str | None = arg(None, "slurm: the partition to submit to (default: the cluster's)")
+    slurm_minutes: int = arg(24 * 60, "slurm: time limit of each run's job, in minutes (a run cut short is retried from its last checkpoint)")
 
 
 # --- 1. Presets ---------------------------------------------------------------------------------------
@@ -144,51 +150,7 @@ def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
     shipped = fields.pop("shipped", None)
     if shipped is not None and not (isinstance(shipped, str) and NAME.match(shipped)):
         raise UserError(f"{where}: models.{name}.shipped must be the name of a directory in {CHECKPOINTS_DIR}")
-    return _typed(PretrainConfig, fields, SECTIONS["models"][1], f"{where}: models.{name}")
-
-
-def section_fields(preset: dict, section: str, overrides: dict, where: str = "preset") -> dict:
-    config_class, reserved = SECTIONS[section]
-    return _typed(config_class, {**preset.get(section, {}), **overrides}, reserved, f"{where}: {section}")
-
-
-def _typed(config_class: type, values: dict, reserved: set, where: str) -> dict:
-    """``values`` with each JSON value converted to its field's type; a UserError for a key that is
-    not a field of ``config_class`` (a typo) or that reproduce sets itself."""
-    if not isinstance(values, dict):
-        raise UserError(f"{where} must be a JSON object")
-    hints = typing.get_type_hints(config_class)
-    allowed = [f.name for f in dataclasses.fields(config_class) if f.name not in reserved]
-    out = {}
-    for key, value in values.items():
-        if key not in allowed:
-            why = "is set by reproduce" if key in reserved else f"is not a {config_class.__name__} field"
-            raise UserError(f"{where}: {key!r} {why}; a preset can set {', '.join(allowed)}")
-        out[key] = _coerce(hints[key], value, f"{where}.{key}")
-    return out
-
-
-def _coerce(kind: Any, value: Any, where: str) -> Any:
-    if get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType":
-        if value is None:
-            return None
-        kind = next(a for a in get_args(kind) if a is not type(None))
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if get_origin(kind) is Literal:
-        if value in get_args(kind) and type(value) is type(get_args(kind)[0]):
-            return value
-        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, get_args(kind)))}")
-    if kind is bool and isinstance(value, bool):
-        return value
-    if kind is int and number and float(value).is_integer():
-        return int(value)
-    if kind is float and number:
-        return float(value)
-    if kind is str and (isinstance(value, str) or number):
-        return value if isinstance(value, str) else format(value, "g")  # beta 150 -> "150"
-    if get_origin(kind) is tuple and isinstance(value, list):
-        return tuple(value)
-    raise UserError(f"{where}: {value!r} is not of type {getattr(kind, '__name__', kind)}")
+    return typed_fields(PretrainConfig, fields, SECTIONS["models"][1], f"{where}: models.{name}")
 
 
 def _check_keys(obj: Any, allowed: set, where: str) -> None:
@@ -241,7 +203,7 @@ def model_dir_name(name: str, fields: dict, shipped: bool) -> str:
 def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[list[Job], dict]:
     """All the jobs of a preset, in the order they should start, and the models' descriptions.
     Every config is built and checked by its command's own validation."""
-    from . import pretrain as pretraining, rl
+    from . import critical, evaluate, pretrain as pretraining, rl
 
     models, model_jobs = {}, {}
     for name, spec in preset["models"].items():
@@ -270,14 +232,16 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
     jobs: list[Job] = []
     for m in experiments.get("levels", {}).get("models", []):
         config = EvaluateConfig(run=models[m]["dir"], **section_fields(preset, "evaluate", {}, where))
+        evaluate.validate(config)
         jobs.append(Job(f"levels/{m}", "evaluate", "levels", f"levels/{m}", asdict(config), needs=f"pretrain/{m}", arm=m))
     for m in experiments.get("table1", {}).get("models", []):
         config = CriticalConfig(run=models[m]["dir"], **section_fields(preset, "critical", {}, where))
+        critical.validate(config)
         jobs.append(Job(f"table1/{m}", "critical", "table1", f"table1/{m}", asdict(config), needs=f"pretrain/{m}", arm=m))
     for experiment, arms in _rl_arms(experiments, where):
         spec = experiments[experiment]
-        for arm, model, overrides in arms:
-            for seed in range(spec["seeds"]):
+        for seed in range(spec["seeds"]):  # seed-major: a reproduction stopped early has every arm at (about) the same seeds
+            for arm, model, overrides in arms:
                 directory = f"{experiment}/{arm}/seed{seed}"
                 fields = section_fields(preset, "rl", {**spec.get("rl", {}), **overrides}, f"{where}: experiments.{experiment}")
                 config = RLConfig(**fields, pretrained=models[model]["dir"], out=directory, seed=seed)
@@ -295,13 +259,7 @@ def _rl_arms(experiments: dict, where: str):
     """(experiment, [(arm, model, RLConfig overrides)]) of each RL experiment."""
     if "kl_comparison" in experiments:
         spec = experiments["kl_comparison"]
-        arms = []
-        for arm in spec["arms"]:
-            if not isinstance(arm, dict):
-                raise UserError(f"{where}: experiments.kl_comparison: each arm is an object with a name and RLConfig fields")
-            _check_name(arm.get("name"), f"{where}: experiments.kl_comparison arm")
-            arms.append((arm["name"], spec["model"], {k: v for k, v in arm.items() if k != "name"}))
-        yield "kl_comparison", arms
+        yield "kl_comparison", [(name, spec["model"], overrides) for name, overrides in _kl_arms(spec, "kl_comparison", where)]
     if "beta_sweep" in experiments:
         spec = experiments["beta_sweep"]
         arms = []
@@ -315,6 +273,20 @@ def _rl_arms(experiments: dict, where: str):
     if "rl_levels" in experiments:
         spec = experiments["rl_levels"]
         yield "rl_levels", [(m, m, {}) for m in spec["models"]]
+    if "kl_by_model" in experiments:
+        spec = experiments["kl_by_model"]
+        yield "kl_by_model", [(f"{m}/{name}", m, overrides) for m in spec["models"] for name, overrides in _kl_arms(spec, "kl_by_model", where)]
+
+
+def _kl_arms(spec: dict, experiment: str, where: str) -> list[tuple[str, dict]]:
+    """(name, RLConfig overrides) of each arm of a KL comparison."""
+    arms = []
+    for arm in spec["arms"]:
+        if not isinstance(arm, dict):
+            raise UserError(f"{where}: experiments.{experiment}: each arm is an object with a name and RLConfig fields")
+        _check_name(arm.get("name"), f"{where}: experiments.{experiment} arm")
+        arms.append((arm["name"], {k: v for k, v in arm.items() if k != "name"}))
+    return arms
 
 
 def _beta_text(beta: Any, where: str) -> str:
@@ -395,8 +367,16 @@ def job_status(job: Job, root: Path) -> Literal["done", "resume", "fresh"]:
     return "fresh"
 
 
+JOB_CONFIGS = {"pretrain": PretrainConfig, "rl": RLConfig, "evaluate": EvaluateConfig, "critical": CriticalConfig}
+
+
 def _check_same(job: Job, saved: dict, path: Path) -> None:
     want, have = comparable(job.config), comparable(saved)
+    # A field added to the command after the run was made is no difference while it keeps its default
+    # (the run behaved as the default does).
+    config_class = JOB_CONFIGS.get(job.kind)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)} if config_class else {}
+    want = {k: v for k, v in want.items() if k in have or k not in defaults or v != defaults[k]}
     if want != have:
         diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
         shown = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff[:3])
@@ -424,7 +404,7 @@ def _run_copy(job: Job, root: Path, resume: bool) -> None:
 
 def _run_evaluate(job: Job, root: Path, resume: bool) -> None:
     from .evaluate import evaluate_model, table_markdown
-    from .pretrain import load_pretrained, pick_device
+    from .model import load_pretrained, pick_device
     from .runs import atomic_write_text
 
     config = EvaluateConfig(**_absolute(job.config, root))
@@ -473,14 +453,6 @@ def _output_to(path: Path):
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)
             os.close(saved[0]), os.close(saved[1])
-
-
-def _worker_init(gpu_ids, threads: int) -> None:
-    if gpu_ids is not None:  # one GPU per worker process
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get())
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def execute(job: Job, root: str, resume: bool, wandb: bool) -> float:
@@ -553,8 +525,20 @@ def _last_line(path: Path) -> dict:
     return {}
 
 
-def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, gpus: int, wandb: bool) -> tuple[dict, dict]:
-    """Runs every job not done, up to ``n_jobs`` at a time, a job once the model it reads is ready.
+def start_launcher(config: ReproduceConfig, root: Path, n_jobs: int, gpus: int, threads: int):
+    """The launcher of ``--launcher`` (launchers.py): where the jobs run."""
+    if config.launcher == "ray":
+        return RayLauncher(execute, config.ray_address, threads, config.gpus_per_job)
+    if config.launcher == "slurm":
+        return SlurmLauncher(execute, str((root / "submitit").resolve()), n_jobs, threads, config.gpus_per_job,
+                             config.slurm_partition, config.slurm_minutes)
+    return LocalLauncher(execute, n_jobs, gpus, threads)
+
+
+def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, gpus: int, wandb: bool,
+             config: ReproduceConfig = ReproduceConfig()) -> tuple[dict, dict]:
+    """Runs every job not done, up to ``n_jobs`` at a time, a job once the model it reads is ready,
+    where ``config.launcher`` says; a failed job is started again up to ``config.retries`` times.
     -> ({name: wall seconds} of the jobs run, {name: error} of the failed ones)."""
     from tqdm.auto import tqdm
 
@@ -565,15 +549,9 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
     failed: dict[str, str] = {}
     if not todo:
         return walls, failed
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    context = multiprocessing.get_context("spawn")
-    gpu_ids = None
-    if gpus:
-        gpu_ids = context.Queue()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
-        for worker in range(n_jobs):  # round robin: more jobs than GPUs share them
-            gpu_ids.put(ids[worker % len(ids)])
+    threads = threads_per_job(config, n_jobs)
+    where = str(root) if config.launcher == "local" else str(root.resolve())  # a remote worker's directory is not ours
+    attempts: dict[str, int] = {}
     interactive = sys.stderr.isatty()
     overall = tqdm(total=len(runnable), initial=len(finished), desc="reproduce", unit="run", position=0,
                    dynamic_ncols=True, smoothing=0, disable=not interactive)
@@ -581,19 +559,19 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
     running: dict[Any, tuple[Job, int]] = {}
     t0, ended = time.perf_counter(), 0
 
-    def announce(text: str) -> None:
+    def announce(text: str, job: Job, ran: bool = True) -> None:
         nonlocal ended
-        ended += 1
+        ended += ran and job.kind != "copy"  # copying a shipped checkpoint (or skipping) takes no time: not a run to average
         overall.update(1)
         if interactive:
             overall.write(text)
         else:  # a log file: one plain line per run, with the count and an estimate of the time left
             elapsed = time.perf_counter() - t0
-            eta = elapsed / ended * (len(todo) + len(running))
-            print(f"[{len(finished) + len(failed)}/{len(runnable)}] {text}; elapsed {_duration(elapsed)}, "
-                  f"about {_duration(eta)} left", flush=True)
+            left = sum(j.kind != "copy" for j in [*todo, *(j for j, _ in running.values())])
+            eta = "no run left" if not left else f"about {_duration(elapsed / ended * left)} left" if ended else "time left: known after the first run"
+            print(f"[{len(finished) + len(failed)}/{len(runnable)}] {text}; elapsed {_duration(elapsed)}, {eta}", flush=True)
 
-    pool = ProcessPoolExecutor(max_workers=n_jobs, mp_context=context, initializer=_worker_init, initargs=(gpu_ids, threads))
+    pool = start_launcher(config, root, n_jobs, gpus, threads)
     try:
         while todo or running:
             for job in list(todo):
@@ -602,13 +580,13 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
                 if job.needs in failed:
                     todo.remove(job)
                     failed[job.name] = f"its model {job.needs} failed"
-                    announce(f"skipped {job.name}: {failed[job.name]}")
+                    announce(f"skipped {job.name}: {failed[job.name]}", job, ran=False)
                 elif job.needs is None or job.needs in finished:
                     todo.remove(job)
                     slot = next(i for i, bar in enumerate(slots) if bar is None)
                     slots[slot] = tqdm(desc=job.name, position=slot + 1, leave=False, dynamic_ncols=True, disable=not interactive,
                                        unit={"rl": "ep", "pretrain": "step"}.get(job.kind, "it"))
-                    future = pool.submit(execute, job, str(root), status[job.name] == "resume", wandb)
+                    future = pool.submit(job, where, status[job.name] == "resume", wandb)
                     running[future] = (job, slot)
             if not running:
                 continue
@@ -618,12 +596,24 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
                 slots[slot].close()
                 slots[slot] = None
                 try:
-                    walls[job.name] = future.result()
+                    outcome = future.result()
+                except Exception as e:  # noqa: BLE001 - the worker itself died (killed, lost node): one failed run must not stop the others
+                    outcome = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "retry": True}
+                if "wall_s" in outcome:
+                    walls[job.name] = outcome["wall_s"]
                     finished.add(job.name)
-                    announce(f"done   {job.name} in {_duration(walls[job.name])}")
-                except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
-                    failed[job.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    announce(f"FAILED {job.name}: {failed[job.name]} (log: {log_path(root, job)})")
+                    announce(f"done   {job.name} in {_duration(walls[job.name])}", job)
+                elif outcome["retry"] and attempts.get(job.name, 0) < config.retries:
+                    attempts[job.name] = attempts.get(job.name, 0) + 1
+                    status[job.name] = job_status(job, root)  # from its last checkpoint, if it made one
+                    todo.insert(0, job)
+                    (overall.write if interactive else print)(
+                        f"retrying {job.name} ({attempts[job.name]}/{config.retries}, {'resumed' if status[job.name] == 'resume' else 'from the start'}): "
+                        f"it failed with {outcome['error']} (log: {log_path(root, job)})")
+                else:
+                    tries = f" after {attempts[job.name] + 1} attempts" if job.name in attempts else ""
+                    failed[job.name] = outcome["error"]
+                    announce(f"FAILED {job.name}{tries}: {failed[job.name]} (log: {log_path(root, job)})", job)
             for job, slot in running.values():
                 progress = _progress(job, root) if interactive else None
                 if progress:
@@ -631,7 +621,7 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
                     slots[slot].refresh()
     except KeyboardInterrupt:
         overall.write("interrupted: finished runs are kept and the others resume from their last checkpoint; run the same command again")
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(cancel=True)
         raise
     finally:
         for bar in slots:
@@ -640,6 +630,12 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
         overall.close()
     pool.shutdown()
     return walls, failed
+
+
+def threads_per_job(config: ReproduceConfig, n_jobs: int) -> int:
+    if config.cpus_per_job:
+        return config.cpus_per_job
+    return max(1, (os.cpu_count() or 1) // n_jobs) if config.launcher == "local" else 1
 
 
 def _duration(seconds: float) -> str:
@@ -672,6 +668,9 @@ def command_line(config: ReproduceConfig) -> str:
     parts += [f"--jobs {config.jobs}"] if config.jobs else []
     parts += [f"--seeds {config.seeds}"] if config.seeds else []
     parts += [flag for flag, on in (("--pretrain", config.pretrain), ("--wandb", config.wandb)) if on]
+    defaults = ReproduceConfig()
+    parts += [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("launcher", "ray_address", "slurm_partition", "slurm_minutes",
+              "cpus_per_job", "gpus_per_job", "retries") if getattr(config, name) != getattr(defaults, name)]
     return " ".join(parts)
 
 
@@ -679,8 +678,15 @@ def reproduce(config: ReproduceConfig) -> Path:
     from .report import ReportConfig, report
 
     t0 = time.perf_counter()
-    if config.jobs < 0 or config.seeds < 0:
-        raise UserError("--jobs and --seeds must be >= 0")
+    check_types(config)
+    check_range(config, ("jobs", "seeds"), 0, 1000)  # 1000: far more than any machine or study, short of exhausting memory
+    check_range(config, ("retries", "cpus_per_job", "gpus_per_job"), 0, 1000)
+    check_range(config, ("slurm_minutes",), 1, 366 * 24 * 60)
+    check_installed(config.launcher)
+    root = Path(config.out)
+    check_output(config.out, "--out", directory=True)
+    if root.is_dir() and any(root.iterdir()) and run_kind(root) != "reproduction":
+        raise UserError(f"--out {root} is {describe_kind(run_kind(root))}, not a reproduction; choose another --out")
     preset, source = load_preset(config.preset)
     if config.seeds:
         preset = with_seeds(preset, config.seeds)
@@ -692,9 +698,10 @@ def reproduce(config: ReproduceConfig) -> Path:
                 and not (CHECKPOINTS_DIR / job.config["shipped"] / "config.json").exists():
             raise UserError(f"the shipped checkpoint {job.config['shipped']!r} is not in this package "
                             f"({CHECKPOINTS_DIR / job.config['shipped']}); pass --pretrain to pre-train it from scratch")
-    root = Path(config.out)
     status = {j.name: job_status(j, root) for j in chosen if j.same_as is None}
     n_jobs, gpus = default_jobs()
+    if config.launcher != "local":  # the cluster's scheduler queues what it cannot start yet
+        n_jobs, gpus = max(1, len(status)), 0
     n_jobs = config.jobs or n_jobs
     wandb = config.wandb and _wandb_available()
 
@@ -702,16 +709,17 @@ def reproduce(config: ReproduceConfig) -> Path:
     write_json(root / "reproduce.json", {
         "command": command_line(config), "preset_name": preset.get("name", Path(source).stem), "preset_source": source,
         "options": asdict(config), "experiments_run": experiments, "parallel_jobs": n_jobs,
-        "threads_per_job": max(1, (os.cpu_count() or 1) // n_jobs), "preset": preset, "models": models,
+        "threads_per_job": threads_per_job(config, n_jobs), "preset": preset, "models": models,
         "jobs": [{k: v for k, v in asdict(j).items() if v is not None} for j in jobs],
     })
     counts = {s: sum(1 for v in status.values() if v == s) for s in ("done", "resume", "fresh")}
     print(f"reproduce {preset.get('name', source)}: {', '.join(experiments)}; {len(status)} runs "
           f"({counts['done']} done, {counts['resume']} to resume, {counts['fresh']} to run), "
-          f"{n_jobs} in parallel" + (f" on {gpus} GPUs" if gpus else "") + f"; logs in {root / 'logs'}")
+          f"{n_jobs} in parallel" + (f" on {gpus} GPUs" if gpus else "") + (f" as {config.launcher} jobs" if config.launcher != "local" else "")
+          + f"; logs in {root / 'logs'}")
 
     try:
-        walls, failed = run_plan(chosen, status, root, n_jobs, gpus, wandb)
+        walls, failed = run_plan(chosen, status, root, n_jobs, gpus, wandb, config)
     except KeyboardInterrupt:  # the time spent still counts towards the reproduction's wall time
         _record_timing(root, config, time.perf_counter() - t0, {}, experiments, interrupted=True)
         raise

@@ -114,6 +114,7 @@ def generate(
     certainty_method: str | None = None,
     certainty_temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    noise_rows: tuple[int, slice] | None = None,
 ) -> Generation:
     """Generates a completion for every prompt (lists of token ids) in one batch.
 
@@ -121,6 +122,11 @@ def generate(
     softmax(logits / temperature). A row stops at end-of-text, or at the first ``stop_token_id``
     generated after the token sequence ``stop_after`` (for the addition task: the newline after the
     result line, i.e. after ``"</scratch>\\n"``), or after ``max_new_tokens`` (``finished`` False).
+
+    ``noise_rows`` = (B_all, rows): the prompts are ``rows`` of a batch of B_all (a rank's share under
+    torchrun). The sampling noise is drawn for the whole batch and these rows kept, so the shares
+    sample the tokens the whole batch would; the generator has then drawn one (B_all, V) block per
+    generated position (``completion_mask.shape[1]`` of them).
     """
     device = next(model.parameters()).device
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # (B, P)
@@ -145,7 +151,10 @@ def generate(
         logits = out.logits[:, -1].float()  # (B, V)
         if temperature > 0:
             logp = torch.log_softmax(logits / temperature, dim=-1)
-            u = torch.rand(logp.shape, generator=generator, device="cpu").to(device)
+            if noise_rows is None:
+                u = torch.rand(logp.shape, generator=generator, device="cpu").to(device)
+            else:
+                u = torch.rand((noise_rows[0], logp.shape[1]), generator=generator, device="cpu")[noise_rows[1]].to(device)
             token = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # Gumbel-max sampling
         else:
             logp = torch.log_softmax(logits, dim=-1)
@@ -187,6 +196,28 @@ def generate(
         logprobs=logprobs[:, :T],
         certainty=None if certainty is None else certainty[:, :T],
         finished=finished,
+    )
+
+
+def concatenate(parts: Sequence[Generation], pad_token_id: int) -> Generation:
+    """One Generation of the rows of ``parts`` in order (the ranks' shares of a batch under torchrun),
+    prompts left-padded to the longest and completions right-padded to the longest, as one call of
+    :func:`generate` on the whole batch lays them out."""
+    P = max(g.prompt_length for g in parts)
+    T = max(g.completion_mask.shape[1] for g in parts)
+
+    def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    rows = [(g, P - g.prompt_length, T - g.completion_mask.shape[1]) for g in parts]
+    return Generation(
+        sequences=torch.cat([pad(g.sequences, left, right, pad_token_id) for g, left, right in rows]),  # (B, P+T)
+        attention_mask=torch.cat([pad(g.attention_mask, left, right, 0) for g, left, right in rows]),
+        prompt_length=P,
+        completion_mask=torch.cat([pad(g.completion_mask.long(), 0, right, 0) for g, _, right in rows]).bool(),  # (B, T)
+        logprobs=torch.cat([pad(g.logprobs, 0, right, 0.0) for g, _, right in rows]),
+        certainty=None if parts[0].certainty is None else torch.cat([pad(g.certainty, 0, right, 0.0) for g, _, right in rows]),
+        finished=torch.cat([g.finished for g in parts]),
     )
 
 

@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from . import addition
-from .runs import UserError
+from .runs import UserError, describe_kind, run_kind
+from .tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,15 @@ def build_model(preset_name: str, tokenizer: PreTrainedTokenizerFast, n_digits: 
         activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU as one fused kernel (same function)
         **NO_DROPOUT,
     )
-    return GPT2LMHeadModel(config)
+    return causal_lm_loss(GPT2LMHeadModel(config))
+
+
+def causal_lm_loss(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """Names the model's loss, the next-token cross-entropy. transformers infers it from the class
+    name, which "GPT2LMHeadModel" does not match, and warns "`loss_type=None` ... Using the default
+    loss: `ForCausalLMLoss`" at the first loss of every pre-training; that default is the right one."""
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def gpt2_reduced_vocab(source: str, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
@@ -116,16 +125,49 @@ def gpt2_reduced_vocab(source: str, tokenizer: PreTrainedTokenizerFast) -> GPT2L
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(torch.stack(rows))
     model.tie_weights()
-    return model
+    return causal_lm_loss(model)
 
 
 def load_model(path: str | Path) -> GPT2LMHeadModel:
     path = Path(path)
     try:
         # float32 whatever the file holds: a checkpoint shipped in half precision is computed in float32.
-        return GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32)
+        return causal_lm_loss(GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32))
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a corrupt weights file
         raise UserError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_pretrained(run_dir: str | Path, n_digits: int | None = None, kinds: tuple[str, ...] = ("pretrain", "rl")):
+    """(model, tokenizer, N) of a pre-training run; ``n_digits`` overrides N (needed when unknown).
+    Any run of ``kinds`` or model directory will do; another kind of run is a UserError."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    kind = run_kind(run_dir)
+    if kind == "reproduction":
+        raise UserError(f"{run_dir} is a reproduction, not a run with a model; give one of its runs, such as {run_dir / 'pretrain'}/<model>")
+    if kind not in (*kinds, "model", None):
+        raise UserError(f"{run_dir} is {describe_kind(kind)}; give " + " or ".join(describe_kind(k) for k in kinds))
+    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"{run_dir} holds no checkpoint (expected {run_dir}/model/config.json)")
+    model = load_model(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise UserError(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
+    n = n_digits if n_digits is not None else getattr(model.config, "critical_tokens_n_digits", None)
+    if n is None:
+        raise UserError(f"{run_dir}: the number of digits it was pre-trained on is unknown; pass --n-digits")
+    return model, tokenizer, int(n)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no GPU is available")
+    return torch.device(name)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

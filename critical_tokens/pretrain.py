@@ -19,14 +19,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from . import addition
-from .config import arg
+from . import addition, distributed
+from .config import arg, check_fields, check_range
 from .evaluate import accuracy_on
-from .model import build_model, count_parameters, gpt2_reduced_vocab, load_model, preset
+from .model import build_model, count_parameters, gpt2_reduced_vocab, load_model, load_pretrained, pick_device, preset
 from .runs import MetricsLog, UserError, atomic_dir, read_metrics, save_config, start_or_resume
-from .tokenizer import build_tokenizer, encode, load_tokenizer
-
-MAX_DIGITS = 30
+from .tokenizer import build_tokenizer, encode
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,7 @@ class PretrainConfig:
     grad_clip: float = arg(1.0, "gradient-norm clipping")
     loss_on: Literal["completion", "all"] = arg("completion", "tokens that carry the loss: the completion, or the whole text")
     random_position_offset: bool = arg(False, "deviation from the paper: shift each sequence's positions by a random offset so every position embedding is trained")
+    n_plus_one_fraction: float = arg(0.0, "deviation from the paper: this fraction of the training set are additions of N+1 digits (the RL task's length), so the model has seen a few of them")
     eval_every: int = arg(500, "steps between in-distribution accuracy checks")
     eval_examples: int = arg(200, "examples per in-distribution accuracy check")
     checkpoint_every: int = arg(500, "steps between checkpoints")
@@ -55,9 +54,10 @@ class PretrainConfig:
 
 
 def validate(config: PretrainConfig) -> None:
-    if not 1 <= config.n_digits <= MAX_DIGITS:
-        raise UserError(f"--n-digits must be between 1 and {MAX_DIGITS}, got {config.n_digits}")
+    check_fields(config)
     preset(config.preset)
+    check_range(config, ("weight_decay",), 0)
+    check_range(config, ("grad_clip",), 0, low_open=True)
     for name in ("examples_per_length", "batch_size", "eval_every", "eval_examples", "checkpoint_every"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
@@ -65,14 +65,8 @@ def validate(config: PretrainConfig) -> None:
         raise UserError("--epochs and --lr must be positive")
     if not 0 <= config.warmup_fraction < 1:
         raise UserError("--warmup-fraction must be in [0, 1)")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no GPU is available")
-    return torch.device(name)
+    if not 0 <= config.n_plus_one_fraction < 1:
+        raise UserError(f"--n-plus-one-fraction must be in [0, 1), got {config.n_plus_one_fraction}")
 
 
 def encode_examples(tokenizer, pairs: list[tuple[int, int]]) -> list[tuple[list[int], int]]:
@@ -128,19 +122,25 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
 
 
 def pretrain(config: PretrainConfig) -> Path:
-    validate(config)
     config = start_or_resume(config)
+    validate(config)  # the config that runs: on --resume, the saved one
     run_dir = Path(config.out)
     device = pick_device(config.device)
+    ranks = distributed.setup(device)  # under torchrun: this process's rank; otherwise the only one
+    device = ranks.device
+    ranks.barrier()  # every rank has checked --out before rank 0 writes into it
     torch.manual_seed(config.seed)
 
-    # 1. Data: balanced over operand lengths 1..N, tokenized once.
+    # 1. Data: balanced over operand lengths 1..N (plus, if asked, a dose of N+1), tokenized once.
     tokenizer = build_tokenizer()
-    pairs = addition.pretraining_pairs(config.n_digits, config.examples_per_length, config.seed)
+    pairs = addition.pretraining_pairs(config.n_digits, config.examples_per_length, config.seed, config.n_plus_one_fraction)
     examples = encode_examples(tokenizer, pairs)
     lengths = [len(seq) for seq, _ in examples]
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = math.ceil(config.epochs * steps_per_epoch)
+    if min(config.batch_size, len(examples) % config.batch_size or config.batch_size) < ranks.world:
+        raise UserError(f"every batch needs a row per rank: --batch-size {config.batch_size} with {len(examples)} examples "
+                        f"leaves a batch of {len(examples) % config.batch_size} for {ranks.world} ranks")
 
     # 2. Model: a fresh GPT-2 preset, or GPT-2's weights with the character vocabulary.
     if config.resume:
@@ -156,7 +156,8 @@ def pretrain(config: PretrainConfig) -> Path:
     if max(lengths) > model.config.n_positions:
         raise UserError(f"the longest example has {max(lengths)} tokens, more than the model's {model.config.n_positions} positions")
     use_amp = device.type == "cuda"
-    train_model = torch.compile(model) if device.type == "cuda" else model
+    train_model = ranks.wrap(model)  # DistributedDataParallel under torchrun
+    train_model = torch.compile(train_model) if device.type == "cuda" else train_model
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
@@ -166,18 +167,23 @@ def pretrain(config: PretrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        print(f"resuming {run_dir} at step {step}/{total_steps}")
-    else:
+        if ranks.main:
+            print(f"resuming {run_dir} at step {step}/{total_steps}")
+    elif ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     n_params = count_parameters(model)
-    save_config(run_dir, config, kind="pretrain", n_params=n_params, n_examples=len(examples), total_steps=total_steps,
-                n_positions=model.config.n_positions, vocab_size=len(tokenizer), device=str(device))
-    print(f"pre-training {config.preset} ({n_params / 1e6:.2f}M parameters, {model.config.n_positions} positions) "
-          f"on {len(examples):,} additions of 1..{config.n_digits} digits, {total_steps:,} steps of {config.batch_size}")
+    if ranks.main:
+        save_config(run_dir, config, kind="pretrain", n_params=n_params, n_examples=len(examples), total_steps=total_steps,
+                    n_positions=model.config.n_positions, vocab_size=len(tokenizer), device=str(device),
+                    **({"ranks": ranks.world} if ranks.world > 1 else {}))
+    if ranks.main:
+        print(f"pre-training {config.preset} ({n_params / 1e6:.2f}M parameters, {model.config.n_positions} positions) "
+              f"on {len(examples):,} additions of 1..{config.n_digits} digits, {total_steps:,} steps of {config.batch_size}"
+              + (f" split over {ranks.world} ranks" if ranks.world > 1 else ""))
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if config.resume else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if config.resume else None) if ranks.main else None
     eval_pairs = addition.eval_pairs(config.n_digits, "identical", config.eval_examples, seed=10_000 + config.seed)
-    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not ranks.main)
     tokens_seen, t0 = 0, time.perf_counter()
     previous = read_metrics(run_dir) if config.resume else []
     elapsed_before = previous[-1].get("elapsed_s", 0.0) if previous else 0.0  # wall time before a resume
@@ -191,20 +197,27 @@ def pretrain(config: PretrainConfig) -> Path:
         # The offset generator is seeded per step, so a resumed run draws the same offsets.
         offset_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         max_offset = model.config.n_positions if config.random_position_offset else 0
-        ids, mask, labels, position_ids = (t.to(device) for t in collate(examples, batch, tokenizer.pad_token_id, config.loss_on, max_offset, offset_rng))
+        ids, mask, labels, position_ids = collate(examples, batch, tokenizer.pad_token_id, config.loss_on, max_offset, offset_rng)  # (B, W)
+        if ranks.world > 1:  # this rank's rows of the global batch
+            mask, ids, labels, position_ids = distributed.shard(ranks, mask, ids, labels, position_ids)  # (b, w)
+        ids, mask, labels, position_ids = (t.to(device) for t in (ids, mask, labels, position_ids))
 
         # 3. One optimizer step on the next-token loss of the completion tokens.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = train_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
+        rank_loss = loss  # what this rank differentiates
+        if ranks.world > 1:  # its part of the global batch's mean over the label tokens (distributed.py)
+            rank_loss = loss * ranks.token_share((labels[:, 1:] != -100).sum())
+            loss = ranks.sum(rank_loss.detach()) / ranks.world  # the global batch's loss
         if not torch.isfinite(loss):
             raise UserError(f"non-finite loss at step {step}; the last good checkpoint is in {run_dir / 'model'}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        rank_loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         step += 1
-        tokens_seen += int(mask.sum())
+        tokens_seen += int(ranks.sum(mask.sum()))
         tokens_per_s = tokens_seen / (time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -212,6 +225,8 @@ def pretrain(config: PretrainConfig) -> Path:
                   "elapsed_s": elapsed_before + time.perf_counter() - t0}
 
         # 4. Periodic in-distribution accuracy (greedy) and checkpoint.
+        if not ranks.main:
+            continue
         if step % config.eval_every == 0 or step == total_steps:
             model.eval()
             record["accuracy_identical_n"] = accuracy_on(model, tokenizer, eval_pairs).mean().item()
@@ -221,24 +236,7 @@ def pretrain(config: PretrainConfig) -> Path:
         if step % config.checkpoint_every == 0 or step == total_steps:
             save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step)
     bar.close()
-    metrics.close()
+    if ranks.main:
+        metrics.close()
+    ranks.barrier()  # the other ranks wait for rank 0's last checkpoint
     return run_dir
-
-
-def load_pretrained(run_dir: str | Path, n_digits: int | None = None):
-    """(model, tokenizer, N) of a pre-training run; ``n_digits`` overrides N (needed when unknown)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
-    if not (model_dir / "config.json").exists():
-        raise UserError(f"{run_dir} holds no checkpoint (expected {run_dir}/model/config.json)")
-    model = load_model(model_dir)
-    try:
-        tokenizer = load_tokenizer(model_dir)
-    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
-        raise UserError(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
-    n = n_digits if n_digits is not None else getattr(model.config, "critical_tokens_n_digits", None)
-    if n is None:
-        raise UserError(f"{run_dir}: the number of digits it was pre-trained on is unknown; pass --n-digits")
-    return model, tokenizer, int(n)

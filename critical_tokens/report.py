@@ -21,7 +21,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from .config import arg
-from .runs import UserError, atomic_dir, atomic_write_text, read_json, read_metrics
+from .runs import UserError, atomic_dir, atomic_write_text, check_output, read_json, read_metrics
 
 DONE = "DONE.json"
 
@@ -45,6 +45,7 @@ PAPER_CLAIMS = {
     "kl_comparison": "From the N = 7 model, RL on N+1 digits (10 seeds): the prioritized KL penalty (beta = 150) significantly outperforms the standard KL penalty (figure 4).",
     "beta_sweep": "Prioritized KL beats the standard KL penalty (beta = 0) for beta from 10 to 500, best at 150, declining from 500 and collapsing at 1000 (figure 6).",
     "tracked_tokens": "With prioritized KL the probability of the right token at the critical tokens rises and stays high; with standard KL it keeps falling back towards its pre-trained level (figures 4 right and 7).",
+    "kl_by_model": "Not studied in the paper (one starting model, N = 7, 48.8% / 69.0% greedy at N+1). Beyond it: the comparison of figure 4 from models that start RL with different N+1 competence.",
 }
 
 VERDICT_METRIC = "eval/accuracy_sampled"
@@ -52,8 +53,10 @@ VERDICT_METRIC = "eval/accuracy_sampled"
 # the RL verdicts use the sampled accuracy on the RL task; the greedy one is shown beside it.
 
 VERDICT_RULES = f"""\
-Every verdict is computed from the numbers above by these rules (95% intervals: Student's t over
-seeds for RL results, the percentile bootstrap over examples for the evaluation tables and table 1).
+Every verdict is computed from the numbers above by these rules (95% intervals: for RL results over
+seeds, the Wilson interval at the seeds' effective sample size for accuracies and probabilities
+(inside [0, 1], with Student's t for z and at most the episodes behind them) and Student's t for
+gains; the percentile bootstrap over examples for the evaluation tables and table 1).
 "A clearly above B" means A's interval lies entirely above B's; "A above B" compares the means.
 "Final" is a run's last evaluation, "initial" its evaluation before any update (episode 0); RL
 results use `{VERDICT_METRIC}` (sampled at the policy temperature, as the paper's test episodes).
@@ -77,6 +80,8 @@ results use `{VERDICT_METRIC}` (sampled at the policy temperature, as the paper'
 - **Figure 6**: the fixed beta > 0 against beta = 0 (standard KL): reproduced if most are above and
   at least one clearly above; partly if at least one is above; not reproduced otherwise. "auto" is
   reported beside it.
+- **KL by starting model** (beyond the paper): the figure-4 rule, per model; overall reproduced if
+  it holds clearly for every model, partly if it holds in the means for at least one.
 - **Figure 7**: the first prioritized arm against the standard arm, final probability of the right
   token at each tracked critical token: reproduced if above at every token and clearly above at
   half of them; partly if above at most of them; not reproduced otherwise.
@@ -123,6 +128,66 @@ def t_interval(values: Sequence[float]) -> Estimate | None:
     return Estimate(float(x.mean()), float(x.mean() - half), float(x.mean() + half), len(x))
 
 
+def wilson_interval(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion p observed on n trials (Wilson 1927):
+    (p + z²/2n ± z sqrt(p(1 - p)/n + z²/4n²)) / (1 + z²/n). It lies inside [0, 1] and, unlike
+    p ± z sqrt(p(1 - p)/n), does not shrink to a point at p = 0 or 1."""
+    center, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (center - half) / (1 + z * z / n)), min(1.0, (center + half) / (1 + z * z / n))
+
+
+def proportion_interval(values: Sequence[float], trials: int | None = None) -> Estimate | None:
+    """Mean over seeds of a proportion (an accuracy, a probability) and its 95% interval, inside [0, 1].
+
+    The Wilson interval at the effective sample size n_eff = p(1 - p) / v, v = s² / n the variance of
+    the mean over the n seeds, with Student's t_{0.975, n-1} for z: the design-effect correction of
+    Korn & Graubard (1998) for proportions whose units are not independent trials. Away from 0 and 1
+    it is close to the t-interval; near them it stays inside. With ``trials`` (the trials behind each
+    seed's proportion) n_eff is at most the pooled trials, so that seeds that agree (all at 0, say)
+    give the interval of n x trials draws, not a point.
+    """
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(x) == 0:
+        return None
+    if len(x) == 1:
+        return Estimate(float(x[0]), None, None, 1)
+    p, n = float(x.mean()), len(x)
+    variance = x.var(ddof=1) / n
+    n_eff = min(p * (1 - p) / variance if variance > 0 else math.inf, trials * n if trials else math.inf)
+    if math.isinf(n_eff):  # every seed the same and no count of trials: nothing to widen it with
+        return Estimate(p, p, p, n)
+    low, high = wilson_interval(p, n_eff, t_quantile(n - 1))
+    return Estimate(p, low, high, n)
+
+
+# The accuracies an RL run logs, and the field of its config that gives the episodes behind each.
+ACCURACY_EPISODES = {"eval/accuracy_sampled": "eval_episodes", "eval/accuracy_greedy": "eval_episodes",
+                     "eval/comfort_accuracy_greedy": "eval_comfort_episodes", "accuracy": "batch_size"}
+
+
+class Runs(list):
+    """The metrics of an arm's finished runs (one list of records per seed), with the episodes
+    behind each accuracy they log (``trials``, from the arm's config)."""
+
+    def __init__(self, metrics: list[list[dict]], config: dict):
+        super().__init__(metrics)
+        self.trials = {key: config[field] for key, field in ACCURACY_EPISODES.items() if isinstance(config.get(field), int)}
+
+
+def over_seeds(values: Sequence[float], key: str, runs: list[list[dict]] | None = None) -> Estimate | None:
+    """The mean over seeds of ``key`` and its 95% interval: `proportion_interval` for an accuracy or
+    a probability of the right token (with the episodes behind an accuracy, when ``runs`` knows
+    them), `t_interval` for anything else (a gain, a KL, a weight)."""
+    if key in ACCURACY_EPISODES or key.startswith("p_correct/"):
+        return proportion_interval(values, getattr(runs, "trials", {}).get(key))
+    return t_interval(values)
+
+
+def seeds_at(runs: list[list[dict]], key: str, which: Literal["initial", "final"]) -> Estimate | None:
+    """`over_seeds` of each run's first or last logged ``key``."""
+    return over_seeds(at(runs, key, which), key, runs)
+
+
 def versus(a: Estimate | None, b: Estimate | None) -> Literal["clearly above", "above", "not above"]:
     if a is None or b is None:
         return "not above"
@@ -161,6 +226,12 @@ class Reproduction:
             raise UserError(f"{self.root} is not a reproduction (no reproduce.json); make one with critical-tokens reproduce --out {self.root}")
         self.meta = read_json(self.root / "reproduce.json")
         self.timing = read_json(self.root / "timing.json") if (self.root / "timing.json").exists() else None
+        shape = {"command": str, "preset_name": str, "preset_source": str, "parallel_jobs": int, "threads_per_job": int,
+                 "preset": dict, "jobs": list, "models": dict}
+        if not isinstance(self.meta, dict) or any(not isinstance(self.meta.get(k), t) for k, t in shape.items()) \
+                or not isinstance(self.timing, (dict, type(None))):
+            raise UserError(f"{self.root}: reproduce.json or timing.json is damaged (not what critical-tokens reproduce writes); "
+                            f"run the reproduction again to rewrite them")
         self.preset = self.meta["preset"]
         self.jobs = self.meta["jobs"]
         self.models = self.meta["models"]
@@ -184,9 +255,9 @@ class Reproduction:
     def finished(self, jobs: list[dict]) -> list[dict]:
         return [j for j in jobs if self.done(j)]
 
-    def metrics(self, jobs: list[dict]) -> list[list[dict]]:
-        """The metrics.jsonl of each finished run of ``jobs``."""
-        return [read_metrics(self.results_dir(j)) for j in self.finished(jobs)]
+    def metrics(self, jobs: list[dict]) -> Runs:
+        """The metrics.jsonl of each finished run of ``jobs`` (one arm: the seeds of one config)."""
+        return Runs([read_metrics(self.results_dir(j)) for j in self.finished(jobs)], jobs[0]["config"] if jobs else {})
 
     def run_config(self, job: dict) -> dict:
         path = self.results_dir(job) / "config.json"
@@ -214,7 +285,7 @@ def band(runs: list[list[dict]], key: str) -> tuple[list[int], list[Estimate]]:
     if not per_run:
         return [], []
     xs = sorted(set.intersection(*(set(s) for s in per_run)))
-    return xs, [t_interval([s[x] for s in per_run]) for x in xs]
+    return xs, [over_seeds([s[x] for s in per_run], key, runs) for x in xs]
 
 
 def at(runs: list[list[dict]], key: str, which: Literal["initial", "final"]) -> list[float]:
@@ -285,7 +356,7 @@ def plot_curves(plots: Plots, name: str, title: str, groups: dict[str, list[list
         ax.set_ylabel("p(right token)" if key.startswith("p_correct/") else ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{title} (mean over seeds, 95% t-interval)", fontsize=10)
+    fig.suptitle(f"{title} (mean over seeds, 95% interval)", fontsize=10)
     return plots.save(fig, name)
 
 
@@ -430,7 +501,7 @@ def section_table1(rep: Reproduction, plots: Plots) -> Section:
         if crit is not None and crit.high is not None and crit.high < 0:
             verdict = "reproduced" if lowest is not None and crit.mean < lowest.mean else "partly"
         verdicts.append(verdict)
-        ours.append(f"N = {r['n_digits']}: {num(crit, 3, True)}")
+        ours.append(f"{m} (N = {r['n_digits']}): {num(crit, 3, True)}")
         lines.append(f"| {m} | {r['n_digits']} | {r['digits']} | {num(crit, 3, True)} | {num(other, 4, True)} | {num(lowest, 3, True)} | "
                      f"{num(p, 3)} | {start} | {verdict} |")
     overall = "reproduced" if all(v == "reproduced" for v in verdicts) else "partly" if any(v != "not reproduced" for v in verdicts) else "not reproduced"
@@ -450,7 +521,7 @@ def section_table1(rep: Reproduction, plots: Plots) -> Section:
     ax.set_xticks(range(len(order)), [f"{m} (N={reports[m]['n_digits']})" for m in order])
     ax.set_ylabel("Δ certainty (eq. 2)")
     ax.legend(fontsize=7)
-    ax.set_title("Certainty gap Δ: critical vs other tokens (95% bootstrap intervals)", fontsize=9)
+    ax.set_title("Certainty gap Δ: critical vs other tokens\n(95% bootstrap intervals)", fontsize=9)  # two lines: fits 4 inches
     lines += [f"![table 1]({plots.save(fig, 'table1')})", ""]
     for m in order:
         pads = reports[m].get("scratchpads") or []
@@ -482,16 +553,16 @@ def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
     order = sorted((m for m in arms if runs[m]), key=rep.n_digits)
     task = arms[order[0]][0]["config"]["task"] if order else "plus2"
     lines = [f"## {title}", "", f"State: {state}. RL on {task} from each model; `{VERDICT_METRIC}` and greedy accuracy on the RL task, "
-             "mean over seeds [95% t-interval].", "",
+             "mean over seeds [95% interval].", "",
              "| model | N | seeds | initial (sampled) | final (sampled) | gain (sampled) | initial (greedy) | final (greedy) |", "|---|---|---|---|---|---|---|---|"]
     for m in order:
         r = runs[m]
-        lines.append(f"| {m} | {rep.n_digits(m)} | {_seeds(rep, arms[m])} | {pct(t_interval(at(r, VERDICT_METRIC, 'initial')))} | "
-                     f"{pct(t_interval(at(r, VERDICT_METRIC, 'final')))} | {pct(t_interval(gains(r, VERDICT_METRIC)))} | "
-                     f"{pct(t_interval(at(r, 'eval/accuracy_greedy', 'initial')))} | {pct(t_interval(at(r, 'eval/accuracy_greedy', 'final')))} |")
+        lines.append(f"| {m} | {rep.n_digits(m)} | {_seeds(rep, arms[m])} | {pct(seeds_at(r, VERDICT_METRIC, 'initial'))} | "
+                     f"{pct(seeds_at(r, VERDICT_METRIC, 'final'))} | {pct(t_interval(gains(r, VERDICT_METRIC)))} | "
+                     f"{pct(seeds_at(r, 'eval/accuracy_greedy', 'initial'))} | {pct(seeds_at(r, 'eval/accuracy_greedy', 'final'))} |")
     starts, improves = [], []
     for lo, hi in zip(order, order[1:]):
-        starts.append(versus(t_interval(at(runs[hi], VERDICT_METRIC, "initial")), t_interval(at(runs[lo], VERDICT_METRIC, "initial"))))
+        starts.append(versus(seeds_at(runs[hi], VERDICT_METRIC, "initial"), seeds_at(runs[lo], VERDICT_METRIC, "initial")))
         improves.append(versus(t_interval(gains(runs[lo], VERDICT_METRIC)), t_interval(gains(runs[hi], VERDICT_METRIC))))
     if len(order) < 2:
         verdict, ours = "not run", "needs two models"
@@ -536,20 +607,20 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
     first = next(iter(arms.values()))[0]["config"]
     lines = [f"## {title}", "", f"State: {state}. RL on {first['task']} from `{Path(first['pretrained']).name}`, "
              f"KL coefficient {first['kl_coef']}, estimator {first['estimator']}; final accuracy on the RL task and probability of the "
-             "right token at the critical tokens (mean over the probe set), mean over seeds [95% t-interval].", "",
+             "right token at the critical tokens (mean over the probe set), mean over seeds [95% interval].", "",
              "| arm | KL | beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | p(right) at critical tokens: initial → final |",
              "|---|---|---|---|---|---|---|---|"]
     for arm, jobs in arms.items():
         r = runs[arm]
-        lines.append(f"| {arm} | {jobs[0]['config']['kl']} | {_betas(rep, jobs)} | {_seeds(rep, jobs)} | {pct(t_interval(at(r, VERDICT_METRIC, 'final')))} | "
-                     f"{pct(t_interval(at(r, 'eval/accuracy_greedy', 'final')))} | {pct(t_interval(at(r, 'eval/comfort_accuracy_greedy', 'final')))} | "
-                     f"{num(t_interval(at(r, 'p_correct/critical_mean', 'initial')))} → {num(t_interval(at(r, 'p_correct/critical_mean', 'final')))} |")
+        lines.append(f"| {arm} | {jobs[0]['config']['kl']} | {_betas(rep, jobs)} | {_seeds(rep, jobs)} | {pct(seeds_at(r, VERDICT_METRIC, 'final'))} | "
+                     f"{pct(seeds_at(r, 'eval/accuracy_greedy', 'final'))} | {pct(seeds_at(r, 'eval/comfort_accuracy_greedy', 'final'))} | "
+                     f"{num(seeds_at(r, 'p_correct/critical_mean', 'initial'))} → {num(seeds_at(r, 'p_correct/critical_mean', 'final'))} |")
     standard = _standard_arm(arms)
     verdicts, ours = [], []
     for arm, jobs in arms.items():
         if jobs[0]["config"]["kl"] != "prioritized" or standard is None or not runs[arm] or not runs[standard]:
             continue
-        a, b = t_interval(at(runs[arm], VERDICT_METRIC, "final")), t_interval(at(runs[standard], VERDICT_METRIC, "final"))
+        a, b = seeds_at(runs[arm], VERDICT_METRIC, "final"), seeds_at(runs[standard], VERDICT_METRIC, "final")
         v = VERDICT[versus(a, b)]
         verdicts.append(v)
         ours.append(f"{arm} {pct(a)} vs {standard} {pct(b)}: {v}")
@@ -578,16 +649,16 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
         return 0.0 if cfg["kl"] == "standard" else math.inf if cfg["beta"] == "auto" else float(cfg["beta"])
 
     order = sorted(arms, key=beta_of)
-    finals = {arm: t_interval(at(runs[arm], VERDICT_METRIC, "final")) for arm in order}
+    finals = {arm: seeds_at(runs[arm], VERDICT_METRIC, "final") for arm in order}
     lines = [f"## {title}", "", f"State: {state}. beta = 0 is the standard KL penalty; `auto` calibrates beta on the reference model "
-             f"(the value each seed used is in its config.json). Final `{VERDICT_METRIC}`, mean over seeds [95% t-interval].", "",
+             f"(the value each seed used is in its config.json). Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",
              "| beta | seeds | final (sampled) | final (greedy) | against beta = 0 |", "|---|---|---|---|---|"]
     base = next((a for a in order if beta_of(a) == 0), None)
     fixed = [a for a in order if 0 < beta_of(a) < math.inf and runs[a]]
     for arm in order:
         against = "-" if base is None or arm == base else versus(finals[arm], finals[base])
         label = "0 (standard)" if beta_of(arm) == 0 else _betas(rep, arms[arm])
-        lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(t_interval(at(runs[arm], 'eval/accuracy_greedy', 'final')))} | {against} |")
+        lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(seeds_at(runs[arm], 'eval/accuracy_greedy', 'final'))} | {against} |")
     if base is None or not runs[base] or not fixed:
         verdict, ours = "not run", "needs beta = 0 and at least one fixed beta > 0"
     else:
@@ -625,7 +696,7 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
     ax.set_title("RL task, sampled", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.suptitle("Sensitivity to beta (mean over seeds, 95% t-interval)", fontsize=10)
+    fig.suptitle("Sensitivity to beta (mean over seeds, 95% interval)", fontsize=10)
     lines += [f"![figure 6]({plots.save(fig, 'beta_sweep')})", ""]
     return Section(lines, [(finding, PAPER_CLAIMS["beta_sweep"], ours, verdict)])
 
@@ -645,15 +716,15 @@ def section_tracked_tokens(rep: Reproduction, plots: Plots) -> Section:
     standard = _standard_arm(arms)
     prioritized = next((a for a, jobs in arms.items() if jobs[0]["config"]["kl"] == "prioritized" and runs[a]), None)
     lines = [f"## {title}", "", f"From the kl_comparison runs: the policy's probability (at its temperature) of the right token at the tracked critical "
-             "tokens, teacher-forced on a fixed probe set of N+1-digit additions; initial → final, mean over seeds [95% t-interval].", "",
+             "tokens, teacher-forced on a fixed probe set of N+1-digit additions; initial → final, mean over seeds [95% interval].", "",
              "| token | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for key, label in keys:
-        lines.append(f"| {label} | " + " | ".join(f"{num(t_interval(at(runs[a], key, 'initial')))} → {num(t_interval(at(runs[a], key, 'final')))}"
+        lines.append(f"| {label} | " + " | ".join(f"{num(seeds_at(runs[a], key, 'initial'))} → {num(seeds_at(runs[a], key, 'final'))}"
                                                   for a in arms) + " |")
     if standard is None or prioritized is None or not runs[standard] or not keys:
         verdict, ours = "not run", "needs a standard and a prioritized arm with tracked tokens"
     else:
-        comparisons = [versus(t_interval(at(runs[prioritized], k, "final")), t_interval(at(runs[standard], k, "final"))) for k, _ in keys]
+        comparisons = [versus(seeds_at(runs[prioritized], k, "final"), seeds_at(runs[standard], k, "final")) for k, _ in keys]
         above, clear = sum(c != "not above" for c in comparisons), comparisons.count("clearly above")
         verdict = "reproduced" if above == len(keys) and clear >= len(keys) / 2 else "partly" if above > len(keys) / 2 else "not reproduced"
         ours = f"{prioritized} above {standard} at {above} of {len(keys)} tracked tokens ({clear} clearly)"
@@ -664,7 +735,91 @@ def section_tracked_tokens(rep: Reproduction, plots: Plots) -> Section:
     return Section(lines, [(finding, PAPER_CLAIMS["tracked_tokens"], ours, verdict)])
 
 
-SECTIONS = (section_levels, section_table1, section_rl_levels, section_kl_comparison, section_beta_sweep, section_tracked_tokens)
+def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
+    title = "The KL comparison from several starting models (beyond the paper)"
+    finding = "Prioritized KL's gain vs the starting N+1 competence"
+    state = rep.state("kl_by_model")
+    if state == "not run":
+        return _not_run(title, state, [(finding, "kl_by_model")])
+    by_model: dict[str, dict[str, list[dict]]] = {}
+    for arm, jobs in rep.arms("kl_by_model").items():
+        model, name = arm.split("/", 1)
+        by_model.setdefault(model, {})[name] = jobs
+    runs = {m: {a: rep.metrics(jobs) for a, jobs in arms.items()} for m, arms in by_model.items()}
+
+    def initial(m: str, key: str) -> Estimate | None:  # every arm starts from the same model: pool its seeds
+        return over_seeds([v for r in runs[m].values() for v in at(r, key, "initial")], key, next(iter(runs[m].values())))
+
+    order = sorted(by_model, key=lambda m: (initial(m, "eval/accuracy_greedy") or Estimate(-1, None, None, 0)).mean)
+    arm_names = list(next(iter(by_model.values())))
+    first = next(iter(by_model[order[0]].values()))[0]["config"]
+    lines = [f"## {title}", "", f"State: {state}. The arms of figure 4 from each model (RL on {first['task']}, KL coefficient "
+             f"{first['kl_coef']}, estimator {first['estimator']}), ordered by the model's greedy accuracy on the RL task before RL. "
+             f"N+1 dose: the fraction of (N+1)-digit additions in the model's pre-training data (a deviation from the paper). "
+             f"Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",
+             "| model | N+1 dose | seeds | initial (greedy) | initial (sampled) | " + " | ".join(f"{a} final (sampled)" for a in arm_names) + " | verdict |",
+             "|---" * (6 + len(arm_names)) + "|"]
+    verdicts, ours = {}, []
+    for m in order:
+        arms = by_model[m]
+        finals = {a: seeds_at(runs[m][a], VERDICT_METRIC, "final") for a in arms}
+        standard = _standard_arm(arms)
+        per_arm = {a: VERDICT[versus(finals[a], finals[standard])] for a, jobs in arms.items()
+                   if jobs[0]["config"]["kl"] == "prioritized" and standard and runs[m][a] and runs[m][standard]}
+        verdicts[m] = next((v for v in ("reproduced", "partly", "not reproduced") if v in per_arm.values()), None)
+        dose = rep.models[m]["config"].get("n_plus_one_fraction", 0.0)
+        lines.append(f"| {m} | {100 * dose:g}% | {min(len(rep.finished(j)) for j in arms.values())}/{max(len(j) for j in arms.values())} | "
+                     f"{pct(initial(m, 'eval/accuracy_greedy'))} | {pct(initial(m, VERDICT_METRIC))} | "
+                     + " | ".join(pct(finals.get(a)) for a in arm_names) + f" | {'; '.join(f'{a}: {v}' for a, v in per_arm.items()) or '-'} |")
+        if standard and verdicts[m]:
+            ours.append(f"{m} (starts at {pct(initial(m, 'eval/accuracy_greedy'))} greedy): "
+                        + ", ".join(f"{a} {pct(finals[a])}" for a in arms if a == standard or arms[a][0]["config"]["kl"] == "prioritized"))
+    found = [v for v in verdicts.values() if v]
+    overall = ("not run" if len(found) < 2 else "reproduced" if all(v == "reproduced" for v in found)
+               else "partly" if any(v != "not reproduced" for v in found) else "not reproduced")
+    if len(found) < 2:  # a dependence on the starting model needs two of them
+        ours = [f"needs two models with finished runs; so far {'; '.join(ours) or 'none'}"]
+    lines += ["", f"Verdict: **{overall}** ({'; '.join(ours)}).", ""]
+
+    fig, axes = plots.figure(len(order) + 1, rows=1 if len(order) < 3 else 2)
+    for ax, m in zip(axes, order):
+        for i, a in enumerate(arm_names):
+            xs, estimates = band(runs[m].get(a, []), VERDICT_METRIC)
+            if not xs:
+                continue
+            ax.plot(xs, [e.mean for e in estimates], color=_color(i), label=a)
+            if all(e.low is not None for e in estimates):
+                ax.fill_between(xs, [e.low for e in estimates], [e.high for e in estimates], color=_color(i), alpha=0.15, linewidth=0)
+        ax.set_title(f"{m}: RL task, sampled", fontsize=9)
+        ax.set_xlabel("episodes")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    for ax in axes[:-1]:
+        if ax.lines:
+            ax.legend(fontsize=7)
+            break
+    ax = axes[-1]
+    starts = [initial(m, "eval/accuracy_greedy") for m in order]
+    for i, a in enumerate(arm_names):
+        points = [(s.mean, seeds_at(runs[m].get(a, []), VERDICT_METRIC, "final")) for m, s in zip(order, starts) if s]
+        points = [(x, e) for x, e in points if e is not None]
+        if points:
+            ax.errorbar([x for x, _ in points], [e.mean for _, e in points], color=_color(i), marker="o", capsize=3, label=a,
+                        yerr=None if any(e.low is None for _, e in points) else
+                        [[e.mean - e.low for _, e in points], [e.high - e.mean for _, e in points]])
+    ax.set_xlabel("greedy accuracy on the RL task before RL")
+    ax.set_ylabel("final accuracy (sampled)")
+    ax.set_title("final accuracy by starting model", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.containers:
+        ax.legend(fontsize=7)
+    fig.suptitle("KL penalties from several starting models (mean over seeds, 95% interval)", fontsize=10)
+    lines += [f"![KL by starting model]({plots.save(fig, 'kl_by_model')})", ""]
+    return Section(lines, [(finding, PAPER_CLAIMS["kl_by_model"], "; ".join(ours) or "-", overall)])
+
+
+SECTIONS = (section_levels, section_table1, section_rl_levels, section_kl_comparison, section_beta_sweep, section_tracked_tokens,
+            section_kl_by_model)
 
 
 # --- 6. Header, hyper-parameters, runs -------------------------------------------------------------------------
@@ -715,7 +870,7 @@ def _hyperparameters(rep: Reproduction) -> list[str]:
         if section == "rl":  # the shared base: RLConfig's defaults under the preset's "rl" section
             from dataclasses import asdict
 
-            from .experiments import section_fields
+            from .preset_fields import section_fields
             from .rl import RLConfig
 
             resolved = {k: v for k, v in asdict(RLConfig(**section_fields(preset, "rl", {}))).items() if k in resolved}
@@ -771,6 +926,7 @@ def report(config: ReportConfig) -> Path:
         raise UserError("give the reproduction directory: critical-tokens report RUN_DIR")
     rep = Reproduction(config.run)
     target = Path(config.to) if config.to else rep.root
+    check_output(str(target), "--to", directory=True)
     target.mkdir(parents=True, exist_ok=True)
     with atomic_dir(target / "plots") as tmp:
         markdown = build_markdown(rep, Plots(tmp))

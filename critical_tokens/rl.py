@@ -1,15 +1,18 @@
-"""RL fine-tuning with A2C and a standard or prioritized KL penalty (SPEC sections 4 and 5).
+"""RL fine-tuning with A2C (or PPO, GRPO, RLOO) and a standard or prioritized KL penalty (SPEC sections 4 and 5).
 
 One iteration, as numbered steps in :func:`train`:
 
 1. rollout    - sample a batch of episodes from the policy at its temperature (KV cache);
+               grpo and rloo: ``group_size`` episodes per prompt;
 2. reward     - +1 / -1 on the last token of each episode (a length-limit hit counts as wrong);
 3. reference  - one teacher-forced pass of the frozen pre-trained model: log-probs and certainty;
-4. KL weights - w = c(s)^beta (prioritized), 1 (standard) or none;
-then for each minibatch of episodes:
-5. policy     - one teacher-forced pass of the policy: log-probs, entropy, values;
-6. advantages - GAE (gamma 1, lambda 0.95);
-7. loss       - actor + vf_coef * value - ent_coef * entropy + kl_coef * KL term;
+4. KL weights - w = c(s)^beta (prioritized), 1 (standard) or none; ppo, grpo and rloo also fix the
+               advantages of the whole collect here (:func:`collect_advantages`);
+then for each epoch (ppo: 4, others: 1) and each minibatch of episodes:
+5. policy     - one teacher-forced pass of the policy: log-probs, entropy, values (a2c, ppo);
+6. advantages - a2c: GAE (gamma 1, lambda 0.95) on the current values; others: those of step 4;
+7. loss       - actor + vf_coef * value - ent_coef * entropy + kl_coef * KL term, the actor loss
+               being A2C's -A log pi or the clipped surrogate of PPO (policy_gradient.py);
 8. update     - gradient clipping, Adam;
 and at the end of the iteration: 9. log (and every ``eval_every`` episodes: evaluate, checkpoint).
 
@@ -20,6 +23,7 @@ is larger (see ``RLConfig.lr``). Both arms of a comparison share every value exc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -31,13 +35,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import addition, kl
+from . import addition, distributed, kl
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
-from .config import arg
+from .config import arg, check_fields, check_range
 from .evaluate import accuracy_on
-from .generation import addition_stop_rule, generate
-from .model import RL_SLACK, check_fits, count_parameters
-from .pretrain import load_pretrained, pick_device
+from .generation import addition_stop_rule, concatenate, generate
+from .model import RL_SLACK, check_fits, count_parameters, load_pretrained, pick_device
+from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
 from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, start_or_resume
 from .tokenizer import encode
 
@@ -46,6 +50,10 @@ from .tokenizer import encode
 class RLConfig:
     pretrained: str = arg(None, "pre-training run to fine-tune (its model/ is the policy's start and the frozen reference)", positional=True, metavar="PRETRAINED_RUN")
     out: str = arg("runs/rl", "run directory to create")
+    algorithm: Literal["a2c", "ppo", "grpo", "rloo"] = arg("a2c", "a2c (the paper's), ppo (clipped ratio, several epochs per collect, critic), or grpo / rloo (group baselines over --group-size episodes per prompt, no critic)")
+    group_size: int = arg(8, "grpo, rloo: episodes per prompt (--batch-size must be a multiple of it)")
+    update_epochs: int | None = arg(None, "passes over each collect (default: 4 for ppo, 1 otherwise)")
+    clip_range: float = arg(0.2, "ppo, grpo, rloo: epsilon of the clipped probability ratio")
     kl: Literal["none", "standard", "prioritized"] = arg("prioritized", "KL penalty to the pre-trained model: none, standard, or prioritized by the reference's certainty (the paper's method)")
     beta: str = arg("150", "prioritized KL exponent: w = c^beta (the paper: 150), or 'auto' to calibrate it on the reference model (see --auto-beta-quantile)")
     kl_coef: float = arg(5.0, "alpha, the KL coefficient (the paper: 5 for sec. 5.3, 10 for sec. 5.2)")
@@ -56,7 +64,7 @@ class RLConfig:
     auto_beta_quantile: float = arg(0.05, "--beta auto: the certainty quantile of the reference's own rollouts whose weight is --auto-beta-weight")
     auto_beta_weight: float = arg(0.5, "--beta auto: the weight at that quantile")
     temperature: float = arg(2.0, "policy temperature for sampling and for the log-probs in the loss (the paper: 2)")
-    task: Literal["plus1", "plus2"] = arg("plus1", "RL additions with N+1 or N+2 digits (SPEC section 2)")
+    task: Literal["plus1", "plus2"] = arg("plus1", "RL additions with N+1 or N+2 digits")
     episodes: int = arg(2000, "training episodes in total")
     batch_size: int = arg(64, "episodes per collect (the paper: 50)")
     minibatch_size: int = arg(32, "episodes per gradient step")
@@ -70,7 +78,7 @@ class RLConfig:
     eval_episodes: int = arg(100, "evaluation episodes on the RL task (greedy and sampled)")
     eval_comfort_episodes: int = arg(20, "evaluation episodes in the comfort zone (N digits)")
     probe_examples: int = arg(64, "fixed N+1 probe prompts for the critical-token probabilities")
-    n_digits: int | None = arg(None, "N, if the pre-trained model does not record it")
+    n_digits: int | None = arg(None, "N, the digits the model was pre-trained on (default: the N the model records)")
     seed: int = arg(0, "seed of the prompts, the sampling and the value head")
     device: str = arg("auto", "auto, cpu or cuda")
     resume: bool = arg(False, "continue an interrupted run in --out from its last checkpoint")
@@ -79,12 +87,13 @@ class RLConfig:
 def validate(config: RLConfig) -> None:
     if config.pretrained is None:
         raise UserError("give the pre-training run to fine-tune: critical-tokens rl PRETRAINED_RUN")
+    check_fields(config)
     if config.beta != "auto":
         try:
             beta = float(config.beta)
         except ValueError:
             raise UserError(f"--beta must be a number or 'auto', got {config.beta!r}") from None
-        if not beta >= 0:
+        if not 0 <= beta < math.inf:
             raise UserError(f"--beta must be >= 0, got {config.beta}")
     for name in ("kl_coef", "vf_coef", "ent_coef", "grad_clip"):
         if not getattr(config, name) >= 0:
@@ -97,12 +106,23 @@ def validate(config: RLConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if not (0 < config.auto_beta_quantile < 1 and 0 < config.auto_beta_weight < 1):
         raise UserError("--auto-beta-quantile and --auto-beta-weight must be in (0, 1)")
+    if config.algorithm in ("grpo", "rloo") and (config.group_size < 2 or config.batch_size % config.group_size):
+        raise UserError(f"--algorithm {config.algorithm}: --group-size must be >= 2 and divide --batch-size, got {config.group_size} and {config.batch_size}")
+    if config.update_epochs is not None and config.update_epochs < 1:
+        raise UserError(f"--update-epochs must be positive, got {config.update_epochs}")
+    if not config.clip_range > 0:
+        raise UserError(f"--clip-range must be > 0, got {config.clip_range}")
+    check_range(config, ("gamma", "gae_lambda"), 0, 1)
+    check_range(config, ("eval_comfort_episodes", "group_size"), 0, low_open=True)
+    if config.minibatch_size > config.batch_size:
+        raise UserError(f"--minibatch-size ({config.minibatch_size}) must be at most --batch-size ({config.batch_size}), the episodes of one collect")
 
 
 class Policy(torch.nn.Module):
-    """The language model and the critic's value head, sharing the transformer (SPEC section 4)."""
+    """The language model and the critic's value head, sharing the transformer (SPEC section 4).
+    grpo and rloo have no critic: ``value_head`` None, and the values None."""
 
-    def __init__(self, lm, value_head: ValueHead):
+    def __init__(self, lm, value_head: ValueHead | None):
         super().__init__()
         self.lm = lm
         self.value_head = value_head
@@ -111,10 +131,11 @@ class Policy(torch.nn.Module):
         """Teacher-forced pass over prompt + completion; returns the action logits at the policy
         temperature (B, T, V) and the values of the states the actions were taken in (B, T)."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+        critic = self.value_head is not None
+        out = self.lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=critic)
         states = slice(prompt_length - 1, sequences.shape[1] - 1)  # state t predicts completion token t
         logits = out.logits[:, states].float() / temperature  # (B, T, V)
-        values = self.value_head(out.hidden_states[-1][:, states])  # (B, T)
+        values = self.value_head(out.hidden_states[-1][:, states]) if critic else None  # (B, T)
         return logits, values
 
 
@@ -151,6 +172,23 @@ def kl_weights(certainty: torch.Tensor, config: RLConfig, beta: float) -> torch.
     return kl.prioritized_weights(certainty, beta)
 
 
+@torch.no_grad()
+def collect_advantages(policy: Policy, rollout, rewards, config: RLConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ppo, grpo, rloo: the (advantages, returns) of a whole collect, (B, T) each, fixed before the
+    policy moves. ppo: GAE on the critic's values at collect time (one pass without gradient);
+    grpo, rloo: one advantage per episode from the total rewards of its group, on each of its tokens,
+    and no returns (no critic). ``rewards``: (B, T), the KL already in them under --kl-as-reward."""
+    mask = rollout.completion_mask  # (B, T)
+    if config.algorithm == "ppo":
+        size, P = config.minibatch_size, rollout.prompt_length
+        values = torch.cat([policy(rollout.sequences[i : i + size], rollout.attention_mask[i : i + size], P, config.temperature)[1]
+                            for i in range(0, len(mask), size)])  # (B, T)
+        return gae(rewards, values, mask, config.gamma, config.gae_lambda)
+    baseline = group_advantages if config.algorithm == "grpo" else leave_one_out_advantages
+    advantages = baseline(rewards.sum(-1), config.group_size)  # (B,)
+    return advantages[:, None] * mask, None
+
+
 def calibrated_beta(ref_lm, tokenizer, n_digits: int, config: RLConfig) -> tuple[float, dict]:
     """--beta auto: beta such that the weight is ``auto_beta_weight`` at the ``auto_beta_quantile``
     of the reference's certainty on its own rollouts of RL prompts (kl.calibrate_beta)."""
@@ -166,11 +204,28 @@ def calibrated_beta(ref_lm, tokenizer, n_digits: int, config: RLConfig) -> tuple
     return beta, quantiles
 
 
+def shared_rollout(ranks: distributed.Ranks, lm, prompts, max_new: int, temperature: float, sampler: torch.Generator, stop_rule: dict):
+    """Under torchrun: each rank samples its rows of the batch with the whole batch's noise
+    (``generate``'s ``noise_rows``), then every rank holds the whole batch, as one process would have
+    sampled it. The sampler is left where one process leaves it: one (B, V) block of noise for each
+    position of the longest episode."""
+    rows = ranks.rows(len(prompts))
+    mine = generate(lm, prompts[rows], max_new_tokens=max_new, temperature=temperature, generator=sampler,
+                    noise_rows=(len(prompts), rows), **stop_rule)
+    on_cpu = {k: getattr(mine, k).cpu() for k in ("sequences", "attention_mask", "completion_mask", "logprobs", "finished")}
+    rollout = concatenate(ranks.gather(dataclasses.replace(mine, **on_cpu)), stop_rule["pad_token_id"])
+    for _ in range(rollout.completion_mask.shape[1] - mine.completion_mask.shape[1]):
+        torch.rand((len(prompts), lm.config.vocab_size), generator=sampler)
+    device = mine.sequences.device
+    return dataclasses.replace(rollout, **{k: getattr(rollout, k).to(device) for k in on_cpu})
+
+
 def save_checkpoint(run_dir: Path, policy: Policy, tokenizer, optimizer, iteration: int, episodes: int) -> None:
     with atomic_dir(run_dir / "model") as tmp:
         policy.lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_file(policy.value_head.state_dict(), str(tmp / "value_head.safetensors"))
+        if policy.value_head is not None:
+            save_file(policy.value_head.state_dict(), str(tmp / "value_head.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration, "episodes": episodes}, tmp / "trainer_state.pt")
 
 
@@ -197,66 +252,87 @@ def evaluate_policy(lm, tokenizer, n_digits: int, plus: int, config: RLConfig, p
 
 
 def train(config: RLConfig) -> Path:
-    validate(config)
     config = start_or_resume(config)
+    validate(config)  # the config that runs: on --resume, the saved one
     run_dir = Path(config.out)
     device = pick_device(config.device)
+    ranks = distributed.setup(device)  # under torchrun: this process's rank; otherwise the only one
+    device = ranks.device
+    ranks.barrier()  # every rank has checked --out before rank 0 writes into it
     torch.manual_seed(config.seed)
 
     # The frozen reference and the policy both start from the pre-trained model.
-    ref_lm, tokenizer, n_digits = load_pretrained(config.pretrained, config.n_digits)
+    ref_lm, tokenizer, n_digits = load_pretrained(config.pretrained, config.n_digits, kinds=("pretrain",))
     ref_lm.to(device).eval().requires_grad_(False)
     start = run_dir / "model" if config.resume else Path(config.pretrained)
     lm, _, _ = load_pretrained(start, n_digits)
-    value_head = ValueHead(lm.config.n_embd)
-    if config.resume:
+    critic = config.algorithm in ("a2c", "ppo")
+    value_head = ValueHead(lm.config.n_embd) if critic else None
+    if config.resume and critic:
         value_head.load_state_dict(load_file(str(run_dir / "model" / "value_head.safetensors")))
     policy = Policy(lm, value_head).to(device).train()
+    train_policy = ranks.wrap(policy)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
 
     plus = int(config.task[-1])
+    group_size = config.group_size if config.algorithm in ("grpo", "rloo") else 1  # episodes per prompt
+    epochs = config.update_epochs or (4 if config.algorithm == "ppo" else 1)
     stop_rule = addition_stop_rule(tokenizer)
     max_new = addition.max_completion_length(n_digits + plus) + RL_SLACK  # SPEC section 4
     prompt_len = len(addition.prompt(10 ** (n_digits + plus) - 1, 10 ** (n_digits + plus) - 1))
     check_fits(lm, prompt_len + max_new)
     iterations = math.ceil(config.episodes / config.batch_size)
+    if min(config.minibatch_size, config.batch_size % config.minibatch_size or config.minibatch_size) < ranks.world:
+        raise UserError(f"every minibatch needs an episode per rank: --minibatch-size {config.minibatch_size} with "
+                        f"--batch-size {config.batch_size} leaves a minibatch of {config.batch_size % config.minibatch_size} for {ranks.world} ranks")
     iteration, episodes = 0, 0
     if config.resume:
         state = torch.load(run_dir / "model" / "trainer_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         iteration, episodes = state["iteration"], state["episodes"]
         beta = load_run_config(run_dir)["beta"]
-        print(f"resuming {run_dir} at episode {episodes}")
+        if ranks.main:
+            print(f"resuming {run_dir} at episode {episodes}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         beta_info = {}
         if config.kl == "prioritized" and config.beta == "auto":
             beta, beta_info = calibrated_beta(ref_lm, tokenizer, n_digits, config)
         else:
             beta = float(config.beta) if config.beta != "auto" else 0.0
-        save_config(run_dir, config, kind="rl", n_digits=n_digits, beta=beta, beta_calibration=beta_info,
-                    n_params=count_parameters(policy), iterations=iterations, max_new_tokens=max_new, device=str(device))
-    print(f"RL {config.kl} KL" + (f" (beta {beta:.4g}{' = auto' if config.beta == 'auto' else ''})" if config.kl == "prioritized" else "")
-          + f" on {config.task} ({n_digits + plus} digits) from {config.pretrained}: {config.episodes} episodes,"
-          f" {config.batch_size} per collect, minibatches of {config.minibatch_size}, lr {config.lr}, temperature {config.temperature}")
+        if ranks.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(run_dir, config, kind="rl", n_digits=n_digits, beta=beta, beta_calibration=beta_info,
+                        n_params=count_parameters(policy), iterations=iterations, max_new_tokens=max_new, device=str(device),
+                        update_epochs=epochs, prompts_per_collect=config.batch_size // group_size,
+                        **({"ranks": ranks.world} if ranks.world > 1 else {}))
+    if ranks.main:
+        print(f"RL {config.algorithm} with {config.kl} KL" + (f" (beta {beta:.4g}{' = auto' if config.beta == 'auto' else ''})" if config.kl == "prioritized" else "")
+              + f" on {config.task} ({n_digits + plus} digits) from {config.pretrained}: {config.episodes} episodes,"
+              f" {config.batch_size} per collect" + (f" ({config.batch_size // group_size} prompts x {group_size})" if group_size > 1 else "")
+              + f", minibatches of {config.minibatch_size}, {epochs} epoch(s), lr {config.lr}, temperature {config.temperature}"
+              + (f", split over {ranks.world} ranks" if ranks.world > 1 else ""))
 
     probe_pairs = addition.rl_pairs(n_digits, 1, config.probe_examples, seed=config.seed + 4_000_003)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=episodes if config.resume else None)
-    if not config.resume:
+    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=episodes if config.resume else None) if ranks.main else None
+    if not config.resume and ranks.main:
         metrics.log({"step": 0, "episodes": 0, **evaluate_policy(policy.lm, tokenizer, n_digits, plus, config, probe_pairs)})
     timer = Timer()
-    bar = tqdm(total=iterations * config.batch_size, initial=episodes, desc=f"rl {config.kl}", unit="ep", dynamic_ncols=True)
+    bar = tqdm(total=iterations * config.batch_size, initial=episodes, desc=f"rl {config.kl}", unit="ep", dynamic_ncols=True, disable=not ranks.main)
     while iteration < iterations:
         # Every iteration draws its prompts and samples from generators seeded by (seed, iteration):
         # the same seed gives the same numbers, and --resume continues exactly.
         sampler = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
-        pairs = addition.rl_pairs(n_digits, plus, config.batch_size, seed=config.seed * 1_000_003 + iteration)
+        prompt_pairs = addition.rl_pairs(n_digits, plus, config.batch_size // group_size, seed=config.seed * 1_000_003 + iteration)
+        pairs = [pair for pair in prompt_pairs for _ in range(group_size)]  # each group's episodes side by side
 
         # 1. Rollout: sample episodes from the policy at its temperature.
         with timer("rollout"):
             policy.eval()
             prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
-            rollout = generate(policy.lm, prompts, max_new_tokens=max_new, temperature=config.temperature, generator=sampler, **stop_rule)
+            if ranks.world == 1:
+                rollout = generate(policy.lm, prompts, max_new_tokens=max_new, temperature=config.temperature, generator=sampler, **stop_rule)
+            else:
+                rollout = shared_rollout(ranks, policy.lm, prompts, max_new, config.temperature, sampler, stop_rule)
             policy.train()
             texts = rollout.completions(tokenizer)
             b_sequences, b_attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
@@ -271,32 +347,58 @@ def train(config: RLConfig) -> Path:
 
         # 4. KL weights: the prioritized KL penalty's w(s) = c(s)^beta (kl.prioritized_weights).
         b_weights = kl_weights(b_certainty, config, beta)  # (B, T) or None
+        #    ppo, grpo, rloo: the advantages of the whole collect, with the sampling log-probs as pi_old.
+        b_old_logprobs = rollout.logprobs  # (B, T)
+        b_advantages = b_returns = None
+        if config.algorithm != "a2c":
+            with timer("update"):
+                rewards = b_rewards
+                if config.kl_as_reward and b_weights is not None:
+                    kl_rewards = config.kl_coef * b_weights * kl.kl_estimate(b_old_logprobs, b_ref_logprobs, config.estimator)  # (B, T)
+                    rewards = rewards - kl_rewards * b_completion_mask
+                b_advantages, b_returns = collect_advantages(policy, rollout, rewards, config)  # (B, T), (B, T) or None
 
         stats: dict[str, list[float]] = {}
-        order = torch.randperm(len(pairs), generator=sampler)
-        for start in range(0, len(pairs), config.minibatch_size):
-            mb = order[start : start + config.minibatch_size]
+        batches = []  # the minibatches of every epoch, each epoch in a new random order
+        for _ in range(epochs):
+            order = torch.randperm(len(pairs), generator=sampler)
+            batches += [order[start : start + config.minibatch_size] for start in range(0, len(pairs), config.minibatch_size)]
+        for mb in batches:
+            mb = mb[ranks.rows(len(mb))]  # this rank's episodes of the minibatch
             mb_mask = b_completion_mask[mb]
             T = int(mb_mask.sum(-1).max())  # trim the minibatch's trailing padding
             mb_mask = mb_mask[:, :T]
+            share = ranks.token_share(mb_mask.sum()) if ranks.world > 1 else None  # this rank's part of the minibatch's mean
             with timer("update"):
                 # 5. Policy: log-probs of the taken actions, entropy and values, one teacher-forced pass.
-                logits, values = policy(b_sequences[mb, : P + T], b_attention_mask[mb, : P + T], P, config.temperature)  # (b, T, V), (b, T)
+                logits, values = train_policy(b_sequences[mb, : P + T], b_attention_mask[mb, : P + T], P, config.temperature)  # (b, T, V), (b, T)
                 logprobs = token_logprobs(logits, b_sequences[mb, P : P + T])  # (b, T)
                 entropy = entropy_from_logits(logits)  # (b, T)
                 ref_logprobs = b_ref_logprobs[mb, :T]
                 weights = None if b_weights is None else b_weights[mb, :T]
                 kl_per_token = kl.kl_estimate(logprobs, ref_logprobs, config.estimator)  # (b, T)
 
-                # 6. Advantages: GAE on the terminal reward (optionally minus the weighted KL per token).
-                rewards = b_rewards[mb, :T]
-                if config.kl_as_reward and weights is not None:
-                    rewards = rewards - config.kl_coef * (weights * kl_per_token).detach()
-                advantages, returns = gae(rewards, values.detach(), mb_mask, config.gamma, config.gae_lambda)
+                # 6. Advantages: a2c: GAE on the terminal reward (optionally minus the weighted KL per
+                #    token) and the current values; ppo, grpo, rloo: those fixed at step 4.
+                if b_advantages is None:
+                    rewards = b_rewards[mb, :T]
+                    if config.kl_as_reward and weights is not None:
+                        rewards = rewards - config.kl_coef * (weights * kl_per_token).detach()
+                    advantages, returns = gae(rewards, values.detach(), mb_mask, config.gamma, config.gae_lambda)
+                else:
+                    advantages = b_advantages[mb, :T]
+                    returns = None if b_returns is None else b_returns[mb, :T]
 
                 # 7. Loss, term by term.
-                actor_loss = -kl.masked_mean(advantages * logprobs, mb_mask)
-                value_loss = 0.5 * kl.masked_mean((values - returns) ** 2, mb_mask)
+                if config.algorithm == "a2c":
+                    actor_loss = -kl.masked_mean(advantages * logprobs, mb_mask)
+                else:
+                    actor_loss, clip_fraction = clipped_surrogate(logprobs, b_old_logprobs[mb, :T], advantages, mb_mask, config.clip_range)
+                    stats.setdefault("clip_fraction", []).append(float(clip_fraction if share is None else ranks.sum(clip_fraction * share) / ranks.world))
+                if values is not None:
+                    value_loss = 0.5 * kl.masked_mean((values - returns) ** 2, mb_mask)
+                else:
+                    value_loss = torch.zeros((), device=device)  # grpo, rloo: no critic
                 entropy_bonus = kl.masked_mean(entropy, mb_mask)
                 if weights is None or config.kl_as_reward:
                     kl_term = torch.zeros((), device=device)
@@ -307,14 +409,16 @@ def train(config: RLConfig) -> Path:
                     raise UserError(f"non-finite loss at episode {episodes} (iteration {iteration}); "
                                     f"the last good checkpoint is in {run_dir / 'model'}")
 
-                # 8. Update.
+                # 8. Update (under torchrun: each rank's part of the minibatch mean, distributed.py).
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if share is None else loss * share).backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
                 optimizer.step()
             for name, value in (("loss", loss), ("actor_loss", actor_loss), ("value_loss", value_loss), ("entropy", entropy_bonus),
-                                ("kl_term", kl_term), ("kl", kl.masked_mean(kl_per_token, mb_mask)), ("grad_norm", grad_norm)):
-                stats.setdefault(name, []).append(float(value.detach()))
+                                ("kl_term", kl_term), ("kl", kl.masked_mean(kl_per_token, mb_mask))):
+                value = value.detach() if share is None else ranks.sum(value.detach() * share) / ranks.world  # the minibatch's mean
+                stats.setdefault(name, []).append(float(value))
+            stats.setdefault("grad_norm", []).append(float(grad_norm))
 
         # 9. Log.
         iteration += 1
@@ -330,10 +434,12 @@ def train(config: RLConfig) -> Path:
             record.update({"weight_mean": w.mean().item(), "weight_q05": torch.quantile(w, 0.05).item(),
                            "weight_q50": torch.quantile(w, 0.5).item(), "certainty_mean": b_certainty[mask].mean().item()})
         checkpoint = episodes % config.eval_every < config.batch_size or iteration == iterations
+        checkpoint = checkpoint and ranks.main  # rank 0 alone evaluates and writes
         if checkpoint:
             with timer("evaluation"):
                 record.update(evaluate_policy(policy.lm, tokenizer, n_digits, plus, config, probe_pairs))
-        metrics.log(record)  # before the checkpoint: a resumed run drops lines past its checkpoint
+        if ranks.main:
+            metrics.log(record)  # before the checkpoint: a resumed run drops lines past its checkpoint
         if checkpoint:
             save_checkpoint(run_dir, policy, tokenizer, optimizer, iteration, episodes)
         bar.update(len(pairs))
@@ -343,6 +449,9 @@ def train(config: RLConfig) -> Path:
             bar.write(f"episode {episodes}: greedy {record['eval/accuracy_greedy']:.2f}, sampled {record['eval/accuracy_sampled']:.2f}, "
                       f"comfort {record['eval/comfort_accuracy_greedy']:.2f}, p(critical) {record.get('p_correct/critical_mean', float('nan')):.3f}")
     bar.close()
+    ranks.barrier()  # the other ranks wait for rank 0's last checkpoint
+    if not ranks.main:
+        return run_dir
     metrics.close()
     total = sum(timer.totals.values())
     print("time split: " + ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in timer.totals.items()))

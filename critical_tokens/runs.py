@@ -12,12 +12,33 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # the installed package: nothing is ever written inside it
 
 
 class UserError(Exception):
     """A problem with the user's input: the command line prints it as one line and exits 2."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def normal_modes(path: str | Path) -> None:
+    """Gives ``path`` (and, for a directory, everything in it) the modes of a file made with
+    ``open``: 0666 (directories 0777) less the umask. ``mkstemp``, ``mkdtemp`` and the temporary
+    files of libraries such as safetensors are 0600 / 0700, which a rename would keep, and a run
+    or a report could not be shared on a multi-user machine."""
+    path, mask = Path(path), _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -27,6 +48,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        normal_modes(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,6 +83,7 @@ def atomic_dir(final: str | Path):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return
+            normal_modes(self.tmp)
             old = self.final.with_name(f".{self.final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             if self.final.exists():
@@ -111,7 +134,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         path = path / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # cut short by a kill: it is past the last checkpoint, which is what resume keeps
+                break
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {i + 1}: not a JSON object")
+        records.append(record)
+    return records
 
 
 def save_config(run_dir: str | Path, config: Any, **derived: Any) -> dict[str, Any]:
@@ -125,24 +160,110 @@ def load_run_config(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    if not (run_dir / "config.json").exists():
-        raise UserError(f"{run_dir} is not a critical-tokens run (no config.json)")
+    kind = run_kind(run_dir)
+    if kind in (None, "model", "reproduction"):
+        raise UserError(f"{run_dir} is {describe_kind(kind)}, not a critical-tokens run")
     return read_json(run_dir / "config.json")
+
+
+def run_kind(directory: str | Path) -> str | None:
+    """What a directory holds, from its own files: the ``kind`` of a run's ``config.json``
+    ("pretrain", "rl"), "reproduction" (``reproduce.json``), "model" (a Hugging Face model's
+    ``config.json``), or None (none of these). A ``config.json`` that is neither is a UserError."""
+    directory = Path(directory)
+    if (directory / "reproduce.json").is_file():
+        return "reproduction"
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    if isinstance(saved, dict) and isinstance(saved.get("kind"), str) and isinstance(saved.get("config"), dict):
+        return saved["kind"]
+    if isinstance(saved, dict) and "model_type" in saved:
+        return "model"
+    raise UserError(f"{path} is neither a critical-tokens run's config nor a model's")
+
+
+def describe_kind(kind: str | None) -> str:
+    return {None: "a directory without config.json", "model": "a model directory", "reproduction": "a reproduction",
+            "pretrain": "a pre-training run", "rl": "an RL run"}.get(kind, f"a {kind} run")
 
 
 def start_or_resume(config):
     """The config a training command runs with. On ``--resume``: the run's saved config (with this
-    invocation's device and directory), after checking that there is a checkpoint to resume from.
-    Otherwise: ``config`` itself, refusing to write into an existing non-empty directory."""
+    invocation's device and directory), after checking that it is a run of the same command with a
+    checkpoint to resume from. Otherwise: ``config`` itself, refusing to write into an existing
+    non-empty directory."""
     run_dir = Path(config.out)
     if config.resume:
-        saved = load_run_config(run_dir)["config"]
+        record = load_run_config(run_dir)
+        fields = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(record["config"]) - fields)
+        if unknown:  # another command's run (or another version's): its config is not this command's
+            raise UserError(f"cannot resume {run_dir}: it is {describe_kind(record['kind'])}, not a run of this command "
+                            f"(its config.json has {', '.join(unknown[:3])})")
         if not (run_dir / "model" / "trainer_state.pt").exists():
             raise UserError(f"{run_dir} holds no checkpoint to resume from")
-        return dataclasses.replace(type(config)(**saved), resume=True, device=config.device, out=str(run_dir))
+        return dataclasses.replace(type(config)(**record["config"]), resume=True, device=config.device, out=str(run_dir))
+    check_output(config.out, "--out", directory=True)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
     return config
+
+
+def inside_package(path: str | Path) -> bool:
+    return Path(path).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def output_dir(out: str | None, run: str, name: str) -> Path:
+    """Where a command that reads a run writes its results (``evaluate``, ``critical``): ``--out``
+    if given; otherwise RUN/<name>, or ./<name>-<checkpoint> for a checkpoint shipped inside the
+    installed package, which is never written to."""
+    if out is None:
+        source = Path(run).resolve()
+        source = source.parent if source.name == "model" else source
+        out = f"{name}-{source.name}" if inside_package(source) else str(Path(run) / name)
+    check_output(out, "--out", directory=True)
+    return Path(out)
+
+
+def check_output(path: str | None, flag: str, directory: bool = False) -> None:
+    """A UserError for an output path inside the installed package, or of the wrong sort."""
+    if path is None:
+        return
+    if inside_package(path):
+        raise UserError(f"{flag} {path} is inside the installed package ({PACKAGE_DIR}); choose a path outside it")
+    if directory and Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a file, not a directory")
+    if not directory and Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+
+
+@contextmanager
+def no_half_made_run(config):
+    """Around a training command (a config with ``out`` and ``resume``): if a fresh run fails before
+    its first checkpoint, whatever it created is removed. Such a directory cannot be resumed and
+    would only block the next try ("already exists")."""
+    out = getattr(config, "out", None)
+    if not isinstance(out, str) or getattr(config, "resume", True):
+        yield
+        return
+    run_dir = Path(out)
+    existed = run_dir.exists()
+    fresh = not existed or (run_dir.is_dir() and not any(run_dir.iterdir()))
+    created = run_dir  # the highest directory the run creates: --out a/b/c may create a/
+    while not existed and not created.parent.exists():
+        created = created.parent
+    try:
+        yield
+    except BaseException:
+        if fresh and run_dir.is_dir() and not (run_dir / "model" / "trainer_state.pt").exists():
+            for child in run_dir.iterdir() if existed else [created]:  # an empty --out that was there stays
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        raise
 
 
 class Timer:

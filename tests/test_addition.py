@@ -241,6 +241,21 @@ def test_pretraining_pairs_balanced_and_seeded():
     assert pairs != pretraining_pairs(3, 50, seed=8)
 
 
+def test_a_dose_of_n_plus_one_additions_is_added_to_the_same_pairs():
+    base = pretraining_pairs(3, 200, seed=7)
+    assert pretraining_pairs(3, 200, seed=7, n_plus_one_fraction=0.0) == base  # the default changes nothing
+    dosed = pretraining_pairs(3, 200, seed=7, n_plus_one_fraction=0.05)
+    longest = [max(_digits(a), _digits(b)) for a, b in dosed]
+    assert longest.count(4) == round(600 * 0.05 / 0.95) == 32  # 32 of 632: 5% of the whole set
+    assert max(longest) == 4
+    assert sorted(p for p, n in zip(dosed, longest) if n <= 3) == sorted(base)  # the 1..3-digit pairs are the same
+    assert [p for p, n in zip(dosed, longest) if n == 4] != sorted(p for p, n in zip(dosed, longest) if n == 4)  # shuffled in
+    # The (N+1)-digit pairs follow the RL task's distribution: half the time the other operand is in 1..N.
+    assert {min(_digits(a), _digits(b)) for a, b in pretraining_pairs(3, 200, seed=7, n_plus_one_fraction=0.3) if max(_digits(a), _digits(b)) == 4} == {1, 2, 3, 4}
+    with pytest.raises(ValueError):
+        pretraining_pairs(3, 10, seed=0, n_plus_one_fraction=1.0)
+
+
 def test_eval_pairs_identical_and_varying():
     identical = eval_pairs(5, "identical", 200, seed=0)
     assert all(_digits(a) == _digits(b) == 5 for a, b in identical)

@@ -23,7 +23,7 @@ from critical_tokens.critical import (
     where_failures_start,
 )
 from critical_tokens.model import build_model
-from critical_tokens.runs import UserError
+from critical_tokens.runs import PACKAGE_DIR, UserError
 from critical_tokens.tokenizer import build_tokenizer, encode
 
 # --- the gap Δ and table 1, by hand -----------------------------------------------------------------
@@ -214,3 +214,23 @@ def test_critical_command_needs_n_digits_when_the_model_lacks_it(tmp_path, capsy
     tokenizer.save_pretrained(tmp_path / "model")
     assert main(["critical", str(tmp_path), "--examples", "2"]) == 2
     assert "--n-digits" in capsys.readouterr().err
+
+
+def test_critical_writes_to_out_and_prints_the_paths_it_wrote(micro_run, tmp_path, capsys):
+    out, png = tmp_path / "analysis", tmp_path / "picture"  # a picture name without ".png" is kept as given
+    assert main(["critical", str(micro_run), "--examples", "2", "--show", "1", "--out", str(out), "--png", str(png)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == f"wrote {out / 'report.json'} and {out / 'report.md'}, {png}"
+    assert (out / "report.json").exists() and png.read_bytes()[:4] == b"\x89PNG"
+    assert not (micro_run / "critical").exists()
+    assert main(["critical", str(micro_run), "--examples", "2", "--png", str(tmp_path)]) == 2  # a directory
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_critical_of_a_shipped_checkpoint_writes_in_the_current_directory(tmp_path, monkeypatch):
+    shipped = PACKAGE_DIR / "checkpoints" / "tiny-n3"
+    before = sorted(p.relative_to(shipped) for p in shipped.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["critical", str(shipped), "--examples", "2", "--show", "0"]) == 0
+    assert (tmp_path / "critical-tiny-n3" / "report.json").exists()
+    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*")) == before

@@ -9,6 +9,7 @@ import pytest
 from critical_tokens import cli
 from critical_tokens.addition import completion, prompt
 from critical_tokens.evaluate import bootstrap_ci, first_difference, mark_failure, table_markdown
+from critical_tokens.runs import PACKAGE_DIR
 
 # --- pure functions -------------------------------------------------------------------------------
 
@@ -125,3 +126,30 @@ def test_evaluate_bad_run_exits_2_with_one_line(run_copy, tmp_path, capsys, prob
     assert len(err) == 1, err
     assert err[0].startswith("critical-tokens evaluate: error:") and str(run) in err[0]
     assert not (run / "eval").exists()
+
+
+def test_evaluate_writes_to_out_and_says_where(run_copy, tmp_path, capsys):
+    out = tmp_path / "tables"
+    assert cli.main(["evaluate", str(run_copy), "--examples", "2", "--extra-digits", "0", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {out / 'table.json'} and {out / 'table.md'}"
+    assert json.loads((out / "table.json").read_text())["n_digits"] == 2
+    assert not (run_copy / "eval").exists()
+
+
+def test_evaluate_never_overwrites_a_shipped_checkpoints_table(tmp_path, monkeypatch):
+    shipped = PACKAGE_DIR / "checkpoints" / "tiny-n3"
+    committed = (shipped / "eval" / "table.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["evaluate", str(shipped), "--examples", "2", "--extra-digits", "0"]) == 0
+    assert (shipped / "eval" / "table.md").read_text() == committed
+    assert (tmp_path / "eval-tiny-n3" / "table.md").exists()
+    assert cli.main(["evaluate", str(shipped), "--examples", "2", "--out", str(shipped / "eval")]) == 2
+
+
+@pytest.mark.parametrize("flags", [["--n-digits", "0"], ["--n-digits", "31"], ["--extra-digits", "-1"], ["--seed", "-1"],
+                                   ["--bootstrap", "0"], ["--show-failures", "-2"]])
+def test_evaluate_refuses_out_of_range_values_in_one_line(run_copy, capsys, flags):
+    assert cli.main(["evaluate", str(run_copy), "--examples", "2", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flags[0] in err[0], err
+    assert not (run_copy / "eval").exists()

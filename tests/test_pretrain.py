@@ -97,6 +97,14 @@ def test_random_position_offset_runs(tmp_path):
     assert len(metrics) == 3 and all(math.isfinite(r["loss"]) for r in metrics)
 
 
+def test_n_plus_one_fraction_is_recorded_and_trains_on_longer_additions(tmp_path):
+    out = tmp_path / "dose"
+    assert cli.main(["pretrain", "--out", str(out), *MICRO_PRETRAIN_ARGS, "--n-plus-one-fraction", "0.2"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["n_plus_one_fraction"] == 0.2
+    assert saved["n_examples"] == 250  # 200 additions of 1..2 digits and 50 of 3 digits: 20% of the set
+
+
 # --- bad input: exit code 2, one line on stderr, nothing written --------------------------------------
 
 
@@ -114,6 +122,12 @@ def run_cli(argv) -> int:
         (["--n-digits", "1000"], "--n-digits"),
         (["--preset", "huge"], "preset"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--n-plus-one-fraction", "1"], "--n-plus-one-fraction"),
+        (["--n-plus-one-fraction", "-0.1"], "--n-plus-one-fraction"),
+        (["--epochs", "inf"], "--epochs"),
+        (["--lr", "nan"], "--lr"),
+        (["--seed", "-1"], "--seed"),
+        (["--grad-clip", "0"], "--grad-clip"),
     ],
 )
 def test_bad_arguments_exit_2_without_writing(tmp_path, capsys, change, message):

@@ -5,12 +5,18 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import random
+import re
+import signal
+import threading
+import time
 import shutil
 from pathlib import Path
 
 import pytest
 
-from critical_tokens import cli
+from critical_tokens import cli, launchers
 from critical_tokens.critical import CriticalConfig
 from critical_tokens.evaluate import EvaluateConfig
 from critical_tokens.experiments import (
@@ -25,7 +31,16 @@ from critical_tokens.experiments import (
     with_seeds,
 )
 from critical_tokens.pretrain import PretrainConfig
-from critical_tokens.report import Estimate, t_interval, versus
+from critical_tokens.report import (
+    Estimate,
+    Runs,
+    over_seeds,
+    proportion_interval,
+    seeds_at,
+    t_interval,
+    versus,
+    wilson_interval,
+)
 from critical_tokens.rl import RLConfig
 from critical_tokens.runs import UserError, read_json
 
@@ -51,10 +66,11 @@ def smoke(tmp_path_factory) -> Path:
 
 def test_smoke_reproduction_writes_report_plots_and_every_hyperparameter(smoke):
     report = (smoke / "REPORT.md").read_text()
-    for heading in ("## Summary", "tables 4-5", "table 1", "figure 3", "figure 4", "figure 6", "figure 7", "## Hyper-parameters", "## Runs"):
+    for heading in ("## Summary", "tables 4-5", "table 1", "figure 3", "figure 4", "figure 6", "figure 7", "several starting models",
+                    "## Hyper-parameters", "## Runs"):
         assert heading in report
     assert "critical-tokens reproduce --preset smoke" in report and "Wall time" in report and "Hardware" in report
-    for plot in ("levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens"):
+    for plot in ("levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens", "kl_by_model"):
         assert (smoke / "plots" / f"{plot}.png").stat().st_size > 0
         assert (smoke / "plots" / f"{plot}.svg").stat().st_size > 0
         assert f"plots/{plot}.png" in report
@@ -66,8 +82,12 @@ def test_smoke_reproduction_writes_report_plots_and_every_hyperparameter(smoke):
             assert set(job["config"]) == {f.name for f in dataclasses.fields(CONFIG_CLASSES[job["kind"]])}
         assert (smoke / job.get("same_as_dir", job["dir"]) / "DONE.json").exists()
     rl_jobs = [j for j in meta["jobs"] if j["kind"] == "rl"]
-    assert {j["experiment"] for j in rl_jobs} == {"kl_comparison", "beta_sweep", "rl_levels"}
+    assert {j["experiment"] for j in rl_jobs} == {"kl_comparison", "beta_sweep", "rl_levels", "kl_by_model"}
     assert [j["same_as"] for j in rl_jobs if j["name"] == "beta_sweep/beta0/seed0"] == ["kl_comparison/standard/seed0"]
+    # kl_by_model: the kl_comparison model's runs are shared, the other model's are its own
+    assert [j["same_as"] for j in rl_jobs if j["name"] == "kl_by_model/n2/standard/seed1"] == ["kl_comparison/standard/seed1"]
+    assert [j.get("same_as") for j in rl_jobs if j["name"] == "kl_by_model/n2-d10/standard/seed1"] == [None]
+    assert read_json(smoke / meta["models"]["n2-d10"]["dir"] / "config.json")["config"]["n_plus_one_fraction"] == 0.1
 
     run = smoke / "kl_comparison" / "standard" / "seed1"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -99,6 +119,82 @@ def test_an_interrupted_reproduction_resumes(smoke, tmp_path):
     assert read_json(restarted / "DONE.json")["resumed"] is False
     assert read_json(restarted / "config.json")["config"]["seed"] == 1
     assert len(read_json(out / "timing.json")["invocations"]) == 2
+
+
+def report_lines(root: Path) -> list[str]:
+    """REPORT.md without what differs between two invocations by nature: the command, the times."""
+    text = re.sub(r"\d+h\d\dm\d\ds|\d+m\d\ds", "<time>", (root / "REPORT.md").read_text())
+    return [line for line in text.splitlines() if not line.startswith(("- Command:", "- Wall time:"))]
+
+
+def metric_lines(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ray_launcher_caches_runs_and_reports_as_the_local_one(smoke, tmp_path):
+    """Two runs of the local smoke reproduction removed, then the same command with --launcher ray
+    (a local Ray instance): the rest is cached, the two runs come back with the same numbers as Ray
+    tasks, and the report is the local one."""
+    pytest.importorskip("ray")
+    out = tmp_path / "copy"
+    shutil.copytree(smoke, out)
+    removed = ["levels/n2", "kl_comparison/standard/seed0"]
+    for run in removed:
+        shutil.rmtree(out / run)
+
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--launcher", "ray"]) == 0
+    assert read_json(out / "levels/n2/table.json") == read_json(smoke / "levels/n2/table.json")
+    assert metric_lines(out / removed[1]) == metric_lines(smoke / removed[1])
+    assert read_json(out / "timing.json")["invocations"][-1]["runs"] == 2  # the others were cached
+    assert report_lines(out) == report_lines(smoke)
+
+
+def test_slurm_launcher_resumes_an_interrupted_run(smoke, tmp_path, monkeypatch):
+    """An RL run of the smoke reproduction stopped after its last checkpoint, resumed as a job of
+    submitit's local executor (SLURM's stand-in): the numbers of the uninterrupted run."""
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(launchers, "SUBMITIT_CLUSTER", "local")
+    monkeypatch.setattr("critical_tokens.report.report", lambda config: None)  # the report: the ray test's
+    out = tmp_path / "copy"
+    shutil.copytree(smoke, out)
+    resumed = out / "kl_comparison" / "standard" / "seed0"
+    (resumed / "DONE.json").unlink()
+
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--launcher", "slurm"]) == 0
+    assert read_json(resumed / "DONE.json")["resumed"] is True
+    assert metric_lines(resumed) == metric_lines(smoke / "kl_comparison" / "standard" / "seed0")
+    assert any((out / "submitit").iterdir())
+
+
+def test_a_worker_killed_mid_run_is_retried_to_the_same_numbers(smoke, tmp_path, monkeypatch, capsys):
+    """A real SIGKILL of the worker process running an RL job, at a random moment of the run: the
+    launcher says so, starts the job again, and it ends with the uninterrupted run's metrics."""
+    monkeypatch.setattr("critical_tokens.report.report", lambda config: None)  # the report: the ray test's
+    out = tmp_path / "copy"
+    shutil.copytree(smoke, out)
+    run = "kl_comparison/standard/seed0"
+    shutil.rmtree(out / run)
+
+    def kill_the_worker():
+        deadline = time.monotonic() + 300
+        while not (out / run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(random.uniform(0, 1.0))
+        for pid in _children():
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker)
+    killer.start()
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--jobs", "2"]) == 0  # as the fixture: 1 thread per run
+    killer.join()
+    assert f"retrying {run} (1/2" in capsys.readouterr().out
+    assert metric_lines(out / run) == metric_lines(smoke / run)
+
+
+def _children() -> list[str]:
+    """The processes this one started (its worker processes among them)."""
+    return [pid for task in Path(f"/proc/{os.getpid()}/task").iterdir() for pid in (task / "children").read_text().split()]
 
 
 def test_report_rebuilds_from_the_files_alone(smoke, tmp_path):
@@ -147,7 +243,7 @@ def test_every_preset_loads_and_every_key_is_a_real_field(name):
     assert set(preset_names()) >= {"smoke", "cpu", "paper"}
     preset, _ = load_preset(name)
     jobs, models = plan(preset)
-    assert {j.kind for j in jobs} >= {"evaluate", "critical", "rl"}
+    assert {j.kind for j in jobs} >= {"critical", "rl"} | ({"evaluate"} if "levels" in preset["experiments"] else set())
     for section, (config_class, _) in SECTIONS.items():
         fields = {f.name for f in dataclasses.fields(config_class)}
         entries = preset[section].values() if section == "models" else [preset.get(section, {})]
@@ -236,3 +332,50 @@ def test_versus_needs_separate_intervals_to_be_clear():
     assert versus(Estimate(0.35, 0.25, 0.45, 3), low) == "above"
     assert versus(low, high) == "not above"
     assert versus(Estimate(0.9, None, None, 1), low) == "above"  # one seed is never "clearly"
+
+
+def test_wilson_interval_by_hand():
+    # p = 0.5 on n = 100, z = 1.96: (0.5 + 0.019208 ± 1.96 sqrt(0.0025 + 0.000096)) / 1.038416 = 0.4038, 0.5962
+    low, high = wilson_interval(0.5, 100)
+    assert math.isclose(low, 0.40383, abs_tol=1e-5) and math.isclose(high, 0.59617, abs_tol=1e-5)
+    # p = 0: [0, z² / (n + z²)], not the point [0, 0] of p ± z s.e.
+    assert wilson_interval(0.0, 100) == (0.0, pytest.approx(1.96**2 / (100 + 1.96**2)))
+
+
+def test_proportion_interval_stays_inside_0_1_where_the_t_interval_does_not():
+    seeds = [1.0, 1.0, 0.5, 1.0, 0.5]  # the t-interval: 0.8 ± 0.34, up to 1.14
+    assert t_interval(seeds).high > 1
+    e = proportion_interval(seeds)
+    assert e.mean == 0.8 and 0 <= e.low < 0.8 < e.high <= 1
+    # n_eff = p(1 - p) / (s² / n) = 0.16 / 0.015 with z = t_{0.975, 4}: the Wilson interval at that size
+    assert (e.low, e.high) == pytest.approx(wilson_interval(0.8, 0.16 / 0.015, 2.776))
+    assert proportion_interval([0.5]) == Estimate(0.5, None, None, 1)
+    assert proportion_interval([]) is None
+
+
+def test_seeds_that_agree_get_the_interval_of_their_pooled_episodes():
+    assert proportion_interval([0.0, 0.0, 0.0]) == Estimate(0.0, 0.0, 0.0, 3)  # no count of trials: a point, as before
+    e = proportion_interval([0.0, 0.0, 0.0], trials=32)  # 0 of 96 episodes
+    assert e.low == pytest.approx(0.0, abs=1e-12) and e.high == pytest.approx(4.303**2 / (96 + 4.303**2))
+
+
+def test_accuracies_are_summarised_as_proportions_and_gains_with_t():
+    runs = Runs([[{"episodes": 0, "eval/accuracy_sampled": 1.0}], [{"episodes": 0, "eval/accuracy_sampled": 0.5}],
+                 [{"episodes": 0, "eval/accuracy_sampled": 1.0}]], {"eval_episodes": 8})
+    assert runs.trials["eval/accuracy_sampled"] == 8
+    assert seeds_at(runs, "eval/accuracy_sampled", "final") == proportion_interval([1.0, 0.5, 1.0], trials=8)
+    assert over_seeds([0.5, -0.25, 0.75], "gain") == t_interval([0.5, -0.25, 0.75])
+
+
+def test_a_run_made_before_a_field_existed_is_the_same_run_while_the_field_keeps_its_default(tmp_path):
+    from critical_tokens.experiments import Job, job_status
+
+    preset, where = load_preset("smoke")
+    job = next(j for j in plan(preset, where)[0] if j.kind == "rl")
+    (tmp_path / job.dir).mkdir(parents=True)
+    older = {k: v for k, v in job.config.items() if k != "n_digits"}  # as written by a version without the field
+    (tmp_path / job.dir / "DONE.json").write_text(json.dumps({"config": older}))
+    assert job_status(job, tmp_path) == "done"
+    changed = dataclasses.replace(job, config={**job.config, "n_digits": 2})  # not the default: another run
+    with pytest.raises(UserError, match="other hyper-parameters"):
+        job_status(changed, tmp_path)

@@ -34,8 +34,8 @@ def test_one_update_moves_policy_and_value_head_not_reference(pretrained_run, mo
     seen = {}
     real_load = rl.load_pretrained
 
-    def spy_load(path, n_digits=None):
-        model, tok, n_ = real_load(path, n_digits)
+    def spy_load(path, n_digits=None, **kwargs):
+        model, tok, n_ = real_load(path, n_digits, **kwargs)
         seen.setdefault("models", []).append(model)
         return model, tok, n_
 
@@ -117,6 +117,12 @@ def test_auto_beta_is_calibrated_and_saved(pretrained_run, tmp_path):
     (["--kl-coef", "-0.5"], "--kl-coef"),
     (["--temperature", "0"], "--temperature"),
     (["--certainty-temperature", "-1"], "--certainty-temperature"),
+    (["--minibatch-size", "16"], "--minibatch-size"),  # more than the 8 episodes of a collect
+    (["--gamma", "1.5"], "--gamma"),
+    (["--lr", "nan"], "--lr"),
+    (["--n-digits", "0"], "--n-digits"),
+    (["--n-digits", "31"], "--n-digits"),
+    (["--device", "gpu"], "--device"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(pretrained_run, tmp_path, capsys, flags, message):
     assert run_rl(pretrained_run, tmp_path / "bad", *flags) == 2
@@ -149,3 +155,28 @@ def test_kl_as_reward_moves_the_penalty_into_the_rewards(pretrained_run, tmp_pat
     assert run_rl(pretrained_run, tmp_path / "r", "--kl", "standard", "--kl-as-reward") == 0
     lines = metric_lines(tmp_path / "r")[1:]
     assert all(line["kl_term"] == 0 and line["kl"] != 0 for line in lines)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+def test_each_algorithm_runs_and_moves_the_policy(pretrained_run, tmp_path, algorithm):
+    """One collect of 8 episodes (grpo, rloo: 2 prompts x 4) with the prioritized KL: the metrics are
+    written, the policy moved, and only the algorithms with a critic save a value head."""
+    out = tmp_path / algorithm
+    assert run_rl(pretrained_run, out, "--algorithm", algorithm, "--group-size", "4", "--episodes", "8",
+                  "--eval-every", "8", "--eval-episodes", "2", "--kl", "prioritized", "--beta", "10") == 0
+    line = metric_lines(out)[-1]
+    assert line["episodes"] == 8 and 0 <= line["clip_fraction"] <= 1 and "kl_term" in line and "weight_mean" in line
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["algorithm"] == algorithm
+    assert config["update_epochs"] == (4 if algorithm == "ppo" else 1)
+    assert config["prompts_per_collect"] == (8 if algorithm == "ppo" else 2)
+    assert (out / "model" / "value_head.safetensors").exists() == (algorithm == "ppo")
+    before, _, _ = load_pretrained(pretrained_run)
+    after, _, _ = load_pretrained(out)
+    assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values())), "policy did not move"
+
+
+def test_group_algorithms_need_whole_groups(pretrained_run, tmp_path, capsys):
+    assert run_rl(pretrained_run, tmp_path / "bad", "--algorithm", "grpo", "--group-size", "3") == 2
+    assert "--group-size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,175 @@
+"""The cost of the prioritized KL penalty in TRL: seconds per GRPO step, PrioritizedGRPOTrainer vs GRPOTrainer.
+
+Both trainers get the same random-weight model (`tiny` by default), the same prompts (all of the same
+length, so no padding), the same forced completion length (min_new_tokens = max_completion_length: every
+step does the same work whatever the weights), beta 0.04, and the same TRL options. They run interleaved in
+rounds, in alternating order; in each round each trainer runs `--steps` optimizer steps and the first one
+(warm-up) is not timed. The ratio prioritized / plain of the median step time is printed per round, then
+its median: the machines are shared, so only ratios measured side by side mean anything.
+
+The step ratio carries the noise of generation, which is most of a step and the same on both sides. So
+the parts that differ are also timed alone, on one shared batch, alternating `--repeats` times: the
+reference pass (ours: full logits, log-probs and certainty; TRL's: its fused log-prob head) and the loss
+with its backward (ours adds beta * (w * k - k3) to TRL's). Their extra time is printed as a share of
+plain TRL's step.
+
+    .venv/bin/python benchmarks/trl_prioritized.py               # about 2-3 minutes on 2 cores
+    .venv/bin/python benchmarks/trl_prioritized.py --quick       # 1 round, shorter completions
+
+Target (issue 13): a step with the prioritized KL within 5% of plain TRL's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from critical_tokens import addition, kl
+from critical_tokens.model import build_model, load_pretrained
+from critical_tokens.tokenizer import build_tokenizer
+from critical_tokens.trl import PrioritizedGRPOConfig, PrioritizedGRPOTrainer
+
+from common import add_thread_argument, machine_header, median
+
+N_DIGITS = 7
+SIDES = {"plain": (GRPOTrainer, GRPOConfig, {}),
+         "prioritized": (PrioritizedGRPOTrainer, PrioritizedGRPOConfig, {"prioritized_beta": 150.0})}
+
+
+def save_random_model(root: Path, preset: str) -> Path:
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(preset, tokenizer, N_DIGITS)
+    model.config.critical_tokens_n_digits = N_DIGITS
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root
+
+
+def step_seconds(trainer_class, config_class, pretrained: Path, out: Path, args, **options) -> list[float]:
+    """Seconds of each optimizer step after the first, from a fresh trainer's train()."""
+    model, tokenizer, _ = load_pretrained(pretrained)
+    prompts_per_step = args.completions // args.num_generations
+    pairs = addition.eval_pairs(N_DIGITS + 1, "identical", prompts_per_step * args.steps, seed=0)  # equal lengths: no padding
+    dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs]})
+    ends = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            ends.append(time.perf_counter())
+
+    config = config_class(output_dir=str(out), per_device_train_batch_size=args.completions, num_generations=args.num_generations,
+                          max_completion_length=args.length, generation_kwargs={"min_new_tokens": args.length}, temperature=1.0,
+                          beta=0.04, learning_rate=1e-5, max_steps=args.steps, logging_steps=10**6, save_strategy="no", report_to="none",
+                          use_cpu=not torch.cuda.is_available(), bf16=False, seed=0, disable_tqdm=True, log_level="error", **options)
+    threads = torch.get_num_threads()
+    trainer = trainer_class(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
+                            train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimes()])
+    trainer.remove_callback(PrinterCallback)
+    torch.set_num_threads(threads)  # the Trainer sets its own; keep the benchmark's
+    start = time.perf_counter()
+    trainer.train()
+    ends = [start] + ends
+    return [b - a for a, b in zip(ends[1:], ends[2:])]  # the first step (warm-up) is not timed
+
+
+def scoring_seconds(pretrained: Path, out: Path, args) -> dict[str, list[float]]:
+    """Seconds of the reference pass + the loss and its backward, each side on the same generated batch,
+    alternating `args.repeats` times (after one untimed pass each)."""
+    trainers = {}
+    for name, (trainer_class, config_class, options) in SIDES.items():
+        model, tokenizer, _ = load_pretrained(pretrained)
+        pairs = addition.eval_pairs(N_DIGITS + 1, "identical", 1, seed=0)
+        dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs]})
+        config = config_class(output_dir=str(out / name), per_device_train_batch_size=args.completions, num_generations=args.num_generations,
+                              max_completion_length=args.length, generation_kwargs={"min_new_tokens": args.length}, temperature=1.0,
+                              beta=0.04, use_cpu=not torch.cuda.is_available(), bf16=False, report_to="none", **options)
+        threads = torch.get_num_threads()
+        trainers[name] = trainer_class(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
+                                       train_dataset=dataset, processing_class=tokenizer)
+        torch.set_num_threads(threads)
+        trainers[name].current_gradient_accumulation_steps = 1
+    ours = trainers["prioritized"]
+    prompt = {"prompt": addition.prompt(*addition.eval_pairs(N_DIGITS + 1, "identical", 1, seed=0)[0])}
+    inputs = ours._generate_and_score_completions([prompt] * args.completions)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+
+    def once(trainer) -> float:
+        t0 = time.perf_counter()
+        trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, mask, T, batch_size=args.completions)
+        if trainer is ours:
+            kl.prioritized_weights(ours._ref_certainty, 150.0)  # what _generate_and_score_completions adds
+        trainer._compute_loss(trainer.model, inputs).backward()
+        trainer.model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    seconds = {name: [] for name in trainers}
+    for name, trainer in trainers.items():
+        once(trainer)  # warm-up
+    for r in range(args.repeats):
+        for name in (list(trainers) if r % 2 == 0 else list(reversed(trainers))):
+            seconds[name].append(once(trainers[name]))
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round, 64-token completions")
+    parser.add_argument("--preset", default="tiny", help="model size (tiny; paper is slow on a CPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per trainer and round (the first not timed)")
+    parser.add_argument("--completions", type=int, default=16, help="completions per step")
+    parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--length", type=int, default=None, help="completion length, forced (default 128, --quick 64)")
+    parser.add_argument("--repeats", type=int, default=20, help="alternating repeats of the reference pass + loss timing")
+    add_thread_argument(parser)
+    args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.length = args.length or (64 if args.quick else 128)
+    machine_header(f"benchmarks/trl_prioritized.py: seconds per GRPO step, prioritized KL vs plain TRL ({args.preset})", args.threads)
+    import trl
+
+    print(f"TRL {trl.__version__}: {args.completions} completions per step ({args.num_generations} per prompt) of {args.length} tokens "
+          f"(forced), beta 0.04; prioritized: prioritized_beta 150, certainty max_prob at temperature 4, k3; "
+          f"{args.rounds} round(s) of {args.steps} steps per trainer, the first not timed")
+    with tempfile.TemporaryDirectory() as tmp:
+        pretrained = save_random_model(Path(tmp) / "pretrained", args.preset)
+        ratios, times = [], {name: [] for name in SIDES}
+        for r in range(args.rounds):
+            order = list(SIDES) if r % 2 == 0 else list(reversed(SIDES))
+            seconds = {}
+            for name in order:
+                trainer_class, config_class, options = SIDES[name]
+                seconds[name] = median(step_seconds(trainer_class, config_class, pretrained, Path(tmp) / f"{name}-{r}", args, **options))
+                times[name].append(seconds[name])
+            ratios.append(seconds["prioritized"] / seconds["plain"])
+            print(f"round {r + 1}: plain {seconds['plain']:.2f} s/step, prioritized {seconds['prioritized']:.2f} s/step, "
+                  f"prioritized / plain = {ratios[-1]:.3f}")
+        scoring = scoring_seconds(pretrained, Path(tmp) / "scoring", args)
+    ratio = median(ratios)
+    plain_step = median(times["plain"])
+    extra = median([o - p for o, p in zip(scoring["prioritized"], scoring["plain"])])
+    print(f"\n{args.preset}: plain TRL {median(times['plain']):.2f} s/step, prioritized {median(times['prioritized']):.2f} s/step; "
+          f"prioritized / plain = {ratio:.3f} (median of {args.rounds} rounds: " + ", ".join(f"{x:.3f}" for x in ratios) + ")")
+    print(f"reference pass + loss and backward, alone ({args.repeats} alternating repeats, medians): plain "
+          f"{1000 * median(scoring['plain']):.0f} ms, prioritized {1000 * median(scoring['prioritized']):.0f} ms; the extra "
+          f"{1000 * extra:.1f} ms per step is {100 * extra / plain_step:.1f}% of plain TRL's step")
+    print(f"target (issue 13): within 5% of plain TRL: whole steps {'met' if ratio <= 1.05 else 'NOT met'} ({100 * (ratio - 1):+.1f}%), "
+          f"the parts that differ {'met' if extra / plain_step <= 0.05 else 'NOT met'} ({100 * extra / plain_step:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

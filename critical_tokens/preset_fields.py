@@ -1,0 +1,68 @@
+"""The sections of a reproduction preset and their typed fields (read by `experiments` and `report`).
+
+Each section of a preset fills one command's frozen config; a JSON value is converted to its field's
+type (``150`` -> ``"150"`` for ``--beta``, a list -> a tuple) and an unknown key is a UserError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from .critical import CriticalConfig
+from .evaluate import EvaluateConfig
+from .pretrain import PretrainConfig
+from .rl import RLConfig
+from .runs import UserError
+
+SECTIONS = {  # preset section -> (config class, fields reproduce sets)
+    "models": (PretrainConfig, {"out", "device", "resume"}),
+    "evaluate": (EvaluateConfig, {"run", "out", "n_digits"}),
+    "critical": (CriticalConfig, {"run", "out", "n_digits", "html", "png"}),
+    "rl": (RLConfig, {"pretrained", "out", "device", "resume", "seed"}),
+}
+
+
+def section_fields(preset: dict, section: str, overrides: dict, where: str = "preset") -> dict:
+    config_class, reserved = SECTIONS[section]
+    return typed_fields(config_class, {**preset.get(section, {}), **overrides}, reserved, f"{where}: {section}")
+
+
+def typed_fields(config_class: type, values: dict, reserved: set, where: str) -> dict:
+    """``values`` with each JSON value converted to its field's type; a UserError for a key that is
+    not a field of ``config_class`` (a typo) or that reproduce sets itself."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a JSON object")
+    hints = typing.get_type_hints(config_class)
+    allowed = [f.name for f in dataclasses.fields(config_class) if f.name not in reserved]
+    out = {}
+    for key, value in values.items():
+        if key not in allowed:
+            why = "is set by reproduce" if key in reserved else f"is not a {config_class.__name__} field"
+            raise UserError(f"{where}: {key!r} {why}; a preset can set {', '.join(allowed)}")
+        out[key] = _coerce(hints[key], value, f"{where}.{key}")
+    return out
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    if get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType":
+        if value is None:
+            return None
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if get_origin(kind) is Literal:
+        if value in get_args(kind) and type(value) is type(get_args(kind)[0]):
+            return value
+        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, get_args(kind)))}")
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and number and float(value).is_integer():
+        return int(value)
+    if kind is float and number:
+        return float(value)
+    if kind is str and (isinstance(value, str) or number):
+        return value if isinstance(value, str) else format(value, "g")  # beta 150 -> "150"
+    if get_origin(kind) is tuple and isinstance(value, list):
+        return tuple(value)
+    raise UserError(f"{where}: {value!r} is not of type {getattr(kind, '__name__', kind)}")
