@@ -750,7 +750,8 @@ def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
     def initial(m: str, key: str) -> Estimate | None:  # every arm starts from the same model: pool its seeds
         return over_seeds([v for r in runs[m].values() for v in at(r, key, "initial")], key, next(iter(runs[m].values())))
 
-    order = sorted(by_model, key=lambda m: (initial(m, "eval/accuracy_greedy") or Estimate(-1, None, None, 0)).mean)
+    start = {m: initial(m, "eval/accuracy_greedy") for m in by_model}  # where RL starts, greedy
+    order = sorted(by_model, key=lambda m: (start[m] or Estimate(-1, None, None, 0)).mean)
     arm_names = list(next(iter(by_model.values())))
     first = next(iter(by_model[order[0]].values()))[0]["config"]
     lines = [f"## {title}", "", f"State: {state}. The arms of figure 4 from each model (RL on {first['task']}, KL coefficient "
@@ -769,10 +770,10 @@ def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
         verdicts[m] = next((v for v in ("reproduced", "partly", "not reproduced") if v in per_arm.values()), None)
         dose = rep.models[m]["config"].get("n_plus_one_fraction", 0.0)
         lines.append(f"| {m} | {100 * dose:g}% | {min(len(rep.finished(j)) for j in arms.values())}/{max(len(j) for j in arms.values())} | "
-                     f"{pct(initial(m, 'eval/accuracy_greedy'))} | {pct(initial(m, VERDICT_METRIC))} | "
+                     f"{pct(start[m])} | {pct(initial(m, VERDICT_METRIC))} | "
                      + " | ".join(pct(finals.get(a)) for a in arm_names) + f" | {'; '.join(f'{a}: {v}' for a, v in per_arm.items()) or '-'} |")
         if standard and verdicts[m]:
-            ours.append(f"{m} (starts at {pct(initial(m, 'eval/accuracy_greedy'))} greedy): "
+            ours.append(f"{m} (starts at {pct(start[m])} greedy): "
                         + ", ".join(f"{a} {pct(finals[a])}" for a in arms if a == standard or arms[a][0]["config"]["kl"] == "prioritized"))
     found = [v for v in verdicts.values() if v]
     overall = ("not run" if len(found) < 2 else "reproduced" if all(v == "reproduced" for v in found)
@@ -799,7 +800,7 @@ def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
             ax.legend(fontsize=7)
             break
     ax = axes[-1]
-    starts = [initial(m, "eval/accuracy_greedy") for m in order]
+    starts = [start[m] for m in order]
     for i, a in enumerate(arm_names):
         points = [(s.mean, seeds_at(runs[m].get(a, []), VERDICT_METRIC, "final")) for m, s in zip(order, starts) if s]
         points = [(x, e) for x, e in points if e is not None]
