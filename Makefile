@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench readme clean
 
 $(BIN)/critical-tokens: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: setup
 	$(BIN)/python benchmarks/pretrain.py
 	$(BIN)/python benchmarks/rl.py
 	$(BIN)/python benchmarks/trl_prioritized.py
+
+readme: setup  # the README's numbers, from the committed reports' summary.json (docs/results/*/)
+	$(BIN)/python -m critical_tokens.report.readme README.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

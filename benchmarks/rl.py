@@ -46,7 +46,8 @@ import torch
 from critical_tokens import addition, kl
 from critical_tokens.a2c import ValueHead, entropy_from_logits, token_logprobs
 from critical_tokens.model import RL_SLACK, build_model
-from critical_tokens.rl import RLConfig, train
+from critical_tokens.rl import train
+from critical_tokens.rl_config import RLConfig
 from critical_tokens.tokenizer import CHARACTERS, build_tokenizer, encode
 
 from common import add_thread_argument, fmt_rate, forward_flops_per_token, machine_header, median, peak_matmul_flops_per_s

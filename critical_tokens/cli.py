@@ -13,12 +13,13 @@ EPILOG = "Each command has its own help: critical-tokens COMMAND --help."
 
 
 def _commands():
-    from .critical import CriticalConfig, critical
+    from .critical_command import CriticalConfig, critical
     from .evaluate import EvaluateConfig, evaluate
-    from .experiments import ReproduceConfig, reproduce
     from .pretrain import PretrainConfig, pretrain
     from .report import ReportConfig, report
-    from .rl import RLConfig, train
+    from .reproduce import ReproduceConfig, reproduce
+    from .rl import train
+    from .rl_config import RLConfig
 
     return {
         "pretrain": (PretrainConfig, pretrain, "pre-train a GPT-2 on scratchpad addition of 1..N digits"),
@@ -26,7 +27,7 @@ def _commands():
         "critical": (CriticalConfig, critical, "critical tokens: certainty gap (table 1), where failures start, discovery, pictures"),
         "rl": (RLConfig, train, "RL fine-tuning (A2C, PPO, GRPO or RLOO) with no, the standard, or the prioritized KL penalty"),
         "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (smoke, cpu, paper): runs, plots, REPORT.md"),
-        "report": (ReportConfig, report, "rebuild REPORT.md and plots/ of a reproduction from its files"),
+        "report": (ReportConfig, report, "rebuild REPORT.md, summary.json and plots/ of a reproduction from its files"),
     }
 
 

@@ -1,5 +1,5 @@
-"""Critical tokens: find them, measure them, watch them (SPEC section 6; the paper's section 3.3,
-table 1, appendix B and figures 4 and 7).
+"""Critical tokens: find them and measure them (SPEC section 6; the paper's section 3.3, table 1,
+appendix B and figures 4 and 7).
 
 A critical token (a) decides the outcome: get it wrong and the answer is wrong, the model does not
 recover; and (b) is a token on which the pre-trained model is much less certain than on the rest of
@@ -14,9 +14,10 @@ template; this module measures both criteria on a model:
 - `discover_critical_positions`, `discovery_scores`: the lowest-Δ positions, found from the
   certainties alone, against the template's critical tokens;
 - `tracked_probabilities`: the policy's probability of the right token at the paper's six tracked
-  critical tokens, logged during RL (figures 4 and 7);
-- `render_html`, `render_png`: scratchpads shaded by certainty;
-- `critical`: the `critical-tokens critical RUN_DIR` command, all of the above on one model.
+  critical tokens, logged during RL (figures 4 and 7).
+
+Scratchpads shaded by certainty are drawn by `critical_pictures`; the `critical-tokens critical
+RUN_DIR` command, all of the above on one model, is `critical_command`.
 
 Position-level functions take plain arrays (one value per completion token) and lists of offsets,
 nothing about the scratchpad format, so they apply to any task with one output per prompt.
@@ -24,22 +25,18 @@ nothing about the scratchpad format, so they apply to any task with one output p
 
 from __future__ import annotations
 
-import html
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from . import addition, kl
 from .addition import TRACKED_TOKENS, CriticalToken, tracked_token_key
-from .config import arg, check_fields, check_range
-from .evaluate import bootstrap_ci, completions, first_difference
-from .generation import addition_stop_rule, generate
+from .evaluate import bootstrap_ci, first_difference
 from .model import check_fits
-from .runs import UserError, atomic_write_text, check_output, output_dir, write_json
+from .runs import UserError
 from .tokenizer import encode
 
 DISCOVERY_KS = (1, 3, 5, 10)
@@ -409,305 +406,3 @@ def tracked_probabilities(model, tokenizer, pairs: Sequence[tuple[int, int]], n_
     result["p_correct/critical_mean"] = float(np.mean([p for ps in by_key.values() for p in ps]))
     return result
 
-
-# --- 6. Pictures ------------------------------------------------------------------------------------
-
-CRITICAL_COLOR = "#ff8c00"
-WRONG_COLOR = "#e00000"
-CMAP = "Blues_r"  # uncertain tokens dark, certain ones pale
-WRAP = 100  # characters per row of the picture (a runaway generation has no newlines)
-
-
-@dataclass(frozen=True)
-class Scratchpad:
-    """One completion to draw: its text, a certainty per character, and what to outline."""
-
-    title: str
-    text: str
-    certainty: tuple[float, ...]  # (len(text),)
-    critical_offsets: tuple[int, ...]
-    first_wrong: int | None = None  # may be len(text): the generation stopped where it should not
-
-
-def teacher_forced_scratchpad(a: int, b: int, scores: TokenScores, tokens: Sequence[CriticalToken], method: str = "max_prob") -> Scratchpad:
-    return Scratchpad(f"{a}+{b}: correct completion, teacher-forced", addition.completion(a, b),
-                      tuple(scores.certainty(method).tolist()), tuple(t.offset for t in tokens))
-
-
-def failed_scratchpads(model, tokenizer, pairs: Sequence[tuple[int, int]], n_digits: int, certainty_temperature: float = 4.0) -> list[Scratchpad]:
-    """Greedy generations for `pairs` with the generating model's certainty (eq. 2) at each step.
-
-    Critical tokens are outlined up to the first wrong character: after it the text no longer lines
-    up with the correct completion.
-    """
-    if not pairs:
-        return []
-    prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
-    longest = addition.max_completion_length(max(max(len(str(a)), len(str(b))) for a, b in pairs))
-    max_new = min(longest + 100, model.config.n_positions - max(map(len, prompts)))
-    was_training = model.training
-    model.eval()
-    try:
-        out = generate(model, prompts, max_new_tokens=max_new, certainty_method="max_prob",
-                       certainty_temperature=certainty_temperature, **addition_stop_rule(tokenizer))
-    finally:
-        model.train(was_training)
-    pads = []
-    for (a, b), text, certainty in zip(pairs, out.completions(tokenizer), out.certainty.cpu().numpy()):
-        wrong = first_difference(addition.completion(a, b), text)
-        critical = tuple(t.offset for t in addition.critical_tokens(a, b, n_digits) if t.offset <= wrong)
-        verdict = "right result" if addition.is_correct(a, b, text) else "wrong result"
-        pads.append(Scratchpad(f"{a}+{b}: greedy generation, {verdict}", text, tuple(certainty[: len(text)].tolist()), critical, wrong))
-    return pads
-
-
-def _cells(text: str, wrap: int = WRAP) -> list[tuple[int, int, str]]:
-    """(row, column, shown character) per character of `text`, plus one cell after its end; a
-    newline is shown as "↵" at the end of its line, and lines longer than `wrap` are folded."""
-    cells, row, col = [], 0, 0
-    for ch in text:
-        if col == wrap:
-            row, col = row + 1, 0
-        cells.append((row, col, "↵" if ch == "\n" else ch))
-        row, col = (row + 1, 0) if ch == "\n" else (row, col + 1)
-    return cells + [(row, col, "")]
-
-
-def _color_range(scratchpads: Sequence[Scratchpad]) -> tuple[float, float]:
-    """[lowest certainty shown, 1], so that the usual certainties near 1 do not all look alike."""
-    low = min((min(p.certainty) for p in scratchpads if p.certainty), default=0.0)
-    return (min(low, 0.99), 1.0)
-
-
-def _hex(cmap, norm, value: float) -> str:
-    from matplotlib import colors
-
-    return colors.to_hex(cmap(norm(value)))
-
-
-def render_html(scratchpads: Sequence[Scratchpad], path: str | Path, title: str = "Certainty along the scratchpad") -> None:
-    """A self-contained HTML page (inline styles only): each character on a background shaded by
-    certainty, critical tokens outlined in orange, the first wrong character boxed in red."""
-    from matplotlib import colormaps, colors
-
-    cmap, (vmin, vmax) = colormaps[CMAP], _color_range(scratchpads)
-    norm = colors.Normalize(vmin, vmax)
-    stops = ", ".join(_hex(cmap, norm, v) for v in np.linspace(vmin, vmax, 11))
-    parts = [
-        "<!doctype html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title></head>",
-        '<body style="font-family: sans-serif; margin: 2em;">', f"<h2>{html.escape(title)}</h2>",
-        f'<p>Background: certainty (<span style="outline: 2px solid {CRITICAL_COLOR};">critical token</span>, '
-        f'<span style="outline: 2px solid {WRONG_COLOR};">first wrong character</span>).</p>',
-        f'<div style="display: flex; align-items: center; gap: 0.5em; font-size: 0.9em;">{vmin:.3f}'
-        f'<div style="width: 20em; height: 1em; background: linear-gradient(to right, {stops});"></div>{vmax:.3f} certainty</div>',
-    ]
-    for pad in scratchpads:
-        critical = set(pad.critical_offsets)
-        spans = []
-        for offset, (_, col, shown) in enumerate(_cells(pad.text)):
-            if col == 0 and offset and pad.text[offset - 1] != "\n":
-                spans.append("\n")  # a folded line
-            if offset == len(pad.text):
-                if pad.first_wrong == offset:  # the generation stopped too early
-                    spans.append(f'<span style="outline: 2px solid {WRONG_COLOR};" title="expected more">&nbsp;</span>')
-                break
-            c = pad.certainty[offset]
-            color = "#ffffff" if norm(c) < 0.45 else "#000000"
-            style = f"background: {_hex(cmap, norm, c)}; color: {color};"
-            if offset == pad.first_wrong:
-                style += f" outline: 2px solid {WRONG_COLOR};"
-            elif offset in critical:
-                style += f" outline: 2px solid {CRITICAL_COLOR};"
-            spans.append(f'<span style="{style}" title="offset {offset}: certainty {c:.4f}">{html.escape(shown)}</span>')
-            if pad.text[offset] == "\n":
-                spans.append("\n")
-        parts += [f'<h3 style="font-family: monospace; font-size: 1em;">{html.escape(pad.title)}</h3>',
-                  f'<pre style="font-family: monospace; line-height: 1.7; font-size: 14px;">{"".join(spans)}</pre>']
-    parts.append("</body></html>")
-    atomic_write_text(path, "\n".join(parts) + "\n")
-
-
-def render_png(scratchpads: Sequence[Scratchpad], path: str | Path, title: str = "Certainty along the scratchpad") -> None:
-    """The same picture as `render_html` as a PNG: a monospace grid, one panel per scratchpad, each
-    cell shaded by certainty, with a colour bar."""
-    from matplotlib import colormaps, colors
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    if not scratchpads:
-        raise ValueError("render_png needs at least one scratchpad")
-    cmap, norm = colormaps[CMAP].with_extremes(bad="white"), colors.Normalize(*_color_range(scratchpads))
-    layouts = [_cells(p.text) for p in scratchpads]
-    # The cell after the end is drawn only when it holds the first wrong character (a premature stop).
-    rows = [(cells if p.first_wrong == len(p.text) else cells[:-1])[-1][0] + 1 for p, cells in zip(scratchpads, layouts)]
-    width = max(col for cells in layouts for _, col, _ in cells) + 1
-    fig = Figure(figsize=(0.11 * width + 1.5, 0.2 * (sum(rows) + 2 * len(rows)) + 0.6), layout="constrained")
-    axes = fig.subplots(len(scratchpads), 1, squeeze=False, gridspec_kw={"height_ratios": rows})[:, 0]
-    for ax, pad, cells, n_rows in zip(axes, scratchpads, layouts, rows):
-        grid = np.full((n_rows, width), np.nan)  # (rows, columns)
-        for offset, (row, col, _) in enumerate(cells[:-1]):
-            grid[row, col] = pad.certainty[offset]
-        ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest", extent=(0, width, n_rows, 0))
-        critical = set(pad.critical_offsets)
-        for offset, (row, col, shown) in enumerate(cells):
-            if offset < len(pad.text):
-                dark = norm(pad.certainty[offset]) < 0.45
-                ax.text(col + 0.5, row + 0.5, shown, ha="center", va="center", family="monospace", fontsize=7,
-                        color="white" if dark else "black")
-            if offset == pad.first_wrong:
-                ax.add_patch(Rectangle((col, row), 1, 1, fill=False, edgecolor=WRONG_COLOR, linewidth=2))
-            elif offset in critical:
-                ax.add_patch(Rectangle((col, row), 1, 1, fill=False, edgecolor=CRITICAL_COLOR, linewidth=1.5))
-        ax.set_title(pad.title, loc="left", fontsize=8, family="monospace")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{title} (orange: critical token, red: first wrong character)", fontsize=9)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="certainty", shrink=0.8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, format="png")  # exactly `path`: without a format, a name lacking ".png" gets one added
-
-
-# --- 7. The command ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CriticalConfig:
-    run: str = arg(None, "pre-training run directory (or any directory holding a critical-tokens model)", positional=True, metavar="RUN_DIR")
-    out: str | None = arg(None, "directory for report.json and report.md (default: RUN_DIR/critical; for a checkpoint shipped in the package, ./critical-<name>)")
-    n_digits: int | None = arg(None, "N, the digits the model was pre-trained on (default: the N the model records)")
-    plus: Literal[1, 2] = arg(1, "analyse additions of N+1 or N+2 digits (the RL task's distribution)")
-    examples: int = arg(500, "prompts to analyse")
-    certainty_temperature: float = arg(4.0, "temperature T of the certainty, eq. 1 and 2 (the paper: 4)")
-    temperature: float = arg(1.0, "temperature of the probability of the right token")
-    seed: int = arg(4321, "seed of the prompts and of the bootstrap")
-    html: str | None = arg(None, "write scratchpads shaded by certainty to this HTML file")
-    png: str | None = arg(None, "write the same picture to this PNG file")
-    show: int = arg(6, "scratchpads in the picture: half correct completions, half failed generations")
-    batch_size: int = arg(250, "prompts per forward pass and per generation batch")
-
-
-def validate(config: CriticalConfig) -> None:
-    if config.run is None:
-        raise UserError("give the run directory to analyse: critical-tokens critical RUN_DIR")
-    check_fields(config)
-    check_range(config, ("examples", "batch_size", "certainty_temperature", "temperature"), 0, low_open=True)
-    check_range(config, ("show",), 0)
-    if (config.html or config.png) and config.show == 0:
-        raise UserError("--html and --png draw --show scratchpads: give --show at least 1")
-    check_output(config.html, "--html")
-    check_output(config.png, "--png")
-
-
-def picture(model, tokenizer, pairs, scores, tokens, first_errors: Sequence[dict], n_digits: int, show: int, certainty_temperature: float) -> list[Scratchpad]:
-    """`show` scratchpads: the first failed greedy generations (up to half), the rest teacher-forced correct completions."""
-    failed = [(e["a"], e["b"]) for e in first_errors if not e["correct"]][: show // 2]
-    pads = failed_scratchpads(model, tokenizer, failed, n_digits, certainty_temperature)
-    forced = [teacher_forced_scratchpad(a, b, s, t) for (a, b), s, t in zip(pairs, scores, tokens)]
-    return forced[: show - len(pads)] + pads
-
-
-def critical(config: CriticalConfig) -> dict:
-    """`critical-tokens critical RUN_DIR`: table 1, where failures start, discovery, pictures."""
-    from .model import load_pretrained, pick_device
-
-    validate(config)
-    out = output_dir(config.out, config.run, "critical")
-    model, tokenizer, n_digits = load_pretrained(config.run, config.n_digits)
-    model.to(pick_device("auto")).eval()
-
-    # 1. Prompts of the RL task at N+plus digits, and their critical tokens from the template.
-    pairs = addition.rl_pairs(n_digits, config.plus, config.examples, config.seed)
-    tokens = critical_tokens_of(pairs, n_digits)
-    critical_offsets = [[t.offset for t in row] for row in tokens]
-    print(f"analysing {len(pairs)} additions of N+{config.plus} = {n_digits + config.plus} digits "
-          f"(N = {n_digits}), {sum(map(len, tokens))} critical tokens, certainty at T = {config.certainty_temperature}")
-
-    # 2. Certainty along the correct completions, and table 1.
-    scores = teacher_forced(model, tokenizer, pairs, temperature=config.temperature,
-                            certainty_temperature=config.certainty_temperature, batch_size=config.batch_size)
-    table = certainty_table(scores, tokens, seed=config.seed)
-
-    # 3. Greedy generations: where failures start, and recovery from wrong critical tokens.
-    texts = completions(model, tokenizer, pairs, batch_size=config.batch_size, desc="greedy generations")
-    failures = where_failures_start(pairs, texts, n_digits)
-
-    # 4. Discovery of critical positions from the certainties alone.
-    discovery = {m: discovery_scores([s.certainty(m) for s in scores], critical_offsets) for m in kl.CERTAINTY_METHODS}
-
-    # 5. Pictures.
-    pads = picture(model, tokenizer, pairs, scores, tokens, failures["first_errors"], n_digits, config.show,
-                   config.certainty_temperature) if config.show else []
-    report = {
-        "config": asdict(config), "n_digits": n_digits, "digits": n_digits + config.plus,
-        "examples": len(pairs), "critical_tokens": sum(map(len, tokens)),
-        "table1": table, "failures": failures, "discovery": discovery,
-        "scratchpads": [asdict(p) for p in pads],
-    }
-    markdown = report_markdown(report)
-    write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", markdown + "\n")
-    if pads and config.html:
-        render_html(pads, config.html)
-    if pads and config.png:
-        render_png(pads, config.png)
-    print(markdown)
-    print(f"\nwrote {out / 'report.json'} and {out / 'report.md'}"
-          + "".join(f", {p}" for p in (config.html, config.png) if p and pads))
-    return report
-
-
-# --- The report, from the saved numbers --------------------------------------------------------------
-
-
-def _ci(row: dict, digits: int = 4, sign: str = "+") -> str:
-    """mean [low, high]; values below 0.01 in scientific notation (the non-critical gaps are ~1e-3)."""
-    if row["mean"] is None:
-        return "-"
-    spec = f"{sign}.{digits}f" if abs(row["mean"]) >= 0.01 else f"{sign}.2e"
-    return f"{row['mean']:{spec}} [{row['ci_low']:{spec}}, {row['ci_high']:{spec}}]"
-
-
-def _table_rows(table1: dict, names: Sequence[str]) -> list[str]:
-    return [f"| {name} | {_ci(table1['max_prob'][name])} | {_ci(table1['negentropy'][name])} | "
-            f"{_ci(table1['p_correct'][name], 3, sign='')} | {table1['max_prob'][name]['outputs']} |"
-            for name in names]
-
-
-def report_markdown(report: dict) -> str:
-    """Table 1 (critical vs non-critical, then per name and per step/operand), where failures start,
-    and discovery precision/recall@k, as Markdown."""
-    t1, n, digits = report["table1"], report["n_digits"], report["digits"]
-    T = report["config"]["certainty_temperature"]
-    header = ["| tokens | Δ max-prob (eq. 2) | Δ negentropy (eq. 1) | p(right token) | outputs |", "|---|---|---|---|---|"]
-    names = [k for k in t1["max_prob"] if k.startswith("n+")]
-    places = [k for k in t1["max_prob"] if k.startswith("step")]
-    lines = [
-        f"## Certainty gap Δ (the paper's table 1): N = {n}, {report['examples']} additions of {digits} digits",
-        "",
-        f"Δ = certainty on a token - mean certainty on the other tokens of the output; certainty at T = {T}; "
-        f"p(right token) at temperature {report['config']['temperature']}; mean over outputs [95% bootstrap interval].",
-        "", *header, *_table_rows(t1, ["critical", "non-critical", "non-critical (lowest)"]),
-        "", "### Per critical-token name", "", *header, *_table_rows(t1, names),
-        "", "### Per step and operand", "", *header, *_table_rows(t1, places),
-    ]
-    f = report["failures"]
-    frac = "-" if f["at_critical_fraction"] is None else f"{100 * f['at_critical_fraction']:.1f}%"
-    rec = f["recovery"]
-    rec_frac = "-" if rec["fraction"] is None else f"{100 * rec['fraction']:.1f}%"
-    lines += [
-        "", f"## Where failures start (greedy, {digits} digits)", "",
-        f"{f['correct']}/{f['generations']} right; {f['failures']} failures, of which {f['at_critical']} ({frac}) "
-        "start at a critical token.",
-        f"Recovery: {rec['recovered']}/{rec['total']} generations ({rec_frac}) with a wrong critical token "
-        "(the text before it right) still got the right result.",
-        "", "| first wrong character | failures |", "|---|---|",
-        *[f"| {category} | {count} |" for category, count in f["counts"].items()],
-        "", "## Discovery without the template", "",
-        "The k lowest-Δ positions of each output against its template critical tokens (mean over outputs).", "",
-        "| certainty | k | precision@k | recall@k | chance precision |", "|---|---|---|---|---|",
-    ]
-    for method, d in report["discovery"].items():
-        for k, row in d["at_k"].items():
-            lines.append(f"| {method} | {k} | {row['precision']:.3f} | {row['recall']:.3f} | {d['chance_precision']:.3f} |")
-    return "\n".join(lines)

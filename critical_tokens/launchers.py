@@ -3,7 +3,7 @@
 A launcher has one method that matters, ``submit(job, root, resume, wandb) -> Future``: the future of
 :func:`run_job`, a ``{"wall_s": ...}`` or ``{"error": ..., "retry": ...}`` record. Everything else (which
 job may start, what is done or to resume, retries, the report) is decided by
-``experiments.run_plan`` from the files, the same whatever the launcher. A job writes its files where
+``reproduce.run_plan`` from the files, the same whatever the launcher. A job writes its files where
 it runs: on a cluster, ``--out`` must be on a file system every node sees.
 
 - ``local``: a pool of spawned worker processes on this machine, one GPU each if it has GPUs;

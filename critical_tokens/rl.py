@@ -26,9 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -37,85 +35,13 @@ from tqdm.auto import tqdm
 
 from . import addition, distributed, kl
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
-from .config import arg, check_fields, check_range
 from .evaluate import accuracy_on
 from .generation import addition_stop_rule, concatenate, generate
 from .model import RL_SLACK, check_fits, count_parameters, load_pretrained, pick_device
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
+from .rl_config import RLConfig, validate
 from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, start_or_resume
 from .tokenizer import encode
-
-
-@dataclass(frozen=True)
-class RLConfig:
-    pretrained: str = arg(None, "pre-training run to fine-tune (its model/ is the policy's start and the frozen reference)", positional=True, metavar="PRETRAINED_RUN")
-    out: str = arg("runs/rl", "run directory to create")
-    algorithm: Literal["a2c", "ppo", "grpo", "rloo"] = arg("a2c", "a2c (the paper's), ppo (clipped ratio, several epochs per collect, critic), or grpo / rloo (group baselines over --group-size episodes per prompt, no critic)")
-    group_size: int = arg(8, "grpo, rloo: episodes per prompt (--batch-size must be a multiple of it)")
-    update_epochs: int | None = arg(None, "passes over each collect (default: 4 for ppo, 1 otherwise)")
-    clip_range: float = arg(0.2, "ppo, grpo, rloo: epsilon of the clipped probability ratio")
-    kl: Literal["none", "standard", "prioritized"] = arg("prioritized", "KL penalty to the pre-trained model: none, standard, or prioritized by the reference's certainty (the paper's method)")
-    beta: str = arg("150", "prioritized KL exponent: w = c^beta (the paper: 150), or 'auto' to calibrate it on the reference model (see --auto-beta-quantile)")
-    kl_coef: float = arg(5.0, "alpha, the KL coefficient (the paper: 5 for sec. 5.3, 10 for sec. 5.2)")
-    estimator: Literal["k1", "k2", "k3"] = arg("k2", "Schulman's KL estimator (the paper: k2)")
-    certainty: Literal["max_prob", "negentropy"] = arg("max_prob", "certainty c(s) of the reference: eq. 2 max_prob (the paper's) or eq. 1 negentropy")
-    certainty_temperature: float = arg(4.0, "temperature of the reference distribution in c(s) (the paper: 4)")
-    kl_as_reward: bool = arg(False, "put -kl_coef * w * k into the per-token reward (as TRL's PPO) instead of a loss term")
-    auto_beta_quantile: float = arg(0.05, "--beta auto: the certainty quantile of the reference's own rollouts whose weight is --auto-beta-weight")
-    auto_beta_weight: float = arg(0.5, "--beta auto: the weight at that quantile")
-    temperature: float = arg(2.0, "policy temperature for sampling and for the log-probs in the loss (the paper: 2)")
-    task: Literal["plus1", "plus2"] = arg("plus1", "RL additions with N+1 or N+2 digits")
-    episodes: int = arg(2000, "training episodes in total")
-    batch_size: int = arg(64, "episodes per collect (the paper: 50)")
-    minibatch_size: int = arg(32, "episodes per gradient step")
-    lr: float = arg(2e-5, "Adam learning rate (the paper: 1e-6 with a step every 2 tokens; retuned for minibatch steps)")
-    vf_coef: float = arg(0.1, "value loss coefficient")
-    ent_coef: float = arg(0.001, "entropy bonus coefficient")
-    gamma: float = arg(1.0, "discount")
-    gae_lambda: float = arg(0.95, "GAE lambda")
-    grad_clip: float = arg(1.0, "gradient-norm clipping")
-    eval_every: int = arg(256, "episodes between evaluations and checkpoints")
-    eval_episodes: int = arg(100, "evaluation episodes on the RL task (greedy and sampled)")
-    eval_comfort_episodes: int = arg(20, "evaluation episodes in the comfort zone (N digits)")
-    probe_examples: int = arg(64, "fixed N+1 probe prompts for the critical-token probabilities")
-    n_digits: int | None = arg(None, "N, the digits the model was pre-trained on (default: the N the model records)")
-    seed: int = arg(0, "seed of the prompts, the sampling and the value head")
-    device: str = arg("auto", "auto, cpu or cuda")
-    resume: bool = arg(False, "continue an interrupted run in --out from its last checkpoint")
-
-
-def validate(config: RLConfig) -> None:
-    if config.pretrained is None:
-        raise UserError("give the pre-training run to fine-tune: critical-tokens rl PRETRAINED_RUN")
-    check_fields(config)
-    if config.beta != "auto":
-        try:
-            beta = float(config.beta)
-        except ValueError:
-            raise UserError(f"--beta must be a number or 'auto', got {config.beta!r}") from None
-        if not 0 <= beta < math.inf:
-            raise UserError(f"--beta must be >= 0, got {config.beta}")
-    for name in ("kl_coef", "vf_coef", "ent_coef", "grad_clip"):
-        if not getattr(config, name) >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    for name in ("temperature", "certainty_temperature", "lr"):
-        if not getattr(config, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
-    for name in ("episodes", "batch_size", "minibatch_size", "eval_every", "eval_episodes", "probe_examples"):
-        if getattr(config, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if not (0 < config.auto_beta_quantile < 1 and 0 < config.auto_beta_weight < 1):
-        raise UserError("--auto-beta-quantile and --auto-beta-weight must be in (0, 1)")
-    if config.algorithm in ("grpo", "rloo") and (config.group_size < 2 or config.batch_size % config.group_size):
-        raise UserError(f"--algorithm {config.algorithm}: --group-size must be >= 2 and divide --batch-size, got {config.group_size} and {config.batch_size}")
-    if config.update_epochs is not None and config.update_epochs < 1:
-        raise UserError(f"--update-epochs must be positive, got {config.update_epochs}")
-    if not config.clip_range > 0:
-        raise UserError(f"--clip-range must be > 0, got {config.clip_range}")
-    check_range(config, ("gamma", "gae_lambda"), 0, 1)
-    check_range(config, ("eval_comfort_episodes", "group_size"), 0, low_open=True)
-    if config.minibatch_size > config.batch_size:
-        raise UserError(f"--minibatch-size ({config.minibatch_size}) must be at most --batch-size ({config.batch_size}), the episodes of one collect")
 
 
 class Policy(torch.nn.Module):

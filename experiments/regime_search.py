@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from critical_tokens import addition
-from critical_tokens.critical import CriticalConfig, critical
+from critical_tokens.critical_command import CriticalConfig, critical
 from critical_tokens.evaluate import EvaluateConfig, accuracy_on, evaluate
 from critical_tokens.pretrain import PretrainConfig, load_pretrained, pretrain
 from critical_tokens.runs import read_json, read_metrics, write_json, atomic_write_text

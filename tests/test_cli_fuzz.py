@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from critical_tokens import cli, experiments
+from critical_tokens import cli, reproduce
 from critical_tokens.runs import PACKAGE_DIR
 
 SHIPPED = PACKAGE_DIR / "checkpoints" / "tiny-n3"
@@ -111,7 +111,7 @@ def library(pretrained_run, tmp_path_factory) -> Path:
                      "--minibatch-size", "1", "--eval-every", "2", "--eval-episodes", "1", "--eval-comfort-episodes", "1",
                      "--probe-examples", "1"]) == 0
     with pytest.MonkeyPatch.context() as mp:  # a reproduction's files without its runs
-        mp.setattr(experiments, "run_plan", lambda *args, **kwargs: ({}, {}))
+        mp.setattr(reproduce, "run_plan", lambda *args, **kwargs: ({}, {}))
         assert cli.main(["reproduce", "--preset", "smoke", "--out", str(lib / "repro")]) == 0
     (lib / "empty").mkdir()
     (lib / "corrupt" / "model").mkdir(parents=True)
@@ -140,7 +140,7 @@ def run_in_workspace(library: Path, args: list[str]) -> None:
     os.chdir(workspace)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(experiments, "run_plan", lambda *args, **kwargs: ({}, {}))  # reproduce: validation and files, not the runs
+            mp.setattr(reproduce, "run_plan", lambda *args, **kwargs: ({}, {}))  # reproduce: validation and files, not the runs
             try:
                 code = cli.main(args)
             except SystemExit as e:  # argparse: an unknown choice, a value that is not a number

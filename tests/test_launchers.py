@@ -7,8 +7,9 @@ from concurrent.futures import Future
 
 import pytest
 
-from critical_tokens import experiments, launchers
-from critical_tokens.experiments import Job, ReproduceConfig, run_plan
+from critical_tokens import launchers, reproduce
+from critical_tokens.experiments import Job
+from critical_tokens.reproduce import ReproduceConfig, run_plan
 from critical_tokens.runs import UserError
 
 
@@ -40,7 +41,7 @@ def test_failed_jobs_are_retried_then_reported_and_the_others_go_on(tmp_path, mo
         "pretrain/b": [{"error": "UserError: too long", "retry": False}],  # a wrong input fails again: not retried
         "pretrain/c": [BrokenPipeError("worker died")] * 3,  # fails every time
     })
-    monkeypatch.setattr(experiments, "start_launcher", lambda *args: launcher)
+    monkeypatch.setattr(reproduce, "start_launcher", lambda *args: launcher)
 
     walls, failed = run_plan(jobs, {j.name: "fresh" for j in jobs}, tmp_path, 2, 0, False, ReproduceConfig(retries=2))
     assert sorted(walls) == ["levels/a", "levels/d", "pretrain/a", "pretrain/d"]

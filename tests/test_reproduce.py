@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from critical_tokens import cli, launchers
-from critical_tokens.critical import CriticalConfig
+from critical_tokens.critical_command import CriticalConfig
 from critical_tokens.evaluate import EvaluateConfig
 from critical_tokens.experiments import (
     CHECKPOINTS_DIR,
@@ -31,17 +31,10 @@ from critical_tokens.experiments import (
     with_seeds,
 )
 from critical_tokens.pretrain import PretrainConfig
-from critical_tokens.report import (
-    Estimate,
-    Runs,
-    over_seeds,
-    proportion_interval,
-    seeds_at,
-    t_interval,
-    versus,
-    wilson_interval,
-)
-from critical_tokens.rl import RLConfig
+from critical_tokens.report.reproduction import Runs
+from critical_tokens.report import readme
+from critical_tokens.report.statistics import Estimate, over_seeds, pct, proportion_interval, seeds_at, t_interval, versus, wilson_interval
+from critical_tokens.rl_config import RLConfig
 from critical_tokens.runs import UserError, read_json
 
 CONFIG_CLASSES = {"pretrain": PretrainConfig, "evaluate": EvaluateConfig, "critical": CriticalConfig, "rl": RLConfig}
@@ -200,7 +193,32 @@ def _children() -> list[str]:
 def test_report_rebuilds_from_the_files_alone(smoke, tmp_path):
     assert cli.main(["report", str(smoke), "--to", str(tmp_path / "published")]) == 0
     assert (tmp_path / "published" / "REPORT.md").read_text() == (smoke / "REPORT.md").read_text()
+    assert (tmp_path / "published" / "summary.json").read_text() == (smoke / "summary.json").read_text()
     assert (tmp_path / "published" / "plots" / "kl_comparison.svg").exists()
+
+
+def test_a_reproduction_made_before_summary_json_gets_one(smoke, tmp_path):
+    out = tmp_path / "older"
+    shutil.copytree(smoke, out)
+    (out / "summary.json").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "summary.json").read_text() == (smoke / "summary.json").read_text()
+    assert (out / "REPORT.md").read_text() == (smoke / "REPORT.md").read_text()
+
+
+def test_summary_json_holds_the_numbers_report_md_states(smoke):
+    summary, report = read_json(smoke / "summary.json"), (smoke / "REPORT.md").read_text()
+    assert summary["hardware"] == read_json(smoke / "timing.json")["hardware"] and summary["preset"] == "smoke"
+    assert list(summary["experiments"]) == ["levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens", "kl_by_model"]
+    for finding in summary["findings"]:  # the rows of REPORT.md's summary table
+        assert f"| {finding['finding']} | " in report and f" | {finding['ours']} | **{finding['verdict']}** |" in report
+    kl = summary["experiments"]["kl_comparison"]
+    assert kl["runs"] == 4 and kl["episodes"] == 32 and set(kl["arms"]) == {"standard", "prioritized-auto"}
+    for arm, numbers in kl["arms"].items():  # final sampled, greedy, in distribution: as in the arm's row of figure 4's table
+        row = next(line for line in report.splitlines() if line.startswith(f"| {arm} | "))
+        cells = [pct(Estimate(**e) if e else None) for e in numbers["final"].values()]
+        assert " | ".join(cells) in row
+        assert any(" | ".join(cells) in line for line in readme.outcome(summary))  # the README's table, from the same numbers
 
 
 def test_a_changed_hyperparameter_is_refused_not_mixed(smoke, tmp_path):
@@ -368,7 +386,8 @@ def test_accuracies_are_summarised_as_proportions_and_gains_with_t():
 
 
 def test_a_run_made_before_a_field_existed_is_the_same_run_while_the_field_keeps_its_default(tmp_path):
-    from critical_tokens.experiments import Job, job_status
+    from critical_tokens.experiments import Job
+    from critical_tokens.jobs import job_status
 
     preset, where = load_preset("smoke")
     job = next(j for j in plan(preset, where)[0] if j.kind == "rl")

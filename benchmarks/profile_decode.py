@@ -1,0 +1,92 @@
+"""Where a decoding step's time goes (issue 12, "profile first").
+
+For each batch size, a random-weight `tiny` GPT-2 samples (T = 1) a full-length completion of the RL
+task of the cpu presets (4-digit additions from N = 3) with `critical_tokens.generation.generate`,
+under torch.profiler. The script prints ms per decoding step, the per-op table (self CPU time), and
+for the attention kernel a floor: the bytes of keys and values it must read at every step (the whole
+KV cache of every layer) at the memory read bandwidth measured in the same run. The gap between the
+kernel's time and that floor is what a better single-query attention kernel could win.
+
+    .venv/bin/python benchmarks/profile_decode.py --threads 1             # a few minutes
+    .venv/bin/python benchmarks/profile_decode.py --threads 1 --quick     # batch 64, 100 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from critical_tokens import addition
+from critical_tokens.generation import generate
+from critical_tokens.model import build_model
+from critical_tokens.tokenizer import build_tokenizer, encode
+
+from common import add_thread_argument, machine_header
+
+N_DIGITS = 3
+NEVER = -1  # an end-of-text id no token can equal: every row runs to max_new_tokens
+ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def read_bandwidth(megabytes: int = 64, seconds: float = 1.0) -> float:
+    """Best bytes/s of summing a float32 tensor of `megabytes` (larger than the caches)."""
+    x = torch.randn(megabytes * 2**20 // 4)
+    x.sum()
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def kv_bytes_read(model, batch: int, prompt_length: int, new_tokens: int) -> float:
+    """Bytes of keys and values the attention reads over a generation: at step t every layer reads
+    its whole cache of prompt_length + t + 1 positions, keys and values, float32."""
+    c = model.config
+    positions = sum(prompt_length + t + 1 for t in range(1, new_tokens))  # the prompt's pass not counted
+    return 2 * c.n_layer * batch * c.n_embd * 4 * positions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="batch sizes")
+    parser.add_argument("--quick", action="store_true", help="batch 64 only, 100 tokens")
+    parser.add_argument("--ops", type=int, default=10, help="rows of each profiler table")
+    add_thread_argument(parser)
+    args = parser.parse_args()
+    machine_header("where a decoding step's time goes", args.threads)
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = build_model("tiny", tokenizer, N_DIGITS).eval()
+    new_tokens = 100 if args.quick else addition.max_completion_length(N_DIGITS + 1)
+    batches = [64] if args.quick else args.batches
+    bandwidth = read_bandwidth()
+    print(f"model: tiny, {sum(p.numel() for p in model.parameters()):,} parameters; {new_tokens} tokens per generation, "
+          f"sampled at T = 1; memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    for batch in batches:
+        pairs = addition.rl_pairs(N_DIGITS, 1, batch, seed=batch)
+        prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
+        kwargs = dict(max_new_tokens=new_tokens, eos_token_id=NEVER, pad_token_id=tokenizer.pad_token_id, temperature=1.0)
+        generate(model, prompts[:2], **{**kwargs, "max_new_tokens": 4})  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+            seconds = time.perf_counter() - start
+        ops = prof.key_averages()
+        total = sum(op.self_cpu_time_total for op in ops)
+        attention = sum(op.self_cpu_time_total for op in ops if op.key == ATTENTION)
+        floor = kv_bytes_read(model, batch, max(len(p) for p in prompts), new_tokens) / bandwidth
+        print(f"\nbatch {batch}: {1e3 * seconds / new_tokens:.2f} ms per decoding step (under the profiler); "
+              f"the attention kernel {100 * attention / total:.0f}% of the ops' time, "
+              f"{1e3 * attention / 1e6 / new_tokens:.2f} ms/step against a floor of {1e3 * floor / new_tokens:.2f} ms/step "
+              f"for reading the KV cache ({attention / 1e6 / floor:.1f}x the floor)")
+        print(ops.table(sort_by="self_cpu_time_total", row_limit=args.ops))
+
+
+if __name__ == "__main__":
+    main()

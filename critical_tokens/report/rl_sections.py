@@ -1,0 +1,280 @@
+"""The sections of REPORT.md on RL: from several pre-training levels (figure 3), prioritized vs
+standard KL (figure 4), the sensitivity to beta (figure 6), the critical-token probabilities during
+RL (figure 7), and the KL comparison from several starting models (beyond the paper).
+
+Each section reads its arms' runs (the seeds of one config: ``metrics.jsonl``, ``config.json``),
+summarises them over seeds with 95% intervals on `paper.VERDICT_METRIC`, and computes its verdict
+by the rules in `paper.VERDICT_RULES`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .document import Section, not_run
+from .paper import PAPER_CLAIMS, VERDICT_METRIC
+from .plots import ACCURACY_PANELS, Plots, plot_beta_sweep, plot_curves, plot_kl_by_model
+from .reproduction import Reproduction, Runs, at, gains
+from .statistics import VERDICT, Estimate, num, over_seeds, pct, seeds_at, t_interval, versus
+
+
+def _arm_runs(rep: Reproduction, experiment: str) -> dict[str, Runs]:
+    return {arm: rep.metrics(jobs) for arm, jobs in rep.arms(experiment).items()}
+
+
+def _seeds(rep: Reproduction, jobs: list[dict]) -> str:
+    return f"{len(rep.finished(jobs))}/{len(jobs)}"
+
+
+def _betas(rep: Reproduction, jobs: list[dict]) -> str:
+    """The beta each run used (from its config.json: 'auto' is resolved there)."""
+    cfg = jobs[0]["config"]
+    if cfg["kl"] != "prioritized":
+        return "-"
+    used = [rep.run_config(j).get("beta") for j in rep.finished(jobs)]
+    used = [b for b in used if b is not None]
+    if cfg["beta"] != "auto":
+        return cfg["beta"]
+    return "auto" + (f" ({min(used):.3g}..{max(used):.3g})" if used else "")
+
+
+def _standard_arm(arms: dict[str, list[dict]]) -> str | None:
+    standard = [a for a, jobs in arms.items() if jobs[0]["config"]["kl"] == "standard"]
+    return "standard" if "standard" in standard else (standard[0] if standard else None)
+
+
+def _pooled_initial(runs: dict[str, Runs], key: str) -> Estimate | None:
+    """Every arm starts from the same model: the initial ``key`` over the runs of all arms."""
+    return over_seeds([v for r in runs.values() for v in at(r, key, "initial")], key, next(iter(runs.values())))
+
+
+def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
+    title = "RL from different pre-training levels (figure 3)"
+    state = rep.state("rl_levels")
+    if state == "not run":
+        return not_run(title, state, [("RL from several pre-training levels (figure 3)", "rl_levels")])
+    arms = rep.arms("rl_levels")
+    runs = _arm_runs(rep, "rl_levels")
+    order = sorted((m for m in arms if runs[m]), key=rep.n_digits)
+    task = arms[order[0]][0]["config"]["task"] if order else "plus2"
+    lines = [f"## {title}", "", f"State: {state}. RL on {task} from each model; `{VERDICT_METRIC}` and greedy accuracy on the RL task, "
+             "mean over seeds [95% interval].", "",
+             "| model | N | seeds | initial (sampled) | final (sampled) | gain (sampled) | initial (greedy) | final (greedy) |", "|---|---|---|---|---|---|---|---|"]
+    models = {}
+    for m in order:
+        r = runs[m]
+        models[m] = {"n_digits": rep.n_digits(m), "seeds": len(r), "of": len(arms[m]),
+                     "initial": {"sampled": seeds_at(r, VERDICT_METRIC, "initial"), "greedy": seeds_at(r, "eval/accuracy_greedy", "initial")},
+                     "final": {"sampled": seeds_at(r, VERDICT_METRIC, "final"), "greedy": seeds_at(r, "eval/accuracy_greedy", "final")},
+                     "gain_sampled": t_interval(gains(r, VERDICT_METRIC))}
+        n = models[m]
+        lines.append(f"| {m} | {rep.n_digits(m)} | {_seeds(rep, arms[m])} | {pct(n['initial']['sampled'])} | {pct(n['final']['sampled'])} | "
+                     f"{pct(n['gain_sampled'])} | {pct(n['initial']['greedy'])} | {pct(n['final']['greedy'])} |")
+    starts, improves = [], []
+    for lo, hi in zip(order, order[1:]):
+        starts.append(versus(models[hi]["initial"]["sampled"], models[lo]["initial"]["sampled"]))
+        improves.append(versus(models[lo]["gain_sampled"], models[hi]["gain_sampled"]))
+    if len(order) < 2:
+        verdict, ours = "not run", "needs two models"
+    else:
+        holds = [all(c != "not above" for c in part) for part in (starts, improves)]
+        clear = [any(c == "clearly above" for c in part) for part in (starts, improves)]
+        verdict = "reproduced" if all(holds) and all(clear) else "partly" if any(holds) else "not reproduced"
+        ours = (f"starts higher with more digits: {', '.join(starts)}; improves less with more digits: {', '.join(improves)} "
+                f"(consecutive pairs of {', '.join(order)})")
+    lines += ["", f"Verdict: **{verdict}** ({ours}).", ""]
+    path = plot_curves(plots, "rl_levels", f"RL on {task} from each pre-training level",
+                       {f"{m} (N={rep.n_digits(m)})": runs[m] for m in order}, ACCURACY_PANELS[:3])
+    lines += [f"![figure 3]({path})", ""] if path else []
+    numbers = {"state": state, "verdict": verdict, "task": task, "models": models}
+    return Section(lines, [("RL from several pre-training levels (figure 3)", PAPER_CLAIMS["rl_levels"], ours, verdict)], numbers)
+
+
+def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
+    title = "Prioritized vs standard KL (figure 4)"
+    state = rep.state("kl_comparison")
+    finding = "Prioritized KL beats standard KL (figure 4)"
+    if state == "not run":
+        return not_run(title, state, [(finding, "kl_comparison")])
+    arms = rep.arms("kl_comparison")
+    runs = _arm_runs(rep, "kl_comparison")
+    first = next(iter(arms.values()))[0]["config"]
+    lines = [f"## {title}", "", f"State: {state}. RL on {first['task']} from `{Path(first['pretrained']).name}`, "
+             f"KL coefficient {first['kl_coef']}, estimator {first['estimator']}; final accuracy on the RL task and probability of the "
+             "right token at the critical tokens (mean over the probe set), mean over seeds [95% interval].", "",
+             "| arm | KL | beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | p(right) at critical tokens: initial → final |",
+             "|---|---|---|---|---|---|---|---|"]
+    per_arm = {}
+    for arm, jobs in arms.items():
+        r = runs[arm]
+        per_arm[arm] = {"kl": jobs[0]["config"]["kl"], "beta": _betas(rep, jobs), "seeds": len(r), "of": len(jobs),
+                        "final": {"sampled": seeds_at(r, VERDICT_METRIC, "final"), "greedy": seeds_at(r, "eval/accuracy_greedy", "final"),
+                                  "comfort_greedy": seeds_at(r, "eval/comfort_accuracy_greedy", "final")},
+                        "p_correct_critical": {"initial": seeds_at(r, "p_correct/critical_mean", "initial"),
+                                               "final": seeds_at(r, "p_correct/critical_mean", "final")},
+                        "verdict": None}
+        a = per_arm[arm]
+        lines.append(f"| {arm} | {a['kl']} | {a['beta']} | {_seeds(rep, jobs)} | {pct(a['final']['sampled'])} | "
+                     f"{pct(a['final']['greedy'])} | {pct(a['final']['comfort_greedy'])} | "
+                     f"{num(a['p_correct_critical']['initial'])} → {num(a['p_correct_critical']['final'])} |")
+    standard = _standard_arm(arms)
+    verdicts, ours = [], []
+    for arm, jobs in arms.items():
+        if jobs[0]["config"]["kl"] != "prioritized" or standard is None or not runs[arm] or not runs[standard]:
+            continue
+        a, b = per_arm[arm]["final"]["sampled"], per_arm[standard]["final"]["sampled"]
+        v = per_arm[arm]["verdict"] = VERDICT[versus(a, b)]
+        verdicts.append(v)
+        ours.append(f"{arm} {pct(a)} vs {standard} {pct(b)}: {v}")
+    overall = "not run" if not verdicts else "reproduced" if "reproduced" in verdicts else "partly" if "partly" in verdicts else "not reproduced"
+    lines += ["", f"Verdict: **{overall}**" + (f" ({'; '.join(ours)})." if ours else "."), ""]
+    path = plot_curves(plots, "kl_comparison", f"RL on {first['task']}: KL penalties", runs,
+                       ACCURACY_PANELS + (("p_correct/critical_mean", "p(right token) at critical tokens"),), rows=2)
+    lines += [f"![figure 4]({path})", ""] if path else []
+    path = plot_curves(plots, "kl_comparison_weights", "KL term and prioritized weights", runs,
+                       (("kl", "KL estimate per token"), ("weight_mean", "mean KL weight w = c^beta")), ylabel="")
+    lines += [f"![KL and weights]({path})", ""] if path else []
+    jobs = rep.experiment_jobs("kl_comparison")
+    # Where RL starts: every arm starts from the same model and, seed for seed, the same evaluation
+    # (its episodes and samples are seeded by the seed alone), so one arm's seeds give it.
+    base = standard if standard and runs[standard] else next(a for a in arms if runs[a])
+    numbers = {"state": state, "verdict": overall, "task": first["task"], "episodes": first["episodes"], "standard_arm": standard,
+               "runs": len(rep.finished(jobs)), "of": len(jobs), "compute_s": rep.compute_s("kl_comparison"),
+               "start": {"sampled": seeds_at(runs[base], VERDICT_METRIC, "initial"), "greedy": seeds_at(runs[base], "eval/accuracy_greedy", "initial")},
+               "arms": per_arm}
+    return Section(lines, [(finding, PAPER_CLAIMS["kl_comparison"], "; ".join(ours) or "-", overall)], numbers)
+
+
+def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
+    title = "Sensitivity to beta (figure 6)"
+    state = rep.state("beta_sweep")
+    finding = "Prioritized KL is robust over beta (figure 6)"
+    if state == "not run":
+        return not_run(title, state, [(finding, "beta_sweep")])
+    arms = rep.arms("beta_sweep")
+    runs = _arm_runs(rep, "beta_sweep")
+
+    def beta_of(arm: str) -> float:
+        cfg = arms[arm][0]["config"]
+        return 0.0 if cfg["kl"] == "standard" else math.inf if cfg["beta"] == "auto" else float(cfg["beta"])
+
+    order = sorted(arms, key=beta_of)
+    finals = {arm: seeds_at(runs[arm], VERDICT_METRIC, "final") for arm in order}
+    lines = [f"## {title}", "", f"State: {state}. beta = 0 is the standard KL penalty; `auto` calibrates beta on the reference model "
+             f"(the value each seed used is in its config.json). Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",
+             "| beta | seeds | final (sampled) | final (greedy) | against beta = 0 |", "|---|---|---|---|---|"]
+    base = next((a for a in order if beta_of(a) == 0), None)
+    fixed = [a for a in order if 0 < beta_of(a) < math.inf and runs[a]]
+    per_arm = {}
+    for arm in order:
+        against = "-" if base is None or arm == base else versus(finals[arm], finals[base])
+        label = "0 (standard)" if beta_of(arm) == 0 else _betas(rep, arms[arm])
+        greedy = seeds_at(runs[arm], "eval/accuracy_greedy", "final")
+        lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(greedy)} | {against} |")
+        per_arm[arm] = {"beta": label, "seeds": len(runs[arm]), "of": len(arms[arm]), "final": {"sampled": finals[arm], "greedy": greedy},
+                        "against_standard": against}
+    if base is None or not runs[base] or not fixed:
+        verdict, ours = "not run", "needs beta = 0 and at least one fixed beta > 0"
+    else:
+        comparisons = [versus(finals[a], finals[base]) for a in fixed]
+        above = sum(c != "not above" for c in comparisons)
+        verdict = "reproduced" if above > len(fixed) / 2 and "clearly above" in comparisons else "partly" if above else "not reproduced"
+        best = max(fixed, key=lambda a: finals[a].mean if finals[a] else -1)
+        ours = (f"{above} of {len(fixed)} fixed beta above beta = 0 ({comparisons.count('clearly above')} clearly); best fixed beta "
+                f"{arms[best][0]['config']['beta']} at {pct(finals[best])} vs {pct(finals[base])} for beta = 0")
+        auto = [a for a in order if beta_of(a) == math.inf and runs[a]]
+        if auto:
+            ours += f"; auto: {pct(finals[auto[0]])}"
+    lines += ["", f"Verdict: **{verdict}** ({ours}).", ""]
+    shown = [a for a in order if finals[a] is not None]
+    betas = ["0" if beta_of(a) == 0 else arms[a][0]["config"]["beta"] for a in shown]
+    lines += [f"![figure 6]({plot_beta_sweep(plots, betas, [finals[a] for a in shown], [runs[a] for a in shown])})", ""]
+    numbers = {"state": state, "verdict": verdict, "arms": per_arm}
+    return Section(lines, [(finding, PAPER_CLAIMS["beta_sweep"], ours, verdict)], numbers)
+
+
+def section_tracked_tokens(rep: Reproduction, plots: Plots) -> Section:
+    from ..addition import TRACKED_TOKENS, tracked_token_key
+
+    title = "Critical-token probabilities during RL (figures 4 right and 7)"
+    finding = "Prioritized KL keeps the critical tokens right (figure 7)"
+    state = rep.state("kl_comparison")
+    if "tracked_tokens" not in rep.preset["experiments"] or state == "not run":
+        return not_run(title, "not in the preset" if state != "not run" else state, [(finding, "tracked_tokens")])
+    arms = rep.arms("kl_comparison")
+    runs = _arm_runs(rep, "kl_comparison")
+    keys = [("p_correct/" + tracked_token_key(s, o, n), f"step {s}, operand {o}: {n}") for s, o, n in TRACKED_TOKENS]
+    keys = [(k, t) for k, t in keys if any(at(r, k, "final") for r in runs.values())]
+    standard = _standard_arm(arms)
+    prioritized = next((a for a, jobs in arms.items() if jobs[0]["config"]["kl"] == "prioritized" and runs[a]), None)
+    lines = [f"## {title}", "", f"From the kl_comparison runs: the policy's probability (at its temperature) of the right token at the tracked critical "
+             "tokens, teacher-forced on a fixed probe set of N+1-digit additions; initial → final, mean over seeds [95% interval].", "",
+             "| token | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for key, label in keys:
+        lines.append(f"| {label} | " + " | ".join(f"{num(seeds_at(runs[a], key, 'initial'))} → {num(seeds_at(runs[a], key, 'final'))}"
+                                                  for a in arms) + " |")
+    numbers = {"state": state, "verdict": "not run", "prioritized_arm": prioritized, "standard_arm": standard, "tokens": len(keys)}
+    if standard is None or prioritized is None or not runs[standard] or not keys:
+        verdict, ours = "not run", "needs a standard and a prioritized arm with tracked tokens"
+    else:
+        comparisons = [versus(seeds_at(runs[prioritized], k, "final"), seeds_at(runs[standard], k, "final")) for k, _ in keys]
+        above, clear = sum(c != "not above" for c in comparisons), comparisons.count("clearly above")
+        verdict = "reproduced" if above == len(keys) and clear >= len(keys) / 2 else "partly" if above > len(keys) / 2 else "not reproduced"
+        ours = f"{prioritized} above {standard} at {above} of {len(keys)} tracked tokens ({clear} clearly)"
+        numbers.update(verdict=verdict, above=above, clearly_above=clear)
+    lines += ["", f"Verdict: **{verdict}** ({ours}).", ""]
+    if keys:
+        path = plot_curves(plots, "tracked_tokens", "p(right token) at the tracked critical tokens", runs, keys, rows=2 if len(keys) > 3 else 1)
+        lines += [f"![figure 7]({path})", ""] if path else []
+    return Section(lines, [(finding, PAPER_CLAIMS["tracked_tokens"], ours, verdict)], numbers)
+
+
+def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
+    title = "The KL comparison from several starting models (beyond the paper)"
+    finding = "Prioritized KL's gain vs the starting N+1 competence"
+    state = rep.state("kl_by_model")
+    if state == "not run":
+        return not_run(title, state, [(finding, "kl_by_model")])
+    by_model: dict[str, dict[str, list[dict]]] = {}
+    for arm, jobs in rep.arms("kl_by_model").items():
+        model, name = arm.split("/", 1)
+        by_model.setdefault(model, {})[name] = jobs
+    runs = {m: {a: rep.metrics(jobs) for a, jobs in arms.items()} for m, arms in by_model.items()}
+    start = {m: _pooled_initial(runs[m], "eval/accuracy_greedy") for m in by_model}  # where RL starts, greedy
+    order = sorted(by_model, key=lambda m: (start[m] or Estimate(-1, None, None, 0)).mean)
+    arm_names = list(next(iter(by_model.values())))
+    first = next(iter(by_model[order[0]].values()))[0]["config"]
+    lines = [f"## {title}", "", f"State: {state}. The arms of figure 4 from each model (RL on {first['task']}, KL coefficient "
+             f"{first['kl_coef']}, estimator {first['estimator']}), ordered by the model's greedy accuracy on the RL task before RL. "
+             f"N+1 dose: the fraction of (N+1)-digit additions in the model's pre-training data (a deviation from the paper). "
+             f"Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",
+             "| model | N+1 dose | seeds | initial (greedy) | initial (sampled) | " + " | ".join(f"{a} final (sampled)" for a in arm_names) + " | verdict |",
+             "|---" * (6 + len(arm_names)) + "|"]
+    verdicts, ours, models = {}, [], {}
+    for m in order:
+        arms = by_model[m]
+        finals = {a: seeds_at(runs[m][a], VERDICT_METRIC, "final") for a in arms}
+        standard = _standard_arm(arms)
+        per_arm = {a: VERDICT[versus(finals[a], finals[standard])] for a, jobs in arms.items()
+                   if jobs[0]["config"]["kl"] == "prioritized" and standard and runs[m][a] and runs[m][standard]}
+        verdicts[m] = next((v for v in ("reproduced", "partly", "not reproduced") if v in per_arm.values()), None)
+        dose = rep.models[m]["config"].get("n_plus_one_fraction", 0.0)
+        seeds, of = min(len(rep.finished(j)) for j in arms.values()), max(len(j) for j in arms.values())
+        initial = _pooled_initial(runs[m], VERDICT_METRIC)
+        lines.append(f"| {m} | {100 * dose:g}% | {seeds}/{of} | {pct(start[m])} | {pct(initial)} | "
+                     + " | ".join(pct(finals.get(a)) for a in arm_names) + f" | {'; '.join(f'{a}: {v}' for a, v in per_arm.items()) or '-'} |")
+        if standard and verdicts[m]:
+            ours.append(f"{m} (starts at {pct(start[m])} greedy): "
+                        + ", ".join(f"{a} {pct(finals[a])}" for a in arms if a == standard or arms[a][0]["config"]["kl"] == "prioritized"))
+        models[m] = {"n_plus_one_fraction": dose, "seeds": seeds, "of": of, "start": {"greedy": start[m], "sampled": initial},
+                     "final_sampled": finals, "verdicts": per_arm}
+    found = [v for v in verdicts.values() if v]
+    overall = ("not run" if len(found) < 2 else "reproduced" if all(v == "reproduced" for v in found)
+               else "partly" if any(v != "not reproduced" for v in found) else "not reproduced")
+    if len(found) < 2:  # a dependence on the starting model needs two of them
+        ours = [f"needs two models with finished runs; so far {'; '.join(ours) or 'none'}"]
+    lines += ["", f"Verdict: **{overall}** ({'; '.join(ours)}).", ""]
+    lines += [f"![KL by starting model]({plot_kl_by_model(plots, {m: runs[m] for m in order}, start, arm_names)})", ""]
+    numbers = {"state": state, "verdict": overall, "models": models}
+    return Section(lines, [(finding, PAPER_CLAIMS["kl_by_model"], "; ".join(ours) or "-", overall)], numbers)

@@ -1,0 +1,64 @@
+"""summary.json: the headline numbers of REPORT.md, for programs (the README's numbers are made from it).
+
+Written next to REPORT.md by `critical-tokens report`, from the same computation, so the two always
+agree. Its fields:
+
+- ``preset``, ``command``: the reproduction; ``hardware`` (timing.json's), ``parallel_jobs`` and
+  ``threads_per_job``: where it ran (RL numbers depend on the CPU and the thread count: README);
+  ``wall_s``, ``invocations``: its wall time over how many invocations; ``runs``, ``of``: finished runs.
+- ``verdict_metric``: the metric of the RL verdicts (``eval/accuracy_sampled``).
+- ``findings``: the summary table of REPORT.md, one ``{"finding", "ours", "verdict"}`` per row.
+- ``experiments``: per experiment of the preset (``levels``, ``table1``, ``rl_levels``,
+  ``kl_comparison``, ``beta_sweep``, ``tracked_tokens``, ``kl_by_model``) its ``state``, ``verdict``
+  and the numbers its section states. Every mean with an interval is ``{"mean", "low", "high", "n"}``
+  (a fraction, not %; ``low`` and ``high`` null from a single value; ``n``: seeds, or examples for the
+  evaluation tables, or outputs for table 1), or null where nothing was measured. For example
+  ``kl_comparison``: ``task``, ``episodes``, ``runs``, ``compute_s`` (sum of its runs' wall times),
+  ``start`` (``sampled`` and ``greedy`` accuracy before RL, over the standard arm's seeds:
+  every arm starts from the same evaluation),
+  ``standard_arm``, and per arm ``kl``, ``beta``, ``seeds``, ``final`` (``sampled``, ``greedy``,
+  ``comfort_greedy``: in distribution), ``p_correct_critical`` (``initial``, ``final``) and its
+  ``verdict`` against the standard arm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .document import Section
+from .paper import VERDICT_METRIC
+from .reproduction import Reproduction
+from .statistics import Estimate
+
+FORMAT = 1
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every `Estimate` as a dict, for json."""
+    if isinstance(value, Estimate):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def summary(rep: Reproduction, sections: dict[str, Section]) -> dict:
+    timing = rep.timing or {}
+    return {
+        "format": FORMAT,
+        "preset": rep.meta["preset_name"],
+        "command": rep.meta["command"],
+        "hardware": timing.get("hardware"),
+        "parallel_jobs": rep.meta["parallel_jobs"],
+        "threads_per_job": rep.meta["threads_per_job"],
+        "wall_s": timing.get("wall_s"),
+        "invocations": len(timing.get("invocations", [])),
+        "runs": len(rep.finished(rep.jobs)),
+        "of": len(rep.jobs),
+        "verdict_metric": VERDICT_METRIC,
+        "findings": [{"finding": f, "ours": o, "verdict": v} for s in sections.values() for f, _, o, v in s.summary],
+        "experiments": {name: _plain(s.numbers) for name, s in sections.items()},
+    }
