@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .model import pick_device
+from .runs import start_or_resume
+
+Config = TypeVar("Config")
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,18 @@ def setup(device: torch.device) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def start_run(config: Config, validate: Callable[[Config], None]) -> tuple[Config, Path, Ranks]:
+    """The opening of a training command (``pretrain``, ``rl``): the run directory created, or on
+    ``--resume`` its saved config read back; that config checked; the ranks joined on the device it
+    names; and the seed set. Returns the config that runs, its directory and this process's ranks."""
+    config = start_or_resume(config)
+    validate(config)  # the config that runs: on --resume, the saved one
+    ranks = setup(pick_device(config.device))  # under torchrun: this process's rank; otherwise the only one
+    ranks.barrier()  # every rank has checked --out before rank 0 writes into it
+    torch.manual_seed(config.seed)
+    return config, Path(config.out), ranks
 
 
 def shard(ranks: Ranks, mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

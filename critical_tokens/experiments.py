@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import critical_command, evaluate, pretrain as pretraining, rl_config
 from .critical_command import CriticalConfig
 from .evaluate import EvaluateConfig
 from .preset_fields import SECTIONS, section_fields, typed_fields
@@ -170,8 +171,6 @@ def model_dir_name(name: str, fields: dict, shipped: bool) -> str:
 def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[list[Job], dict]:
     """All the jobs of a preset, in the order they should start, and the models' descriptions.
     Every config is built and checked by its command's own validation."""
-    from . import critical_command, evaluate, pretrain as pretraining, rl_config
-
     models, model_jobs = {}, {}
     for name, spec in preset["models"].items():
         model_config = PretrainConfig(**model_fields(preset, name, where))

@@ -22,8 +22,8 @@ from transformers import get_cosine_schedule_with_warmup
 from . import addition, distributed
 from .config import arg, check_fields, check_range
 from .evaluate import accuracy_on
-from .model import build_model, count_parameters, gpt2_reduced_vocab, load_model, load_pretrained, pick_device, preset
-from .runs import MetricsLog, UserError, atomic_dir, read_metrics, save_config, start_or_resume
+from .model import build_model, count_parameters, gpt2_reduced_vocab, load_model, load_pretrained, preset
+from .runs import MetricsLog, UserError, atomic_dir, read_metrics, save_config
 from .tokenizer import build_tokenizer, encode
 
 
@@ -122,14 +122,8 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
 
 
 def pretrain(config: PretrainConfig) -> Path:
-    config = start_or_resume(config)
-    validate(config)  # the config that runs: on --resume, the saved one
-    run_dir = Path(config.out)
-    device = pick_device(config.device)
-    ranks = distributed.setup(device)  # under torchrun: this process's rank; otherwise the only one
+    config, run_dir, ranks = distributed.start_run(config, validate)
     device = ranks.device
-    ranks.barrier()  # every rank has checked --out before rank 0 writes into it
-    torch.manual_seed(config.seed)
 
     # 1. Data: balanced over operand lengths 1..N (plus, if asked, a dose of N+1), tokenized once.
     tokenizer = build_tokenizer()

@@ -37,10 +37,10 @@ from . import addition, distributed, kl
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
 from .evaluate import accuracy_on
 from .generation import addition_stop_rule, concatenate, generate
-from .model import RL_SLACK, check_fits, count_parameters, load_pretrained, pick_device
+from .model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
 from .rl_config import RLConfig, validate
-from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, start_or_resume
+from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config
 from .tokenizer import encode
 
 
@@ -178,14 +178,8 @@ def evaluate_policy(lm, tokenizer, n_digits: int, plus: int, config: RLConfig, p
 
 
 def train(config: RLConfig) -> Path:
-    config = start_or_resume(config)
-    validate(config)  # the config that runs: on --resume, the saved one
-    run_dir = Path(config.out)
-    device = pick_device(config.device)
-    ranks = distributed.setup(device)  # under torchrun: this process's rank; otherwise the only one
+    config, run_dir, ranks = distributed.start_run(config, validate)
     device = ranks.device
-    ranks.barrier()  # every rank has checked --out before rank 0 writes into it
-    torch.manual_seed(config.seed)
 
     # The frozen reference and the policy both start from the pre-trained model.
     ref_lm, tokenizer, n_digits = load_pretrained(config.pretrained, config.n_digits, kinds=("pretrain",))

@@ -15,10 +15,10 @@ def test_the_readme_numbers_are_those_of_the_committed_reports():
     text = (ROOT / "README.md").read_text()
     found = readme.blocks(text)
     assert found, "README.md has no <!-- numbers: DIR --> ... <!-- /numbers --> block"
-    missing = [m["dir"] for m in found if not (ROOT / m["dir"] / "summary.json").exists()]
+    missing = [m["source"] for m in found if not readme.source(ROOT / "README.md", m).exists()]
     for m in found:
-        if m["dir"] not in missing:
-            assert m[0] == readme.block(ROOT / "README.md", m), f"README.md's numbers from {m['dir']} are not its summary.json's: run make readme"
+        if m["source"] not in missing:
+            assert m[0] == readme.block(ROOT / "README.md", m), f"README.md's numbers from {m['source']} are not its source's: run make readme"
     if missing:
         pytest.skip(f"no summary.json committed yet in {', '.join(missing)}: write it with "
                     f"`critical-tokens report RUN_DIR --to DIR`, then `make readme`")
@@ -30,14 +30,22 @@ def _estimate(mean, low, high, n=10):
 
 SUMMARY = {  # as `critical-tokens report` writes it, reduced to what the README block reads
     "preset": "cpu-full", "hardware": {"cpu": "AMD EPYC", "cores": 2, "gpu": None, "gpus": 0}, "threads_per_job": 1,
-    "experiments": {"kl_comparison": {
+    "experiments": {"kl_by_model": {
+        "state": "partial: 28 of 60 runs finished", "verdict": "not reproduced",
+        "models": {"n3-d1": {"n_plus_one_fraction": 0.01, "seeds": 2, "of": 10,
+                             "start": {"greedy": _estimate(0.016, 0.002, 0.1), "sampled": _estimate(0.0, 0.0, 0.07)},
+                             "final_sampled": {"standard": _estimate(0.0, 0.0, 0.716, 2), "prioritized": None},
+                             "verdicts": {}}}},
+        "kl_comparison": {
         "state": "complete", "verdict": "not reproduced", "task": "plus1", "episodes": 640, "runs": 20, "compute_s": 6182.4,
         "start": {"sampled": _estimate(0.109, 0.086, 0.138), "greedy": _estimate(0.15, 0.123, 0.182)},
         "arms": {
             "standard": {"kl": "standard", "beta": "-", "seeds": 10,
+                         "curve": {"lowest": {"episode": 160, "sampled": _estimate(0.003, 0.0, 0.02), "comfort_greedy": _estimate(0.2, 0.1, 0.35)},
+                                   "highest": {"episode": 0, "sampled": _estimate(0.109, 0.086, 0.138), "comfort_greedy": None}},
                          "final": {"sampled": _estimate(0.081, 0.052, 0.124), "greedy": _estimate(0.134, None, None, 1),
                                    "comfort_greedy": _estimate(0.925, 0.83, 0.969)}},
-            "prioritized": {"kl": "prioritized", "beta": "8", "seeds": 10,
+            "prioritized": {"kl": "prioritized", "beta": "auto (1.68..1.79)", "beta_used": [1.6812, 1.7893], "seeds": 10,
                             "final": {"sampled": _estimate(0.066, 0.034, 0.122), "greedy": None,
                                       "comfort_greedy": _estimate(0.562, 0.285, 0.806)}}}}},
 }
@@ -62,7 +70,7 @@ def test_make_readme_rewrites_the_marked_block_and_nothing_else(tmp_path, capsys
   | | sampled N+1 | greedy N+1 | in distribution (greedy) |
   |---|---|---|---|
   | standard KL | 8.1% [5.2, 12.4] | 13.4% | 92.5% [83.0, 96.9] |
-  | prioritized KL (beta = 8) | 6.6% [3.4, 12.2] | - | 56.2% [28.5, 80.6] |
+  | prioritized KL (beta = auto: 1.68..1.79) | 6.6% [3.4, 12.2] | - | 56.2% [28.5, 80.6] |
 
   <!-- /numbers -->
 """ + after
@@ -78,3 +86,35 @@ def test_a_readme_without_a_closed_block_is_an_error(tmp_path, capsys):
     assert readme.main([str(path)]) == 2
     assert "unclosed" in capsys.readouterr().err
     assert path.read_text() == "<!-- numbers: docs/results/cpu-full -->\nno end marker\n"
+
+
+def test_the_other_parts_curves_kl_by_model_and_a_regime_row(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "summary.json").write_text(json.dumps(SUMMARY))
+    (tmp_path / "row.json").write_text(json.dumps({
+        "name": "tiny-n3-d3", "examples": 1000, "eval_seed": 2027,
+        "accuracy": {"identical@+0": 0.998, "varying@+0": 1.0, "identical@+1": 0.177, "varying@+1": 0.218},
+        "sampled": {"n_plus_1@T=1": 0.126}, "gap_critical": -0.1064, "gap_non_critical": 0.00348, "failures_at_critical": 0.1394}))
+    path = tmp_path / "README.md"
+    path.write_text("<!-- numbers: r curves -->\n<!-- /numbers -->\n<!-- numbers: r kl_by_model -->\n<!-- /numbers -->\n"
+                    "<!-- numbers: row.json -->\n<!-- /numbers -->\n")
+    assert readme.main([str(path)]) == 0
+    text = " ".join(path.read_text().split())  # the lines unwrapped
+    # the arm without a curve is left out; a missing value is "-"
+    assert ("- standard KL: lowest 0.3% [0.0, 2.0] at episode 160 (in distribution 20.0% [10.0, 35.0]), highest 10.9% [8.6, 13.8] "
+            "at episode 0 of 640. <!-- /numbers -->") in text
+    assert "prioritized KL (beta = auto: 1.68..1.79): lowest" not in text
+    assert "- `n3-d1` (N+1 dose 1%, starts at 1.6% [0.2, 10.0] greedy), 2 of 10 seeds: standard 0.0% [0.0, 71.6], prioritized -" in text
+    assert "State: partial: 28 of 60 runs finished; verdict: **not reproduced**." in text
+    assert "`tiny-n3-d3` on 1,000 examples per cell, evaluation seed 2027:" in text
+    assert "- 17.7% / 21.8% greedy at N+1, and 12.6% of sampled N+1 rollouts are right at T = 1;" in text
+    assert "13.9% of its greedy N+1 failures start at a critical token." in text
+
+
+def test_an_unknown_part_is_an_error(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "summary.json").write_text(json.dumps(SUMMARY))
+    path = tmp_path / "README.md"
+    path.write_text("<!-- numbers: r tables -->\n<!-- /numbers -->\n")
+    assert readme.main([str(path)]) == 2
+    assert "unknown part 'tables'" in capsys.readouterr().err

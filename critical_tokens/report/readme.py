@@ -1,10 +1,15 @@
 """The README's numbers, generated from a committed report's summary.json instead of typed by hand.
 
-README.md marks each generated block with the directory of the report it comes from::
+README.md marks each generated block with where its numbers come from, and which of them::
 
     <!-- numbers: docs/results/cpu-full -->
     (generated from docs/results/cpu-full/summary.json: the outcome of the KL comparison)
     <!-- /numbers -->
+
+The source is a report's directory (its summary.json) or a row of the regime search
+(``docs/regime/NAME.json``). After a report's directory, a part may follow: ``kl_comparison`` (the
+default: the outcome table), ``curves`` (where each arm's mean curve is lowest and highest) or
+``kl_by_model`` (the comparison from several starting models).
 
 ``python -m critical_tokens.report.readme README.md`` (``make readme``) rewrites the lines between
 each pair of markers and nothing else; ``tests/test_readme.py`` fails when a committed block differs
@@ -25,7 +30,8 @@ from ..runs import UserError, atomic_write_text, read_json
 from .document import duration
 from .statistics import Estimate, pct
 
-BLOCK = re.compile(r"^(?P<indent>[ \t]*)<!-- numbers: (?P<dir>\S+) -->\n(?P<body>.*?)^(?P=indent)<!-- /numbers -->$", re.M | re.S)
+BLOCK = re.compile(r"^(?P<indent>[ \t]*)<!-- numbers: (?P<source>\S+)(?: (?P<part>[a-z_]+))? -->\n(?P<body>.*?)^(?P=indent)<!-- /numbers -->$",
+                   re.M | re.S)
 WIDTH = 105  # the README's line length
 
 
@@ -38,8 +44,10 @@ def _arm_label(arm: dict) -> str:
         return "no KL"
     if arm["kl"] != "prioritized":
         return f"{arm['kl']} KL"
-    beta = str(arm["beta"])
-    return f"prioritized KL (beta = {beta})" if not beta.startswith("auto ") else f"prioritized KL (beta = auto: {beta[6:-1]})"
+    if not str(arm["beta"]).startswith("auto"):
+        return f"prioritized KL (beta = {arm['beta']})"
+    used = arm.get("beta_used")
+    return "prioritized KL (beta = auto" + (f": {used[0]:.3g}..{used[1]:.3g})" if used else ")")
 
 
 def _machine(summary: dict) -> str:
@@ -65,7 +73,7 @@ def outcome(summary: dict) -> list[str]:
             f"verdict: **{kl['verdict']}**. {'Both arms start' if len(arms) == 2 else f'All {len(arms)} arms start'} at "
             f"{pct(_estimate(start['sampled']))} sampled accuracy on {digits} (greedy {pct(_estimate(start['greedy']))}). "
             f"Final accuracy, mean over {f'{seeds.pop()} seeds' if len(seeds) == 1 else 'seeds'} [95% interval]:")
-    lines = textwrap.wrap(text, WIDTH, break_long_words=False, break_on_hyphens=False)
+    lines = _wrap(text)
     lines += ["", f"| | sampled {digits} | greedy {digits} | in distribution (greedy) |", "|---|---|---|---|"]
     for arm in arms.values():
         final = {k: pct(_estimate(v)) for k, v in arm["final"].items()}
@@ -73,17 +81,93 @@ def outcome(summary: dict) -> list[str]:
     return lines + [""]  # a blank line: the closing marker must not read as a row of the table
 
 
+def _wrap(text: str) -> list[str]:
+    return textwrap.wrap(text, WIDTH, break_long_words=False, break_on_hyphens=False)
+
+
+def _bullet(text: str) -> list[str]:
+    lines = textwrap.wrap(text, WIDTH - 2, break_long_words=False, break_on_hyphens=False)
+    return ["- " + lines[0]] + ["  " + line for line in lines[1:]]
+
+
+def curves(summary: dict) -> list[str]:
+    """Where each arm's mean curve of sampled accuracy on the RL task is lowest and highest, with the
+    in-distribution accuracy at that episode: the shape of the curves behind the final numbers."""
+    kl = summary["experiments"].get("kl_comparison", {"state": "not run"})
+    if kl["state"] == "not run":
+        raise UserError(f"the report of preset {summary['preset']!r} has no kl_comparison runs to put in the README")
+    lines = []
+    for arm in kl["arms"].values():
+        c = arm.get("curve")
+        if not c:
+            continue
+        lo, hi = c["lowest"], c["highest"]
+        lines += _bullet(f"{_arm_label(arm)}: lowest {pct(_estimate(lo['sampled']))} at episode {lo['episode']} (in distribution "
+                         f"{pct(_estimate(lo['comfort_greedy']))}), highest {pct(_estimate(hi['sampled']))} at episode {hi['episode']} "
+                         f"of {kl['episodes']}.")
+    return lines + [""]
+
+
+def kl_by_model(summary: dict) -> list[str]:
+    """The KL comparison from several starting models: per model, its dose, where RL starts and each
+    arm's final sampled accuracy, with the seeds behind them."""
+    by_model = summary["experiments"].get("kl_by_model", {"state": "not run"})
+    if by_model["state"] == "not run":
+        raise UserError(f"the report of preset {summary['preset']!r} has no kl_by_model runs to put in the README")
+    lines = _wrap(f"State: {by_model['state']}; verdict: **{by_model['verdict']}**. Final sampled accuracy on the RL task, "
+                  "mean over seeds [95% interval]:")
+    for name, m in by_model["models"].items():
+        finals = ", ".join(f"{arm} {pct(_estimate(e))}" for arm, e in m["final_sampled"].items())
+        verdicts = "; ".join(f"{arm}: {v}" for arm, v in m["verdicts"].items()) or "no verdict"
+        lines += _bullet(f"`{name}` (N+1 dose {100 * m['n_plus_one_fraction']:g}%, starts at {pct(_estimate(m['start']['greedy']))} "
+                         f"greedy), {m['seeds']} of {m['of']} seeds: {finals} ({verdicts}).")
+    return lines + [""]
+
+
+def regime(row: dict) -> list[str]:
+    """One row of the regime search (``docs/regime/NAME.json``): the model's accuracies, its certainty
+    gap at the critical tokens and where its N+1 failures start."""
+    acc = row["accuracy"]
+    sampled = row.get("sampled") or {}
+    seed = f", evaluation seed {row['eval_seed']}" if row.get("eval_seed") is not None else ""
+    lines = _wrap(f"`{row['name']}` on {row['examples']:,} examples per cell{seed}:")
+    lines += _bullet(f"{100 * acc['identical@+0']:.1f}% / {100 * acc['varying@+0']:.1f}% greedy in distribution "
+                     "(identical / varying digits);")
+    rl = f", and {100 * sampled['n_plus_1@T=1']:.1f}% of sampled N+1 rollouts are right at T = 1" if "n_plus_1@T=1" in sampled else ""
+    lines += _bullet(f"{100 * acc['identical@+1']:.1f}% / {100 * acc['varying@+1']:.1f}% greedy at N+1{rl};")
+    lines += _bullet(f"certainty gap Δ = {row['gap_critical']:+.3f} at the critical tokens against {row['gap_non_critical']:+.4f} "
+                     f"elsewhere; {100 * row['failures_at_critical']:.1f}% of its greedy N+1 failures start at a critical token.")
+    return lines + [""]
+
+
+PARTS = {"kl_comparison": outcome, "curves": curves, "kl_by_model": kl_by_model}
+
+
 def blocks(text: str) -> list[re.Match]:
-    """Each marked block of a README, markers included: ``m["indent"]``, ``m["dir"]`` (the report's
-    directory, relative to the README) and ``m["body"]`` (the lines between the markers)."""
+    """Each marked block of a README, markers included: ``m["indent"]``, ``m["source"]`` (a report's
+    directory or a ``.json`` row of the regime search, relative to the README), ``m["part"]`` (None:
+    the default) and ``m["body"]`` (the lines between the markers)."""
     return list(BLOCK.finditer(text))
 
 
+def source(readme: Path, m: re.Match) -> Path:
+    """The file block ``m`` of ``readme`` is generated from."""
+    path = readme.parent / m["source"]
+    return path if path.suffix == ".json" else path / "summary.json"
+
+
 def block(readme: Path, m: re.Match) -> str:
-    """The block ``m`` of ``readme`` as generated from its directory's summary.json, markers included."""
-    lines = outcome(read_json(readme.parent / m["dir"] / "summary.json"))
+    """The block ``m`` of ``readme`` as generated from its source, markers included."""
+    data = read_json(source(readme, m))
+    if m["source"].endswith(".json"):
+        lines = regime(data)
+    elif (m["part"] or "kl_comparison") in PARTS:
+        lines = PARTS[m["part"] or "kl_comparison"](data)
+    else:
+        raise UserError(f"{readme}: unknown part {m['part']!r} of <!-- numbers: {m['source']} -->; one of {', '.join(PARTS)}")
     body = textwrap.indent("\n".join(lines) + "\n", m["indent"], lambda line: line.strip() != "")
-    return f"{m['indent']}<!-- numbers: {m['dir']} -->\n{body}{m['indent']}<!-- /numbers -->"
+    part = f" {m['part']}" if m["part"] else ""
+    return f"{m['indent']}<!-- numbers: {m['source']}{part} -->\n{body}{m['indent']}<!-- /numbers -->"
 
 
 def rewrite(readme: Path) -> str:

@@ -16,7 +16,7 @@ from .document import Section, not_run
 from .paper import PAPER_CLAIMS, VERDICT_METRIC
 from .plots import ACCURACY_PANELS, Plots, plot_beta_sweep, plot_curves, plot_kl_by_model
 from .reproduction import Reproduction, Runs, at, gains
-from .statistics import VERDICT, Estimate, num, over_seeds, pct, seeds_at, t_interval, versus
+from .statistics import VERDICT, Estimate, band, num, pct, seeds_at, t_interval, versus
 
 
 def _arm_runs(rep: Reproduction, experiment: str) -> dict[str, Runs]:
@@ -27,16 +27,24 @@ def _seeds(rep: Reproduction, jobs: list[dict]) -> str:
     return f"{len(rep.finished(jobs))}/{len(jobs)}"
 
 
+def _beta_range(rep: Reproduction, jobs: list[dict]) -> list[float] | None:
+    """The lowest and highest beta the finished runs of a prioritized arm used (from their config.json:
+    'auto' is resolved there); None for another KL or before any run finished."""
+    if jobs[0]["config"]["kl"] != "prioritized":
+        return None
+    used = [b for b in (rep.run_config(j).get("beta") for j in rep.finished(jobs)) if b is not None]
+    return [float(min(used)), float(max(used))] if used else None
+
+
 def _betas(rep: Reproduction, jobs: list[dict]) -> str:
-    """The beta each run used (from its config.json: 'auto' is resolved there)."""
+    """The beta of an arm as the report shows it: the configured one, or for 'auto' the range used."""
     cfg = jobs[0]["config"]
     if cfg["kl"] != "prioritized":
         return "-"
-    used = [rep.run_config(j).get("beta") for j in rep.finished(jobs)]
-    used = [b for b in used if b is not None]
     if cfg["beta"] != "auto":
         return cfg["beta"]
-    return "auto" + (f" ({min(used):.3g}..{max(used):.3g})" if used else "")
+    used = _beta_range(rep, jobs)
+    return "auto" + (f" ({used[0]:.3g}..{used[1]:.3g})" if used else "")
 
 
 def _standard_arm(arms: dict[str, list[dict]]) -> str | None:
@@ -44,9 +52,29 @@ def _standard_arm(arms: dict[str, list[dict]]) -> str | None:
     return "standard" if "standard" in standard else (standard[0] if standard else None)
 
 
-def _pooled_initial(runs: dict[str, Runs], key: str) -> Estimate | None:
-    """Every arm starts from the same model: the initial ``key`` over the runs of all arms."""
-    return over_seeds([v for r in runs.values() for v in at(r, key, "initial")], key, next(iter(runs.values())))
+def _start(runs: dict[str, Runs], standard: str | None) -> dict[str, Estimate | None]:
+    """Where RL starts: sampled and greedy accuracy before RL. Every arm starts from the same model and,
+    seed for seed, the same evaluation (its episodes and samples are seeded by the seed alone), so one
+    arm's seeds give it: the standard arm's, else the first arm with runs. Pooling the arms would count
+    each seed's evaluation once per arm and make the interval too narrow."""
+    base = standard if standard and runs.get(standard) else next((a for a in runs if runs[a]), None)
+    r = runs[base] if base else []
+    return {"sampled": seeds_at(r, VERDICT_METRIC, "initial"), "greedy": seeds_at(r, "eval/accuracy_greedy", "initial")}
+
+
+def _extremes(runs: Runs) -> dict | None:
+    """Where an arm's mean curve of `VERDICT_METRIC` is lowest and highest (the first such evaluation):
+    its episode, the estimate there, and the in-distribution greedy accuracy at the same episode."""
+    episodes, curve = band(runs, VERDICT_METRIC)
+    if not episodes:
+        return None
+    comfort = dict(zip(*band(runs, "eval/comfort_accuracy_greedy")))
+    means = [e.mean for e in curve]
+
+    def point(i: int) -> dict:
+        return {"episode": episodes[i], "sampled": curve[i], "comfort_greedy": comfort.get(episodes[i])}
+
+    return {"lowest": point(means.index(min(means))), "highest": point(means.index(max(means)))}
 
 
 def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
@@ -108,12 +136,13 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
     per_arm = {}
     for arm, jobs in arms.items():
         r = runs[arm]
-        per_arm[arm] = {"kl": jobs[0]["config"]["kl"], "beta": _betas(rep, jobs), "seeds": len(r), "of": len(jobs),
+        per_arm[arm] = {"kl": jobs[0]["config"]["kl"], "beta": _betas(rep, jobs), "beta_used": _beta_range(rep, jobs),
+                        "seeds": len(r), "of": len(jobs),
                         "final": {"sampled": seeds_at(r, VERDICT_METRIC, "final"), "greedy": seeds_at(r, "eval/accuracy_greedy", "final"),
                                   "comfort_greedy": seeds_at(r, "eval/comfort_accuracy_greedy", "final")},
                         "p_correct_critical": {"initial": seeds_at(r, "p_correct/critical_mean", "initial"),
                                                "final": seeds_at(r, "p_correct/critical_mean", "final")},
-                        "verdict": None}
+                        "curve": _extremes(r), "verdict": None}
         a = per_arm[arm]
         lines.append(f"| {arm} | {a['kl']} | {a['beta']} | {_seeds(rep, jobs)} | {pct(a['final']['sampled'])} | "
                      f"{pct(a['final']['greedy'])} | {pct(a['final']['comfort_greedy'])} | "
@@ -136,13 +165,9 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
                        (("kl", "KL estimate per token"), ("weight_mean", "mean KL weight w = c^beta")), ylabel="")
     lines += [f"![KL and weights]({path})", ""] if path else []
     jobs = rep.experiment_jobs("kl_comparison")
-    # Where RL starts: every arm starts from the same model and, seed for seed, the same evaluation
-    # (its episodes and samples are seeded by the seed alone), so one arm's seeds give it.
-    base = standard if standard and runs[standard] else next(a for a in arms if runs[a])
     numbers = {"state": state, "verdict": overall, "task": first["task"], "episodes": first["episodes"], "standard_arm": standard,
                "runs": len(rep.finished(jobs)), "of": len(jobs), "compute_s": rep.compute_s("kl_comparison"),
-               "start": {"sampled": seeds_at(runs[base], VERDICT_METRIC, "initial"), "greedy": seeds_at(runs[base], "eval/accuracy_greedy", "initial")},
-               "arms": per_arm}
+               "start": _start(runs, standard), "arms": per_arm}
     return Section(lines, [(finding, PAPER_CLAIMS["kl_comparison"], "; ".join(ours) or "-", overall)], numbers)
 
 
@@ -241,7 +266,8 @@ def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
         model, name = arm.split("/", 1)
         by_model.setdefault(model, {})[name] = jobs
     runs = {m: {a: rep.metrics(jobs) for a, jobs in arms.items()} for m, arms in by_model.items()}
-    start = {m: _pooled_initial(runs[m], "eval/accuracy_greedy") for m in by_model}  # where RL starts, greedy
+    starts = {m: _start(runs[m], _standard_arm(arms)) for m, arms in by_model.items()}
+    start = {m: s["greedy"] for m, s in starts.items()}  # where RL starts, greedy: the order of the models
     order = sorted(by_model, key=lambda m: (start[m] or Estimate(-1, None, None, 0)).mean)
     arm_names = list(next(iter(by_model.values())))
     first = next(iter(by_model[order[0]].values()))[0]["config"]
@@ -261,7 +287,7 @@ def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
         verdicts[m] = next((v for v in ("reproduced", "partly", "not reproduced") if v in per_arm.values()), None)
         dose = rep.models[m]["config"].get("n_plus_one_fraction", 0.0)
         seeds, of = min(len(rep.finished(j)) for j in arms.values()), max(len(j) for j in arms.values())
-        initial = _pooled_initial(runs[m], VERDICT_METRIC)
+        initial = starts[m]["sampled"]
         lines.append(f"| {m} | {100 * dose:g}% | {seeds}/{of} | {pct(start[m])} | {pct(initial)} | "
                      + " | ".join(pct(finals.get(a)) for a in arm_names) + f" | {'; '.join(f'{a}: {v}' for a, v in per_arm.items()) or '-'} |")
         if standard and verdicts[m]:
