@@ -30,6 +30,7 @@ def _estimate(mean, low, high, n=10):
 
 SUMMARY = {  # as `critical-tokens report` writes it, reduced to what the README block reads
     "preset": "cpu-full", "hardware": {"cpu": "AMD EPYC", "cores": 2, "gpu": None, "gpus": 0}, "threads_per_job": 1,
+    "wall_s": 1705.0, "parallel_jobs": 2, "invocations": 1,
     "experiments": {"kl_by_model": {
         "state": "partial: 28 of 60 runs finished", "verdict": "not reproduced",
         "models": {"n3-d1": {"n_plus_one_fraction": 0.01, "seeds": 2, "of": 10,
@@ -60,12 +61,13 @@ def test_make_readme_rewrites_the_marked_block_and_nothing_else(tmp_path, capsys
     path.write_text(before + "  <!-- numbers: docs/results/cpu-full -->\n  | stale | 1% |\n  <!-- /numbers -->\n" + after)
 
     assert readme.main([str(path)]) == 0
-    # 6182.4 s = 1h43m02s; 0.109 -> 10.9%; a value from one seed has no interval; a missing one is "-"
+    # 6182.4 s = 1h43m02s, 1705 s = 28m25s; 0.109 -> 10.9%; a value from one seed has no interval; a missing one is "-"
     assert path.read_text() == before + """\
   <!-- numbers: docs/results/cpu-full -->
-  20 runs of 640 episodes, 1h43m02s of compute on AMD EPYC (2 cores, 1 torch thread per run); verdict:
-  **not reproduced**. Both arms start at 10.9% [8.6, 13.8] sampled accuracy on N+1 (greedy 15.0% [12.3,
-  18.2]). Final accuracy, mean over 10 seeds [95% interval]:
+  20 runs of 640 episodes, 1h43m02s of compute on AMD EPYC (2 cores, 1 torch thread per run). The whole
+  reproduction took 28m25s of wall time, in one invocation (2 runs in parallel). Verdict: **not
+  reproduced**. Both arms start at 10.9% [8.6, 13.8] sampled accuracy on N+1 (greedy 15.0% [12.3, 18.2]).
+  Final accuracy, mean over 10 seeds [95% interval]:
 
   | | sampled N+1 | greedy N+1 | in distribution (greedy) |
   |---|---|---|---|
@@ -118,3 +120,8 @@ def test_an_unknown_part_is_an_error(tmp_path, capsys):
     path.write_text("<!-- numbers: r tables -->\n<!-- /numbers -->\n")
     assert readme.main([str(path)]) == 2
     assert "unknown part 'tables'" in capsys.readouterr().err
+
+
+def test_the_wall_time_is_stated_only_for_a_reproduction_made_in_one_invocation():
+    text = " ".join(readme.outcome({**SUMMARY, "invocations": 3}))
+    assert "wall time" not in text and "Verdict: **not reproduced**" in text

@@ -69,8 +69,12 @@ def outcome(summary: dict) -> list[str]:
     arms = kl["arms"]
     seeds = {a["seeds"] for a in arms.values()}
     start = kl["start"]
-    text = (f"{kl['runs']} runs of {kl['episodes']} episodes, {duration(kl['compute_s'])} of compute on {_machine(summary)}; "
-            f"verdict: **{kl['verdict']}**. {'Both arms start' if len(arms) == 2 else f'All {len(arms)} arms start'} at "
+    # The wall time measures the reproduction only when one invocation ran it all (an interrupted
+    # invocation records none, and resumed ones add up to less than the whole).
+    wall = "" if not summary.get("wall_s") or summary.get("invocations") != 1 else (
+        f" The whole reproduction took {duration(summary['wall_s'])} of wall time, in one invocation ({summary['parallel_jobs']} runs in parallel).")
+    text = (f"{kl['runs']} runs of {kl['episodes']} episodes, {duration(kl['compute_s'])} of compute on {_machine(summary)}.{wall} "
+            f"Verdict: **{kl['verdict']}**. {'Both arms start' if len(arms) == 2 else f'All {len(arms)} arms start'} at "
             f"{pct(_estimate(start['sampled']))} sampled accuracy on {digits} (greedy {pct(_estimate(start['greedy']))}). "
             f"Final accuracy, mean over {f'{seeds.pop()} seeds' if len(seeds) == 1 else 'seeds'} [95% interval]:")
     lines = _wrap(text)
