@@ -59,12 +59,18 @@ def _machine(summary: dict) -> str:
     return f"{hw.get('cpu', '?')} ({hw.get('cores', '?')} cores{gpu}, {threads} torch thread{'s' if threads != 1 else ''} per run)"
 
 
+def _experiment(summary: dict, name: str) -> dict:
+    """The numbers of experiment ``name`` in a report's summary.json; an error if it did not run."""
+    numbers = summary["experiments"].get(name, {"state": "not run"})
+    if numbers["state"] == "not run":
+        raise UserError(f"the report of preset {summary['preset']!r} has no {name} runs to put in the README")
+    return numbers
+
+
 def outcome(summary: dict) -> list[str]:
     """The block for one report: the KL comparison's runs, where they start, and each arm's final
     accuracy (sampled and greedy on the RL task, greedy in distribution) with its 95% interval."""
-    kl = summary["experiments"].get("kl_comparison", {"state": "not run"})
-    if kl["state"] == "not run":
-        raise UserError(f"the report of preset {summary['preset']!r} has no kl_comparison runs to put in the README")
+    kl = _experiment(summary, "kl_comparison")
     digits = "N+" + kl["task"].removeprefix("plus")
     arms = kl["arms"]
     seeds = {a["seeds"] for a in arms.values()}
@@ -85,21 +91,19 @@ def outcome(summary: dict) -> list[str]:
     return lines + [""]  # a blank line: the closing marker must not read as a row of the table
 
 
-def _wrap(text: str) -> list[str]:
-    return textwrap.wrap(text, WIDTH, break_long_words=False, break_on_hyphens=False)
+def _wrap(text: str, width: int = WIDTH) -> list[str]:
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 def _bullet(text: str) -> list[str]:
-    lines = textwrap.wrap(text, WIDTH - 2, break_long_words=False, break_on_hyphens=False)
+    lines = _wrap(text, WIDTH - 2)
     return ["- " + lines[0]] + ["  " + line for line in lines[1:]]
 
 
 def curves(summary: dict) -> list[str]:
     """Where each arm's mean curve of sampled accuracy on the RL task is lowest and highest, with the
     in-distribution accuracy at that episode: the shape of the curves behind the final numbers."""
-    kl = summary["experiments"].get("kl_comparison", {"state": "not run"})
-    if kl["state"] == "not run":
-        raise UserError(f"the report of preset {summary['preset']!r} has no kl_comparison runs to put in the README")
+    kl = _experiment(summary, "kl_comparison")
     lines = []
     for arm in kl["arms"].values():
         c = arm.get("curve")
@@ -115,9 +119,7 @@ def curves(summary: dict) -> list[str]:
 def kl_by_model(summary: dict) -> list[str]:
     """The KL comparison from several starting models: per model, its dose, where RL starts and each
     arm's final sampled accuracy, with the seeds behind them."""
-    by_model = summary["experiments"].get("kl_by_model", {"state": "not run"})
-    if by_model["state"] == "not run":
-        raise UserError(f"the report of preset {summary['preset']!r} has no kl_by_model runs to put in the README")
+    by_model = _experiment(summary, "kl_by_model")
     lines = _wrap(f"State: {by_model['state']}; verdict: **{by_model['verdict']}**. Final sampled accuracy on the RL task, "
                   "mean over seeds [95% interval]:")
     for name, m in by_model["models"].items():
@@ -154,24 +156,29 @@ def blocks(text: str) -> list[re.Match]:
     return list(BLOCK.finditer(text))
 
 
+def _is_regime_row(m: re.Match) -> bool:
+    return m["source"].endswith(".json")
+
+
 def source(readme: Path, m: re.Match) -> Path:
     """The file block ``m`` of ``readme`` is generated from."""
     path = readme.parent / m["source"]
-    return path if path.suffix == ".json" else path / "summary.json"
+    return path if _is_regime_row(m) else path / "summary.json"
 
 
 def block(readme: Path, m: re.Match) -> str:
     """The block ``m`` of ``readme`` as generated from its source, markers included."""
     data = read_json(source(readme, m))
-    if m["source"].endswith(".json"):
+    part = m["part"] or "kl_comparison"
+    if _is_regime_row(m):
         lines = regime(data)
-    elif (m["part"] or "kl_comparison") in PARTS:
-        lines = PARTS[m["part"] or "kl_comparison"](data)
+    elif part in PARTS:
+        lines = PARTS[part](data)
     else:
         raise UserError(f"{readme}: unknown part {m['part']!r} of <!-- numbers: {m['source']} -->; one of {', '.join(PARTS)}")
     body = textwrap.indent("\n".join(lines) + "\n", m["indent"], lambda line: line.strip() != "")
-    part = f" {m['part']}" if m["part"] else ""
-    return f"{m['indent']}<!-- numbers: {m['source']}{part} -->\n{body}{m['indent']}<!-- /numbers -->"
+    marker = f"{m['source']} {m['part']}" if m["part"] else m["source"]
+    return f"{m['indent']}<!-- numbers: {marker} -->\n{body}{m['indent']}<!-- /numbers -->"
 
 
 def rewrite(readme: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 from .document import Section, not_run
 from .paper import PAPER_CLAIMS, VERDICT_METRIC
@@ -36,14 +37,14 @@ def _beta_range(rep: Reproduction, jobs: list[dict]) -> list[float] | None:
     return [float(min(used)), float(max(used))] if used else None
 
 
-def _betas(rep: Reproduction, jobs: list[dict]) -> str:
-    """The beta of an arm as the report shows it: the configured one, or for 'auto' the range used."""
+def _betas(jobs: list[dict], used: list[float] | None) -> str:
+    """The beta of an arm as the report shows it: the configured one, or for 'auto' the range
+    ``used`` (its `_beta_range`)."""
     cfg = jobs[0]["config"]
     if cfg["kl"] != "prioritized":
         return "-"
     if cfg["beta"] != "auto":
         return cfg["beta"]
-    used = _beta_range(rep, jobs)
     return "auto" + (f" ({used[0]:.3g}..{used[1]:.3g})" if used else "")
 
 
@@ -52,14 +53,18 @@ def _standard_arm(arms: dict[str, list[dict]]) -> str | None:
     return "standard" if "standard" in standard else (standard[0] if standard else None)
 
 
+def _accuracies(runs: Runs, which: Literal["initial", "final"]) -> dict[str, Estimate | None]:
+    """Sampled and greedy accuracy on the RL task, before RL (``initial``) or after it, over seeds."""
+    return {"sampled": seeds_at(runs, VERDICT_METRIC, which), "greedy": seeds_at(runs, "eval/accuracy_greedy", which)}
+
+
 def _start(runs: dict[str, Runs], standard: str | None) -> dict[str, Estimate | None]:
     """Where RL starts: sampled and greedy accuracy before RL. Every arm starts from the same model and,
     seed for seed, the same evaluation (its episodes and samples are seeded by the seed alone), so one
     arm's seeds give it: the standard arm's, else the first arm with runs. Pooling the arms would count
     each seed's evaluation once per arm and make the interval too narrow."""
     base = standard if standard and runs.get(standard) else next((a for a in runs if runs[a]), None)
-    r = runs[base] if base else []
-    return {"sampled": seeds_at(r, VERDICT_METRIC, "initial"), "greedy": seeds_at(r, "eval/accuracy_greedy", "initial")}
+    return _accuracies(runs[base] if base else [], "initial")
 
 
 def _extremes(runs: Runs) -> dict | None:
@@ -93,8 +98,7 @@ def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
     for m in order:
         r = runs[m]
         models[m] = {"n_digits": rep.n_digits(m), "seeds": len(r), "of": len(arms[m]),
-                     "initial": {"sampled": seeds_at(r, VERDICT_METRIC, "initial"), "greedy": seeds_at(r, "eval/accuracy_greedy", "initial")},
-                     "final": {"sampled": seeds_at(r, VERDICT_METRIC, "final"), "greedy": seeds_at(r, "eval/accuracy_greedy", "final")},
+                     "initial": _accuracies(r, "initial"), "final": _accuracies(r, "final"),
                      "gain_sampled": t_interval(gains(r, VERDICT_METRIC))}
         n = models[m]
         lines.append(f"| {m} | {rep.n_digits(m)} | {_seeds(rep, arms[m])} | {pct(n['initial']['sampled'])} | {pct(n['final']['sampled'])} | "
@@ -135,11 +139,10 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
              "|---|---|---|---|---|---|---|---|"]
     per_arm = {}
     for arm, jobs in arms.items():
-        r = runs[arm]
-        per_arm[arm] = {"kl": jobs[0]["config"]["kl"], "beta": _betas(rep, jobs), "beta_used": _beta_range(rep, jobs),
+        r, used = runs[arm], _beta_range(rep, jobs)
+        per_arm[arm] = {"kl": jobs[0]["config"]["kl"], "beta": _betas(jobs, used), "beta_used": used,
                         "seeds": len(r), "of": len(jobs),
-                        "final": {"sampled": seeds_at(r, VERDICT_METRIC, "final"), "greedy": seeds_at(r, "eval/accuracy_greedy", "final"),
-                                  "comfort_greedy": seeds_at(r, "eval/comfort_accuracy_greedy", "final")},
+                        "final": {**_accuracies(r, "final"), "comfort_greedy": seeds_at(r, "eval/comfort_accuracy_greedy", "final")},
                         "p_correct_critical": {"initial": seeds_at(r, "p_correct/critical_mean", "initial"),
                                                "final": seeds_at(r, "p_correct/critical_mean", "final")},
                         "curve": _extremes(r), "verdict": None}
@@ -194,7 +197,7 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
     per_arm = {}
     for arm in order:
         against = "-" if base is None or arm == base else versus(finals[arm], finals[base])
-        label = "0 (standard)" if beta_of(arm) == 0 else _betas(rep, arms[arm])
+        label = "0 (standard)" if beta_of(arm) == 0 else _betas(arms[arm], _beta_range(rep, arms[arm]))
         greedy = seeds_at(runs[arm], "eval/accuracy_greedy", "final")
         lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(greedy)} | {against} |")
         per_arm[arm] = {"beta": label, "seeds": len(runs[arm]), "of": len(arms[arm]), "final": {"sampled": finals[arm], "greedy": greedy},
