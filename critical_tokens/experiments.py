@@ -223,6 +223,11 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
 
 def _rl_arms(experiments: dict, where: str):
     """(experiment, [(arm, model, RLConfig overrides)]) of each RL experiment."""
+    # rl_levels first: its run from the least trained model is the longest (its rollouts run to the
+    # maximum length); started last, it would run alone at the end with the other cores idle.
+    if "rl_levels" in experiments:
+        spec = experiments["rl_levels"]
+        yield "rl_levels", [(m, m, {}) for m in spec["models"]]
     if "kl_comparison" in experiments:
         spec = experiments["kl_comparison"]
         yield "kl_comparison", [(name, spec["model"], overrides) for name, overrides in _kl_arms(spec, "kl_comparison", where)]
@@ -236,9 +241,6 @@ def _rl_arms(experiments: dict, where: str):
             else:
                 arms.append((f"beta-{text}" if text == "auto" else f"beta{text}", spec["model"], {"kl": "prioritized", "beta": text}))
         yield "beta_sweep", arms
-    if "rl_levels" in experiments:
-        spec = experiments["rl_levels"]
-        yield "rl_levels", [(m, m, {}) for m in spec["models"]]
     if "kl_by_model" in experiments:
         spec = experiments["kl_by_model"]
         yield "kl_by_model", [(f"{m}/{name}", m, overrides) for m in spec["models"] for name, overrides in _kl_arms(spec, "kl_by_model", where)]

@@ -39,9 +39,13 @@ def _estimate(e: dict | None) -> Estimate | None:
     return None if e is None else Estimate(**e)
 
 
-def _arm_label(arm: dict) -> str:
+def _arm_label(arm: dict, kl: dict) -> str:
+    """An arm as the README names it; its KL coefficient only where it differs from the standard arm's."""
     if arm["kl"] == "none":
         return "no KL"
+    base = kl["arms"].get(kl.get("standard_arm") or "", {}).get("kl_coef")
+    if arm.get("kl_coef") is not None and base is not None and arm["kl_coef"] != base:
+        return _arm_label({**arm, "kl_coef": None}, kl).replace(" KL", f" KL with alpha = {arm['kl_coef']:g}", 1)
     if arm["kl"] != "prioritized":
         return f"{arm['kl']} KL"
     if not str(arm["beta"]).startswith("auto"):
@@ -87,7 +91,7 @@ def outcome(summary: dict) -> list[str]:
     lines += ["", f"| | sampled {digits} | greedy {digits} | in distribution (greedy) |", "|---|---|---|---|"]
     for arm in arms.values():
         final = {k: pct(_estimate(v)) for k, v in arm["final"].items()}
-        lines.append(f"| {_arm_label(arm)} | {final['sampled']} | {final['greedy']} | {final['comfort_greedy']} |")
+        lines.append(f"| {_arm_label(arm, kl)} | {final['sampled']} | {final['greedy']} | {final['comfort_greedy']} |")
     return lines + [""]  # a blank line: the closing marker must not read as a row of the table
 
 
@@ -110,7 +114,7 @@ def curves(summary: dict) -> list[str]:
         if not c:
             continue
         lo, hi = c["lowest"], c["highest"]
-        lines += _bullet(f"{_arm_label(arm)}: lowest {pct(_estimate(lo['sampled']))} at episode {lo['episode']} (in distribution "
+        lines += _bullet(f"{_arm_label(arm, kl)}: lowest {pct(_estimate(lo['sampled']))} at episode {lo['episode']} (in distribution "
                          f"{pct(_estimate(lo['comfort_greedy']))}), highest {pct(_estimate(hi['sampled']))} at episode {hi['episode']} "
                          f"of {kl['episodes']}.")
     return lines + [""]

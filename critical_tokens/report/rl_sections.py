@@ -91,7 +91,8 @@ def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
     runs = _arm_runs(rep, "rl_levels")
     order = sorted((m for m in arms if runs[m]), key=rep.n_digits)
     task = arms[order[0]][0]["config"]["task"] if order else "plus2"
-    lines = [f"## {title}", "", f"State: {state}. RL on {task} from each model; `{VERDICT_METRIC}` and greedy accuracy on the RL task, "
+    settings = _rl_settings(arms[order[0]][0]["config"]) if order else f"RL on {task}"
+    lines = [f"## {title}", "", f"State: {state}. {settings} from each model; `{VERDICT_METRIC}` and greedy accuracy on the RL task, "
              "mean over seeds [95% interval].", "",
              "| model | N | seeds | initial (sampled) | final (sampled) | gain (sampled) | initial (greedy) | final (greedy) |", "|---|---|---|---|---|---|---|---|"]
     models = {}
@@ -123,6 +124,11 @@ def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
     return Section(lines, [("RL from several pre-training levels (figure 3)", PAPER_CLAIMS["rl_levels"], ours, verdict)], numbers)
 
 
+def _rl_settings(config: dict) -> str:
+    """The RL algorithm and its size, as a run's config states them (the paper: A2C)."""
+    return f"RL by {config.get('algorithm', 'a2c').upper()} at lr {config['lr']:g}, {config['episodes']} episodes on {config['task']}"
+
+
 def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
     title = "Prioritized vs standard KL (figure 4)"
     state = rep.state("kl_comparison")
@@ -132,7 +138,7 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
     arms = rep.arms("kl_comparison")
     runs = _arm_runs(rep, "kl_comparison")
     first = next(iter(arms.values()))[0]["config"]
-    lines = [f"## {title}", "", f"State: {state}. RL on {first['task']} from `{Path(first['pretrained']).name}`, "
+    lines = [f"## {title}", "", f"State: {state}. {_rl_settings(first)} from `{Path(first['pretrained']).name}`, "
              f"KL coefficient {first['kl_coef']}, estimator {first['estimator']}; final accuracy on the RL task and probability of the "
              "right token at the critical tokens (mean over the probe set), mean over seeds [95% interval].", "",
              "| arm | KL | beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | p(right) at critical tokens: initial → final |",
@@ -140,14 +146,15 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
     per_arm = {}
     for arm, jobs in arms.items():
         r, used = runs[arm], _beta_range(rep, jobs)
-        per_arm[arm] = {"kl": jobs[0]["config"]["kl"], "beta": _betas(jobs, used), "beta_used": used,
+        per_arm[arm] = {"kl": jobs[0]["config"]["kl"], "kl_coef": jobs[0]["config"]["kl_coef"], "beta": _betas(jobs, used), "beta_used": used,
                         "seeds": len(r), "of": len(jobs),
                         "final": {**_accuracies(r, "final"), "comfort_greedy": seeds_at(r, "eval/comfort_accuracy_greedy", "final")},
                         "p_correct_critical": {"initial": seeds_at(r, "p_correct/critical_mean", "initial"),
                                                "final": seeds_at(r, "p_correct/critical_mean", "final")},
                         "curve": _extremes(r), "verdict": None}
         a = per_arm[arm]
-        lines.append(f"| {arm} | {a['kl']} | {a['beta']} | {_seeds(rep, jobs)} | {pct(a['final']['sampled'])} | "
+        coef = f" (alpha {a['kl_coef']:g})" if a["kl"] != "none" and a["kl_coef"] != first["kl_coef"] else ""
+        lines.append(f"| {arm} | {a['kl']}{coef} | {a['beta']} | {_seeds(rep, jobs)} | {pct(a['final']['sampled'])} | "
                      f"{pct(a['final']['greedy'])} | {pct(a['final']['comfort_greedy'])} | "
                      f"{num(a['p_correct_critical']['initial'])} → {num(a['p_correct_critical']['final'])} |")
     standard = _standard_arm(arms)
@@ -161,7 +168,7 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
         ours.append(f"{arm} {pct(a)} vs {standard} {pct(b)}: {v}")
     overall = "not run" if not verdicts else "reproduced" if "reproduced" in verdicts else "partly" if "partly" in verdicts else "not reproduced"
     lines += ["", f"Verdict: **{overall}**" + (f" ({'; '.join(ours)})." if ours else "."), ""]
-    path = plot_curves(plots, "kl_comparison", f"RL on {first['task']}: KL penalties", runs,
+    path = plot_curves(plots, "kl_comparison", f"RL by {first.get('algorithm', 'a2c').upper()} on {first['task']}: KL penalties", runs,
                        ACCURACY_PANELS + (("p_correct/critical_mean", "p(right token) at critical tokens"),), rows=2)
     lines += [f"![figure 4]({path})", ""] if path else []
     path = plot_curves(plots, "kl_comparison_weights", "KL term and prioritized weights", runs,
@@ -189,7 +196,7 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
 
     order = sorted(arms, key=beta_of)
     finals = {arm: seeds_at(runs[arm], VERDICT_METRIC, "final") for arm in order}
-    lines = [f"## {title}", "", f"State: {state}. beta = 0 is the standard KL penalty; `auto` calibrates beta on the reference model "
+    lines = [f"## {title}", "", f"State: {state}. {_rl_settings(arms[order[0]][0]['config'])}. beta = 0 is the standard KL penalty; `auto` calibrates beta on the reference model "
              f"(the value each seed used is in its config.json). Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",
              "| beta | seeds | final (sampled) | final (greedy) | against beta = 0 |", "|---|---|---|---|---|"]
     base = next((a for a in order if beta_of(a) == 0), None)
@@ -274,7 +281,7 @@ def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
     order = sorted(by_model, key=lambda m: (start[m] or Estimate(-1, None, None, 0)).mean)
     arm_names = list(next(iter(by_model.values())))
     first = next(iter(by_model[order[0]].values()))[0]["config"]
-    lines = [f"## {title}", "", f"State: {state}. The arms of figure 4 from each model (RL on {first['task']}, KL coefficient "
+    lines = [f"## {title}", "", f"State: {state}. The arms of figure 4 from each model ({_rl_settings(first)}, KL coefficient "
              f"{first['kl_coef']}, estimator {first['estimator']}), ordered by the model's greedy accuracy on the RL task before RL. "
              f"N+1 dose: the fraction of (N+1)-digit additions in the model's pre-training data (a deviation from the paper). "
              f"Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",

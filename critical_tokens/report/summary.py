@@ -16,7 +16,7 @@ agree. Its fields:
   ``kl_comparison``: ``task``, ``episodes``, ``runs``, ``compute_s`` (sum of its runs' wall times),
   ``start`` (``sampled`` and ``greedy`` accuracy before RL, over the standard arm's seeds:
   every arm starts from the same evaluation),
-  ``standard_arm``, and per arm ``kl``, ``beta`` (as the report shows it), ``beta_used`` (``[lowest, highest]`` beta
+  ``standard_arm``, and per arm ``kl``, ``kl_coef``, ``beta`` (as the report shows it), ``beta_used`` (``[lowest, highest]`` beta
   the finished runs used, null for another KL), ``seeds``, ``final`` (``sampled``, ``greedy``,
   ``comfort_greedy``: in distribution), ``p_correct_critical`` (``initial``, ``final``), ``curve``
   (``lowest`` and ``highest``: the ``episode`` where the mean sampled accuracy is lowest or highest,
