@@ -125,3 +125,16 @@ def test_an_unknown_part_is_an_error(tmp_path, capsys):
 def test_the_wall_time_is_stated_only_for_a_reproduction_made_in_one_invocation():
     text = " ".join(readme.outcome({**SUMMARY, "invocations": 3}))
     assert "wall time" not in text and "Verdict: **not reproduced**" in text
+
+
+def test_an_arm_with_its_own_kl_coefficient_is_named_by_it():
+    """The control arm of cpu-rloo (the standard penalty at alpha 0.8) must not read as a second "standard KL"."""
+    kl = json.loads(json.dumps(SUMMARY["experiments"]["kl_comparison"]))
+    kl["standard_arm"] = "standard"
+    kl["arms"]["standard"]["kl_coef"] = 5.0
+    kl["arms"]["prioritized"]["kl_coef"] = 5.0
+    kl["arms"]["standard-alpha0.8"] = {**kl["arms"]["standard"], "kl_coef": 0.8}
+    labels = [readme._arm_label(arm, kl) for arm in kl["arms"].values()]
+    assert labels == ["standard KL", "prioritized KL (beta = auto: 1.68..1.79)", "standard KL with alpha = 0.8"]
+    table = "\n".join(readme.outcome({**SUMMARY, "experiments": {"kl_comparison": kl}}))
+    assert "| standard KL with alpha = 0.8 | 8.1% [5.2, 12.4] |" in table
