@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from critical_tokens.experiments import load_preset
@@ -61,12 +60,13 @@ def row(name: str, run_dir: Path) -> dict:
     evaluations = [m for m in read_metrics(run_dir) if "eval/accuracy_sampled" in m]
     return {"name": name, "algorithm": config["algorithm"], "kl": config["kl"], "lr": config["lr"],
             "sampled": {m["episodes"]: m["eval/accuracy_sampled"] for m in evaluations},
-            "final": evaluations[-1], "episodes": config["episodes"]}
+            "final": evaluations[-1]}
 
 
 def render(runs_dir: Path) -> str:
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    rows = [row(n, runs_dir / n / "seed0") for n in CONFIGS if finished(runs_dir / n / "seed0")]
+    done = {n: finished(runs_dir / n / "seed0") for n in CONFIGS}
+    rows = [row(n, runs_dir / n / "seed0") for n in CONFIGS if done[n]]
     episodes = sorted({e for r in rows for e in r["sampled"]})
     lines = ["# Can RL learn N+1 from the CPU model? A2C, RLOO and GRPO", "",
              "Produced by `python experiments/rl_algorithms.py` (do not edit by hand: rerun `--render`). One seed (0) per "
@@ -82,7 +82,7 @@ def render(runs_dir: Path) -> str:
         lines.append(f"| {r['name']} | {r['algorithm']} | {r['kl']} | {r['lr']:g} | "
                      + " | ".join(pct(r["sampled"][e]) if e in r["sampled"] else "-" for e in episodes)
                      + f" | {pct(r['final']['eval/accuracy_greedy'])} | {pct(r['final']['eval/comfort_accuracy_greedy'])} |")
-    missing = [n for n in CONFIGS if not finished(runs_dir / n / "seed0")]
+    missing = [n for n in CONFIGS if not done[n]]
     if missing:
         lines += ["", "Not run yet: " + ", ".join(f"`{n}`" for n in missing) + "."]
     if CONCLUSION.exists():

@@ -43,15 +43,14 @@ def _arm_label(arm: dict, kl: dict) -> str:
     """An arm as the README names it; its KL coefficient only where it differs from the standard arm's."""
     if arm["kl"] == "none":
         return "no KL"
-    base = kl["arms"].get(kl.get("standard_arm") or "", {}).get("kl_coef")
-    if arm.get("kl_coef") is not None and base is not None and arm["kl_coef"] != base:
-        return _arm_label({**arm, "kl_coef": None}, kl).replace(" KL", f" KL with alpha = {arm['kl_coef']:g}", 1)
+    base, coef = kl["arms"].get(kl.get("standard_arm") or "", {}).get("kl_coef"), arm.get("kl_coef")
+    name = f"{arm['kl']} KL" + (f" with alpha = {coef:g}" if coef is not None and base is not None and coef != base else "")
     if arm["kl"] != "prioritized":
-        return f"{arm['kl']} KL"
+        return name
     if not str(arm["beta"]).startswith("auto"):
-        return f"prioritized KL (beta = {arm['beta']})"
+        return f"{name} (beta = {arm['beta']})"
     used = arm.get("beta_used")
-    return "prioritized KL (beta = auto" + (f": {used[0]:.3g}..{used[1]:.3g})" if used else ")")
+    return f"{name} (beta = auto" + (f": {used[0]:.3g}..{used[1]:.3g})" if used else ")")
 
 
 def _machine(summary: dict) -> str:

@@ -124,9 +124,14 @@ def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
     return Section(lines, [("RL from several pre-training levels (figure 3)", PAPER_CLAIMS["rl_levels"], ours, verdict)], numbers)
 
 
+def _algorithm(config: dict) -> str:
+    """A run's RL algorithm (runs made before the option existed are A2C, the paper's)."""
+    return config.get("algorithm", "a2c").upper()
+
+
 def _rl_settings(config: dict) -> str:
-    """The RL algorithm and its size, as a run's config states them (the paper: A2C)."""
-    return f"RL by {config.get('algorithm', 'a2c').upper()} at lr {config['lr']:g}, {config['episodes']} episodes on {config['task']}"
+    """The RL algorithm and its size, as a run's config states them."""
+    return f"RL by {_algorithm(config)} at lr {config['lr']:g}, {config['episodes']} episodes on {config['task']}"
 
 
 def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
@@ -168,7 +173,7 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
         ours.append(f"{arm} {pct(a)} vs {standard} {pct(b)}: {v}")
     overall = "not run" if not verdicts else "reproduced" if "reproduced" in verdicts else "partly" if "partly" in verdicts else "not reproduced"
     lines += ["", f"Verdict: **{overall}**" + (f" ({'; '.join(ours)})." if ours else "."), ""]
-    path = plot_curves(plots, "kl_comparison", f"RL by {first.get('algorithm', 'a2c').upper()} on {first['task']}: KL penalties", runs,
+    path = plot_curves(plots, "kl_comparison", f"RL by {_algorithm(first)} on {first['task']}: KL penalties", runs,
                        ACCURACY_PANELS + (("p_correct/critical_mean", "p(right token) at critical tokens"),), rows=2)
     lines += [f"![figure 4]({path})", ""] if path else []
     path = plot_curves(plots, "kl_comparison_weights", "KL term and prioritized weights", runs,
