@@ -45,7 +45,7 @@ class ValueHead(nn.Module):
 
     Linear(d_model, 128) - Tanh - Linear(128, 128) - Tanh - Linear(128, 1) (SPEC section 4). It
     shares the transformer with the policy: the hidden states are not detached, so value gradients
-    flow into the language model.
+    flow into the language model (``rl --detach-critic`` detaches them, beyond the paper).
     """
 
     def __init__(self, d_model, hidden=(128, 128)):

@@ -46,12 +46,14 @@ from .tokenizer import encode
 
 class Policy(torch.nn.Module):
     """The language model and the critic's value head, sharing the transformer (SPEC section 4).
-    grpo and rloo have no critic: ``value_head`` None, and the values None."""
+    grpo and rloo have no critic: ``value_head`` None, and the values None. ``detach_critic``: the
+    head reads the hidden states detached, so the value loss trains the head alone."""
 
-    def __init__(self, lm, value_head: ValueHead | None):
+    def __init__(self, lm, value_head: ValueHead | None, detach_critic: bool = False):
         super().__init__()
         self.lm = lm
         self.value_head = value_head
+        self.detach_critic = detach_critic
 
     def forward(self, sequences, attention_mask, prompt_length: int, temperature: float):
         """Teacher-forced pass over prompt + completion; returns the action logits at the policy
@@ -61,7 +63,11 @@ class Policy(torch.nn.Module):
         out = self.lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=critic)
         states = slice(prompt_length - 1, sequences.shape[1] - 1)  # state t predicts completion token t
         logits = out.logits[:, states].float() / temperature  # (B, T, V)
-        values = self.value_head(out.hidden_states[-1][:, states]) if critic else None  # (B, T)
+        if critic:
+            hidden = out.hidden_states[-1][:, states]  # (B, T, D)
+            values = self.value_head(hidden.detach() if self.detach_critic else hidden)  # (B, T)
+        else:
+            values = None
         return logits, values
 
 
@@ -190,7 +196,7 @@ def train(config: RLConfig) -> Path:
     value_head = ValueHead(lm.config.n_embd) if critic else None
     if config.resume and critic:
         value_head.load_state_dict(load_file(str(run_dir / "model" / "value_head.safetensors")))
-    policy = Policy(lm, value_head).to(device).train()
+    policy = Policy(lm, value_head, config.detach_critic).to(device).train()
     train_policy = ranks.wrap(policy)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
 

@@ -18,6 +18,7 @@ class RLConfig:
     algorithm: Literal["a2c", "ppo", "grpo", "rloo"] = arg("a2c", "a2c (the paper's), ppo (clipped ratio, several epochs per collect, critic), or grpo / rloo (group baselines over --group-size episodes per prompt, no critic)")
     group_size: int = arg(8, "grpo, rloo: episodes per prompt (--batch-size must be a multiple of it)")
     update_epochs: int | None = arg(None, "passes over each collect (default: 4 for ppo, 1 otherwise)")
+    detach_critic: bool = arg(False, "a2c, ppo: the value head reads the transformer's hidden states detached, so value-loss gradients do not reach the language model (the paper: shared)")
     clip_range: float = arg(0.2, "ppo, grpo, rloo: epsilon of the clipped probability ratio")
     kl: Literal["none", "standard", "prioritized"] = arg("prioritized", "KL penalty to the pre-trained model: none, standard, or prioritized by the reference's certainty (the paper's method)")
     beta: str = arg("150", "prioritized KL exponent: w = c^beta (the paper: 150), or 'auto' to calibrate it on the reference model (see --auto-beta-quantile)")
@@ -73,6 +74,8 @@ def validate(config: RLConfig) -> None:
         raise UserError("--auto-beta-quantile and --auto-beta-weight must be in (0, 1)")
     if config.algorithm in ("grpo", "rloo") and (config.group_size < 2 or config.batch_size % config.group_size):
         raise UserError(f"--algorithm {config.algorithm}: --group-size must be >= 2 and divide --batch-size, got {config.group_size} and {config.batch_size}")
+    if config.detach_critic and config.algorithm not in ("a2c", "ppo"):
+        raise UserError(f"--detach-critic: --algorithm {config.algorithm} has no critic (a2c and ppo have one)")
     if config.update_epochs is not None and config.update_epochs < 1:
         raise UserError(f"--update-epochs must be positive, got {config.update_epochs}")
     if not config.clip_range > 0:

@@ -28,21 +28,24 @@ TABLE = ROOT / "docs" / "rl-algorithms.md"
 MODEL = "critical_tokens/checkpoints/tiny-n3-d3"  # relative: run the script from the repository root
 CONCLUSION = ROOT / "docs" / "rl-algorithms-conclusion.md"  # written by hand from the table
 
-# name -> (algorithm, kl, lr). 2e-4 is the cpu and cpu-full presets' A2C learning rate, 2e-5 the `rl`
-# command's default.
+# name -> (algorithm, kl, lr, detach_critic). 2e-4 is the cpu and cpu-full presets' A2C learning rate,
+# 2e-5 the `rl` command's default. The a2c-detached rows test why A2C collapses: its value head reads
+# the transformer's hidden states detached, so the value loss no longer moves the language model.
 CONFIGS = {
-    **{f"a2c-{kl}-lr{lr}": ("a2c", kl, float(lr)) for lr in ("2e-4", "6e-5", "2e-5") for kl in ("none", "standard")},
-    "rloo-none-lr2e-5": ("rloo", "none", 2e-5),
-    "rloo-none-lr6e-5": ("rloo", "none", 6e-5),
-    "rloo-standard-lr6e-5": ("rloo", "standard", 6e-5),
-    "grpo-none-lr6e-5": ("grpo", "none", 6e-5),
+    **{f"a2c-{kl}-lr{lr}": ("a2c", kl, float(lr), False) for lr in ("2e-4", "6e-5", "2e-5") for kl in ("none", "standard")},
+    "rloo-none-lr2e-5": ("rloo", "none", 2e-5, False),
+    "rloo-none-lr6e-5": ("rloo", "none", 6e-5, False),
+    "rloo-standard-lr6e-5": ("rloo", "standard", 6e-5, False),
+    "grpo-none-lr6e-5": ("grpo", "none", 6e-5, False),
+    "a2c-detached-none-lr2e-4": ("a2c", "none", 2e-4, True),
+    "a2c-detached-none-lr2e-5": ("a2c", "none", 2e-5, True),
 }
 
 
 def config_of(name: str, runs_dir: Path) -> RLConfig:
-    algorithm, kl, lr = CONFIGS[name]
+    algorithm, kl, lr, detach_critic = CONFIGS[name]
     preset, where = load_preset("cpu-full")
-    fields = section_fields(preset, "rl", {"algorithm": algorithm, "kl": kl, "lr": lr, "group_size": 8}, where)
+    fields = section_fields(preset, "rl", {"algorithm": algorithm, "kl": kl, "lr": lr, "group_size": 8, "detach_critic": detach_critic}, where)
     return RLConfig(**fields, pretrained=MODEL, out=str(runs_dir / name / "seed0"), seed=0)
 
 
@@ -58,7 +61,8 @@ def row(name: str, run_dir: Path) -> dict:
     """A run's evaluations: sampled and greedy N+1 accuracy and greedy in-distribution accuracy."""
     config = read_json(run_dir / "config.json")["config"]
     evaluations = [m for m in read_metrics(run_dir) if "eval/accuracy_sampled" in m]
-    return {"name": name, "algorithm": config["algorithm"], "kl": config["kl"], "lr": config["lr"],
+    algorithm = config["algorithm"] + (" (detached critic)" if config.get("detach_critic") else "")
+    return {"name": name, "algorithm": algorithm, "kl": config["kl"], "lr": config["lr"],
             "sampled": {m["episodes"]: m["eval/accuracy_sampled"] for m in evaluations},
             "final": evaluations[-1]}
 

@@ -26,8 +26,8 @@ rl_algorithms = script("rl_algorithms")
 def test_every_rl_algorithm_probe_is_a_valid_run_of_the_shipped_model(name, tmp_path):
     config = rl_algorithms.config_of(name, tmp_path)
     rl_config.validate(config)
-    algorithm, kl, lr = rl_algorithms.CONFIGS[name]
-    assert (config.algorithm, config.kl, config.lr, config.seed) == (algorithm, kl, lr, 0)
+    algorithm, kl, lr, detach_critic = rl_algorithms.CONFIGS[name]
+    assert (config.algorithm, config.kl, config.lr, config.detach_critic, config.seed) == (algorithm, kl, lr, detach_critic, 0)
     assert (ROOT / config.pretrained / "model").is_dir()
 
 
