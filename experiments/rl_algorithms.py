@@ -37,7 +37,6 @@ CONFIGS = {
     "rloo-none-lr6e-5": ("rloo", "none", 6e-5, False),
     "rloo-standard-lr6e-5": ("rloo", "standard", 6e-5, False),
     "grpo-none-lr6e-5": ("grpo", "none", 6e-5, False),
-    "a2c-detached-none-lr2e-4": ("a2c", "none", 2e-4, True),
     "a2c-detached-none-lr2e-5": ("a2c", "none", 2e-5, True),
 }
 

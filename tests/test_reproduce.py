@@ -219,6 +219,12 @@ def test_summary_json_holds_the_numbers_report_md_states(smoke):
         cells = [pct(Estimate(**e) if e else None) for e in numbers["final"].values()]
         assert " | ".join(cells) in row
         assert any(" | ".join(cells) in line for line in readme.outcome(summary))  # the README's table, from the same numbers
+    sweep = summary["experiments"]["beta_sweep"]
+    for numbers in sweep["arms"].values():  # figure 6's table: final sampled, greedy, in distribution
+        row = next(line for line in report.splitlines() if line.startswith(f"| {numbers['beta']} | "))
+        cells = [pct(Estimate(**e) if e else None) for e in numbers["final"].values()]
+        assert len(cells) == 3 and " | ".join(cells) in row
+        assert any(" | ".join(cells) in line for line in readme.beta_sweep(summary))
 
 
 def test_a_changed_hyperparameter_is_refused_not_mixed(smoke, tmp_path):

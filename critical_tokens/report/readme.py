@@ -8,8 +8,9 @@ README.md marks each generated block with where its numbers come from, and which
 
 The source is a report's directory (its summary.json) or a row of the regime search
 (``docs/regime/NAME.json``). After a report's directory, a part may follow: ``kl_comparison`` (the
-default: the outcome table), ``curves`` (where each arm's mean curve is lowest and highest) or
-``kl_by_model`` (the comparison from several starting models).
+default: the outcome table), ``curves`` (where each arm's mean curve is lowest and highest),
+``kl_by_model`` (the comparison from several starting models) or ``beta_sweep`` (the sensitivity to
+beta).
 
 ``python -m critical_tokens.report.readme README.md`` (``make readme``) rewrites the lines between
 each pair of markers and nothing else; ``tests/test_readme.py`` fails when a committed block differs
@@ -133,6 +134,20 @@ def kl_by_model(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def beta_sweep(summary: dict) -> list[str]:
+    """The sensitivity to beta: each beta's final accuracy (sampled and greedy on the RL task, greedy in
+    distribution) with its 95% interval, beta = 0 being the standard penalty."""
+    sweep = _experiment(summary, "beta_sweep")
+    seeds = {a["seeds"] for a in sweep["arms"].values()}
+    lines = _wrap(f"State: {sweep['state']}; verdict: **{sweep['verdict']}**. Final accuracy, mean over "
+                  f"{f'{seeds.pop()} seeds' if len(seeds) == 1 else 'seeds'} [95% interval]:")
+    lines += ["", "| beta | sampled | greedy | in distribution (greedy) |", "|---|---|---|---|"]
+    for arm in sweep["arms"].values():
+        final = {k: pct(_estimate(v)) for k, v in arm["final"].items()}
+        lines.append(f"| {arm['beta']} | {final['sampled']} | {final['greedy']} | {final.get('comfort_greedy', '-')} |")
+    return lines + [""]
+
+
 def regime(row: dict) -> list[str]:
     """One row of the regime search (``docs/regime/NAME.json``): the model's accuracies, its certainty
     gap at the critical tokens and where its N+1 failures start."""
@@ -149,7 +164,7 @@ def regime(row: dict) -> list[str]:
     return lines + [""]
 
 
-PARTS = {"kl_comparison": outcome, "curves": curves, "kl_by_model": kl_by_model}
+PARTS = {"kl_comparison": outcome, "curves": curves, "kl_by_model": kl_by_model, "beta_sweep": beta_sweep}
 
 
 def blocks(text: str) -> list[re.Match]:

@@ -203,7 +203,7 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
     finals = {arm: seeds_at(runs[arm], VERDICT_METRIC, "final") for arm in order}
     lines = [f"## {title}", "", f"State: {state}. {_rl_settings(arms[order[0]][0]['config'])}. beta = 0 is the standard KL penalty; `auto` calibrates beta on the reference model "
              f"(the value each seed used is in its config.json). Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",
-             "| beta | seeds | final (sampled) | final (greedy) | against beta = 0 |", "|---|---|---|---|---|"]
+             "| beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | against beta = 0 |", "|---|---|---|---|---|---|"]
     base = next((a for a in order if beta_of(a) == 0), None)
     fixed = [a for a in order if 0 < beta_of(a) < math.inf and runs[a]]
     per_arm = {}
@@ -211,9 +211,10 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
         against = "-" if base is None or arm == base else versus(finals[arm], finals[base])
         label = "0 (standard)" if beta_of(arm) == 0 else _betas(arms[arm], _beta_range(rep, arms[arm]))
         greedy = seeds_at(runs[arm], "eval/accuracy_greedy", "final")
-        lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(greedy)} | {against} |")
-        per_arm[arm] = {"beta": label, "seeds": len(runs[arm]), "of": len(arms[arm]), "final": {"sampled": finals[arm], "greedy": greedy},
-                        "against_standard": against}
+        comfort = seeds_at(runs[arm], "eval/comfort_accuracy_greedy", "final")
+        lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(greedy)} | {pct(comfort)} | {against} |")
+        per_arm[arm] = {"beta": label, "seeds": len(runs[arm]), "of": len(arms[arm]),
+                        "final": {"sampled": finals[arm], "greedy": greedy, "comfort_greedy": comfort}, "against_standard": against}
     if base is None or not runs[base] or not fixed:
         verdict, ours = "not run", "needs beta = 0 and at least one fixed beta > 0"
     else:
