@@ -39,7 +39,7 @@ from .evaluate import accuracy_on
 from .generation import addition_stop_rule, concatenate, generate
 from .model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
-from .rl_config import RLConfig, validate
+from .rl_config import CRITIC_ALGORITHMS, RLConfig, validate
 from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config
 from .tokenizer import encode
 
@@ -192,7 +192,7 @@ def train(config: RLConfig) -> Path:
     ref_lm.to(device).eval().requires_grad_(False)
     start = run_dir / "model" if config.resume else Path(config.pretrained)
     lm, _, _ = load_pretrained(start, n_digits)
-    critic = config.algorithm in ("a2c", "ppo")
+    critic = config.algorithm in CRITIC_ALGORITHMS
     value_head = ValueHead(lm.config.n_embd) if critic else None
     if config.resume and critic:
         value_head.load_state_dict(load_file(str(run_dir / "model" / "value_head.safetensors")))

@@ -11,6 +11,9 @@ from .config import arg, check_fields, check_range
 from .runs import UserError
 
 
+CRITIC_ALGORITHMS = ("a2c", "ppo")  # the algorithms with a value head; grpo and rloo use group baselines
+
+
 @dataclass(frozen=True)
 class RLConfig:
     pretrained: str = arg(None, "pre-training run to fine-tune (its model/ is the policy's start and the frozen reference)", positional=True, metavar="PRETRAINED_RUN")
@@ -74,8 +77,8 @@ def validate(config: RLConfig) -> None:
         raise UserError("--auto-beta-quantile and --auto-beta-weight must be in (0, 1)")
     if config.algorithm in ("grpo", "rloo") and (config.group_size < 2 or config.batch_size % config.group_size):
         raise UserError(f"--algorithm {config.algorithm}: --group-size must be >= 2 and divide --batch-size, got {config.group_size} and {config.batch_size}")
-    if config.detach_critic and config.algorithm not in ("a2c", "ppo"):
-        raise UserError(f"--detach-critic: --algorithm {config.algorithm} has no critic (a2c and ppo have one)")
+    if config.detach_critic and config.algorithm not in CRITIC_ALGORITHMS:
+        raise UserError(f"--detach-critic: --algorithm {config.algorithm} has no critic ({' and '.join(CRITIC_ALGORITHMS)} have one)")
     if config.update_epochs is not None and config.update_epochs < 1:
         raise UserError(f"--update-epochs must be positive, got {config.update_epochs}")
     if not config.clip_range > 0:

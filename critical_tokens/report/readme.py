@@ -71,13 +71,18 @@ def _experiment(summary: dict, name: str) -> dict:
     return numbers
 
 
+def _mean_over(arms: dict) -> str:
+    """'mean over 10 seeds' when every arm has that many, else 'mean over seeds'."""
+    seeds = {a["seeds"] for a in arms.values()}
+    return f"mean over {seeds.pop()} seeds" if len(seeds) == 1 else "mean over seeds"
+
+
 def outcome(summary: dict) -> list[str]:
     """The block for one report: the KL comparison's runs, where they start, and each arm's final
     accuracy (sampled and greedy on the RL task, greedy in distribution) with its 95% interval."""
     kl = _experiment(summary, "kl_comparison")
     digits = "N+" + kl["task"].removeprefix("plus")
     arms = kl["arms"]
-    seeds = {a["seeds"] for a in arms.values()}
     start = kl["start"]
     # The wall time measures the reproduction only when one invocation ran it all (an interrupted
     # invocation records none, and resumed ones add up to less than the whole).
@@ -86,7 +91,7 @@ def outcome(summary: dict) -> list[str]:
     text = (f"{kl['runs']} runs of {kl['episodes']} episodes, {duration(kl['compute_s'])} of compute on {_machine(summary)}.{wall} "
             f"Verdict: **{kl['verdict']}**. {'Both arms start' if len(arms) == 2 else f'All {len(arms)} arms start'} at "
             f"{pct(_estimate(start['sampled']))} sampled accuracy on {digits} (greedy {pct(_estimate(start['greedy']))}). "
-            f"Final accuracy, mean over {f'{seeds.pop()} seeds' if len(seeds) == 1 else 'seeds'} [95% interval]:")
+            f"Final accuracy, {_mean_over(arms)} [95% interval]:")
     lines = _wrap(text)
     lines += ["", f"| | sampled {digits} | greedy {digits} | in distribution (greedy) |", "|---|---|---|---|"]
     for arm in arms.values():
@@ -138,9 +143,8 @@ def beta_sweep(summary: dict) -> list[str]:
     """The sensitivity to beta: each beta's final accuracy (sampled and greedy on the RL task, greedy in
     distribution) with its 95% interval, beta = 0 being the standard penalty."""
     sweep = _experiment(summary, "beta_sweep")
-    seeds = {a["seeds"] for a in sweep["arms"].values()}
-    lines = _wrap(f"State: {sweep['state']}; verdict: **{sweep['verdict']}**. Final accuracy, mean over "
-                  f"{f'{seeds.pop()} seeds' if len(seeds) == 1 else 'seeds'} [95% interval]:")
+    lines = _wrap(f"State: {sweep['state']}; verdict: **{sweep['verdict']}**. Final accuracy, {_mean_over(sweep['arms'])} "
+                  "[95% interval]:")
     lines += ["", "| beta | sampled | greedy | in distribution (greedy) |", "|---|---|---|---|"]
     for arm in sweep["arms"].values():
         final = {k: pct(_estimate(v)) for k, v in arm["final"].items()}
