@@ -171,8 +171,9 @@ class PaperDesign:
 
 # ----------------------------------------------------------------------------------------------- TRL
 def run_trl(pretrained: Path, out: Path, completion_length: int, completions_per_step: int, num_generations: int,
-            steps: int, beta: float) -> dict:
-    """TRL's GRPOTrainer for `steps` optimizer steps (the first is not timed); episodes/min."""
+            steps: int, beta: float, gpu: bool = False) -> dict:
+    """TRL's GRPOTrainer for `steps` optimizer steps (the first is not timed); episodes/min. ``gpu``:
+    on the GPU in bf16 (benchmarks/gpu.py), else on the CPU in float32."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -196,7 +197,7 @@ def run_trl(pretrained: Path, out: Path, completion_length: int, completions_per
     args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=completions_per_step, num_generations=num_generations,
                       gradient_accumulation_steps=1, max_completion_length=completion_length,
                       generation_kwargs={"min_new_tokens": completion_length}, temperature=1.0, beta=beta, max_steps=steps,
-                      learning_rate=1e-5, logging_steps=10**6, log_level="error", save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                      learning_rate=1e-5, logging_steps=10**6, log_level="error", save_strategy="no", report_to="none", use_cpu=not gpu, bf16=gpu,
                       dataloader_num_workers=0, seed=0, disable_tqdm=True)
     threads = torch.get_num_threads()
     trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=args, train_dataset=dataset,

@@ -162,6 +162,11 @@ class Job:
     same_as_dir: str | None = None
 
 
+# PretrainConfig fields added after reproductions were made, with their defaults: a model at the
+# default has the directory (config hash) and the job config it had before the field existed.
+LATER_FIELDS = {"compile": True, "max_minutes": None}
+
+
 def model_dir_name(name: str, fields: dict, shipped: bool) -> str:
     """``<name>-<hash of the config>``: a model is pre-trained once per config and reused."""
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
@@ -178,6 +183,9 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
         fields = asdict(model_config)
         for key in ("out", "device", "resume"):
             fields.pop(key)
+        for key, default in LATER_FIELDS.items():  # at their default they leave the directory names as they were
+            if fields[key] == default:
+                fields.pop(key)
         shipped = spec.get("shipped") if not pretrain else None
         directory = f"pretrain/{model_dir_name(name, fields, shipped is not None)}"
         # Continued pre-training: ``init_from`` names an earlier model of the preset.

@@ -16,8 +16,11 @@ import inspect
 
 import torch
 
-from . import kl
+from . import kl, static_decode
 from .tokenizer import encode
+
+
+GPU_CHECK_EVERY = 16  # on a GPU: tokens between the host's checks that every row has stopped
 
 
 @dataclass
@@ -115,6 +118,7 @@ def generate(
     certainty_temperature: float = 1.0,
     generator: torch.Generator | None = None,
     noise_rows: tuple[int, slice] | None = None,
+    decoder: str = "auto",
 ) -> Generation:
     """Generates a completion for every prompt (lists of token ids) in one batch.
 
@@ -127,8 +131,23 @@ def generate(
     torchrun). The sampling noise is drawn for the whole batch and these rows kept, so the shares
     sample the tokens the whole batch would; the generator has then drawn one (B_all, V) block per
     generated position (``completion_mask.shape[1]`` of them).
+
+    On a GPU the forward passes run in bf16 autocast, the sampling noise goes over in pinned memory
+    without waiting, and (outside torchrun) the host asks whether every row is done only every
+    ``GPU_CHECK_EVERY`` tokens, so it queues the next steps while the GPU works; the extra steps
+    after the last row stopped generate padding only (the tokens are the same, the generator has
+    drawn up to ``GPU_CHECK_EVERY - 1`` more blocks).
+
+    ``decoder``: "hf" runs ``model(...)`` with the pre-allocated cache; "static" runs a GPT-2 through
+    :class:`static_decode.StaticDecoder` (on CUDA each token is one CUDA-graph replay); "auto" is
+    "static" on a GPU for a GPT-2 and "hf" otherwise (the CPU's numbers are those of "hf").
     """
     device = next(model.parameters()).device
+    gpu = device.type == "cuda"
+    check_every = GPU_CHECK_EVERY if gpu and noise_rows is None else 1
+    if decoder not in ("auto", "hf", "static"):
+        raise ValueError(f"decoder must be auto, hf or static, got {decoder!r}")
+    static = decoder == "static" or (decoder == "auto" and gpu and static_decode.supports(model))
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # (B, P)
     B, P = input_ids.shape
     attention_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], 1)
@@ -143,18 +162,25 @@ def generate(
 
     cache_arg = _cache_argument(model)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    cache = _preallocated_cache(model, P + max_new_tokens) if cache_arg == "cache" else None
-    out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
-                **({cache_arg: cache} if cache is not None else {}))
+    if static:  # one cache length per 64 tokens, so that a run's calls share a captured graph
+        step_decoder = static_decode.decoder_for(model, B, 64 * -(-(P + max_new_tokens) // 64))
+        logits = step_decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
+    else:
+        cache = _preallocated_cache(model, P + max_new_tokens) if cache_arg == "cache" else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+                        **({cache_arg: cache} if cache is not None else {}))
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
+        if not static:
+            logits = out.logits[:, -1].float()  # (B, V)
         if temperature > 0:
             logp = torch.log_softmax(logits / temperature, dim=-1)
             if noise_rows is None:
-                u = torch.rand(logp.shape, generator=generator, device="cpu").to(device)
+                u = torch.rand(logp.shape, generator=generator, device="cpu")
             else:
-                u = torch.rand((noise_rows[0], logp.shape[1]), generator=generator, device="cpu")[noise_rows[1]].to(device)
+                u = torch.rand((noise_rows[0], logp.shape[1]), generator=generator, device="cpu")[noise_rows[1]]
+            u = u.pin_memory().to(device, non_blocking=True) if gpu else u
             token = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # Gumbel-max sampling
         else:
             logp = torch.log_softmax(logits, dim=-1)
@@ -173,15 +199,19 @@ def generate(
             after_marker |= (tokens[:, t + 1 - len(marker) : t + 1] == marker).all(-1)
         finished |= stop & ~done
         done |= stop
-        if bool(done.all()) or t + 1 == max_new_tokens:
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
             break
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask[:, : P + t + 1],
-            position_ids=next_position,
-            use_cache=True,
-            **{cache_arg: out["cache"] if "cache" in out else out.past_key_values},
-        )
+        if static:
+            logits = step_decoder.step(token)
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask[:, : P + t + 1],
+                position_ids=next_position,
+                use_cache=True,
+                **{cache_arg: out["cache"] if "cache" in out else out.past_key_values},
+            )
         next_position = next_position + 1
 
     T = int(lengths.max().item()) if B else 0

@@ -27,6 +27,9 @@ from .runs import MetricsLog, UserError, atomic_dir, read_metrics, save_config
 from .tokenizer import build_tokenizer, encode
 
 
+LOG_EVERY = 50  # on a GPU: steps between the host's reads of the loss (each read waits for the GPU)
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     out: str = arg("runs/pretrain", "run directory to create (config, metrics.jsonl, model/)")
@@ -50,6 +53,9 @@ class PretrainConfig:
     checkpoint_every: int = arg(500, "steps between checkpoints")
     seed: int = arg(0, "seed of the data set, the initialisation and the data order")
     device: str = arg("auto", "auto, cpu or cuda")
+    compile: bool = arg(True, "on a GPU: torch.compile the training step once, with dynamic sequence length (the CPU runs eager)")
+    max_minutes: float | None = arg(None, "stop after this many minutes of training (a checkpoint, and 'stopped_early' in the last "
+                                    "metrics line); the schedule stays the one of --epochs, so the learning rate has not decayed yet")
     resume: bool = arg(False, "continue an interrupted run in --out from its last checkpoint")
 
 
@@ -67,6 +73,8 @@ def validate(config: PretrainConfig) -> None:
         raise UserError("--warmup-fraction must be in [0, 1)")
     if not 0 <= config.n_plus_one_fraction < 1:
         raise UserError(f"--n-plus-one-fraction must be in [0, 1), got {config.n_plus_one_fraction}")
+    if config.max_minutes is not None and config.max_minutes <= 0:
+        raise UserError(f"--max-minutes must be positive, got {config.max_minutes}")
 
 
 def encode_examples(tokenizer, pairs: list[tuple[int, int]]) -> list[tuple[list[int], int]]:
@@ -96,8 +104,11 @@ def epoch_batches(n_examples: int, lengths: list[int], batch_size: int, seed: in
     return batches
 
 
-def collate(examples, indices, pad_id: int, loss_on: str, max_offset: int, rng: torch.Generator):
-    width = max(len(examples[i][0]) for i in indices)
+def collate(examples, indices, pad_id: int, loss_on: str, max_offset: int, rng: torch.Generator, pad_multiple: int = 1):
+    """(ids, attention mask, labels, position ids), each (B, W): the batch right-padded to its longest
+    sequence, rounded up to a multiple of ``pad_multiple`` (on a GPU: a few shapes, so the compiled
+    step is reused; padding carries no loss and is masked)."""
+    width = pad_multiple * math.ceil(max(len(examples[i][0]) for i in indices) / pad_multiple)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), width), -100, dtype=torch.long)
     mask = torch.zeros((len(indices), width), dtype=torch.long)
@@ -149,11 +160,16 @@ def pretrain(config: PretrainConfig) -> Path:
     model.to(device)
     if max(lengths) > model.config.n_positions:
         raise UserError(f"the longest example has {max(lengths)} tokens, more than the model's {model.config.n_positions} positions")
-    use_amp = device.type == "cuda"
+    # On a GPU: bf16 autocast, widths padded to multiples of 64, one compiled step for every width
+    # (dynamic sequence length), fused AdamW, and the host reads the loss back only every LOG_EVERY
+    # steps. On a CPU: eager, float32, every step logged as it ends.
+    gpu = device.type == "cuda"
     train_model = ranks.wrap(model)  # DistributedDataParallel under torchrun
-    train_model = torch.compile(train_model) if device.type == "cuda" else train_model
+    train_model = torch.compile(train_model, dynamic=True) if gpu and config.compile else train_model
+    pad_multiple, log_every = (64, LOG_EVERY) if gpu else (1, 1)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                  **({"fused": True} if gpu else {}))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
     step = 0
     if config.resume:
@@ -181,6 +197,8 @@ def pretrain(config: PretrainConfig) -> Path:
     tokens_seen, t0 = 0, time.perf_counter()
     previous = read_metrics(run_dir) if config.resume else []
     elapsed_before = previous[-1].get("elapsed_s", 0.0) if previous else 0.0  # wall time before a resume
+    deadline = t0 + 60 * config.max_minutes if config.max_minutes else math.inf
+    pending: list[dict] = []  # records whose loss and gradient norm are still on the device
     model.train()
     start_step = step
     while step < total_steps:
@@ -191,44 +209,62 @@ def pretrain(config: PretrainConfig) -> Path:
         # The offset generator is seeded per step, so a resumed run draws the same offsets.
         offset_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         max_offset = model.config.n_positions if config.random_position_offset else 0
-        ids, mask, labels, position_ids = collate(examples, batch, tokenizer.pad_token_id, config.loss_on, max_offset, offset_rng)  # (B, W)
+        ids, mask, labels, position_ids = collate(examples, batch, tokenizer.pad_token_id, config.loss_on, max_offset, offset_rng,
+                                                  pad_multiple)  # (B, W)
         if ranks.world > 1:  # this rank's rows of the global batch
             mask, ids, labels, position_ids = distributed.shard(ranks, mask, ids, labels, position_ids)  # (b, w)
-        ids, mask, labels, position_ids = (t.to(device) for t in (ids, mask, labels, position_ids))
+        tokens_seen += int(ranks.sum(mask.sum()))
+        ids, mask, labels, position_ids = (t.to(device, non_blocking=True) for t in (ids, mask, labels, position_ids))
 
         # 3. One optimizer step on the next-token loss of the completion tokens.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
             loss = train_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
         rank_loss = loss  # what this rank differentiates
         if ranks.world > 1:  # its part of the global batch's mean over the label tokens (distributed.py)
             rank_loss = loss * ranks.token_share((labels[:, 1:] != -100).sum())
             loss = ranks.sum(rank_loss.detach()) / ranks.world  # the global batch's loss
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss at step {step}; the last good checkpoint is in {run_dir / 'model'}")
         optimizer.zero_grad(set_to_none=True)
         rank_loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         step += 1
-        tokens_seen += int(ranks.sum(mask.sum()))
-        tokens_per_s = tokens_seen / (time.perf_counter() - t0)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s:,.0f}")
-        record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
-                  "elapsed_s": elapsed_before + time.perf_counter() - t0}
+        pending.append({"step": step, "loss": loss.detach(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.detach(),
+                        "tokens_per_s": tokens_seen / (time.perf_counter() - t0), "elapsed_s": elapsed_before + time.perf_counter() - t0})
 
-        # 4. Periodic in-distribution accuracy (greedy) and checkpoint.
-        if not ranks.main:
+        # 4. Every LOG_EVERY steps (each step on a CPU), at the end and at a check: the host reads the
+        #    losses, and every eval_every steps the in-distribution accuracy (greedy) and a checkpoint.
+        out_of_time = time.perf_counter() > deadline
+        if ranks.world > 1 and config.max_minutes:  # every rank stops at the same step
+            out_of_time = bool(ranks.sum(torch.tensor(float(out_of_time))) > 0)
+        check = step % config.eval_every == 0 or step == total_steps or out_of_time
+        if len(pending) < log_every and not check and step % config.checkpoint_every:
             continue
-        if step % config.eval_every == 0 or step == total_steps:
+        for record in pending:
+            record["loss"], record["grad_norm"] = record["loss"].item(), record["grad_norm"].item()
+            if not math.isfinite(record["loss"]):
+                raise UserError(f"non-finite loss at step {record['step'] - 1}; the last good checkpoint is in {run_dir / 'model'}")
+        bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}", tok_s=f"{pending[-1]['tokens_per_s']:,.0f}")
+        if not ranks.main:
+            pending = []
+            continue
+        record = pending[-1]
+        if check:
             model.eval()
             record["accuracy_identical_n"] = accuracy_on(model, tokenizer, eval_pairs).mean().item()
             model.train()
-            bar.write(f"step {step}: loss {loss.item():.4f}, in-distribution accuracy {record['accuracy_identical_n']:.3f}")
-        metrics.log(record)
-        if step % config.checkpoint_every == 0 or step == total_steps:
+            bar.write(f"step {step}: loss {record['loss']:.4f}, in-distribution accuracy {record['accuracy_identical_n']:.3f}")
+        if out_of_time and step < total_steps:
+            record["stopped_early"] = True  # --max-minutes: the run ends here, its schedule unfinished
+        for r in pending:
+            metrics.log(r)
+        pending = []
+        if step % config.checkpoint_every == 0 or step == total_steps or out_of_time:
             save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step)
+        if out_of_time:
+            bar.write(f"--max-minutes {config.max_minutes}: stopped at step {step} of {total_steps}")
+            break
     bar.close()
     if ranks.main:
         metrics.close()

@@ -60,12 +60,13 @@ class Policy(torch.nn.Module):
         temperature (B, T, V) and the values of the states the actions were taken in (B, T)."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         critic = self.value_head is not None
-        out = self.lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=critic)
+        with torch.autocast(sequences.device.type, dtype=torch.bfloat16, enabled=sequences.is_cuda):  # GPU: bf16 matmuls
+            out = self.lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=critic)
         states = slice(prompt_length - 1, sequences.shape[1] - 1)  # state t predicts completion token t
         logits = out.logits[:, states].float() / temperature  # (B, T, V)
         if critic:
             hidden = out.hidden_states[-1][:, states]  # (B, T, D)
-            values = self.value_head(hidden.detach() if self.detach_critic else hidden)  # (B, T)
+            values = self.value_head((hidden.detach() if self.detach_critic else hidden).float())  # (B, T)
         else:
             values = None
         return logits, values
@@ -76,7 +77,8 @@ def reference_pass(ref_lm, sequences, attention_mask, prompt_length: int, config
     """Log-probs of the taken actions under the frozen reference at the policy temperature (B, T),
     and the reference's certainty c(s) at the certainty temperature (B, T)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = ref_lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+    with torch.autocast(sequences.device.type, dtype=torch.bfloat16, enabled=sequences.is_cuda):  # GPU: bf16 matmuls
+        logits = ref_lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
     logits = logits[:, prompt_length - 1 : sequences.shape[1] - 1].float()  # (B, T, V)
     actions = sequences[:, prompt_length:]  # (B, T)
     ref_logprobs = token_logprobs(logits / config.temperature, actions)

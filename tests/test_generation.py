@@ -170,3 +170,74 @@ def test_hitting_max_new_tokens_is_not_finished(tokenizer):
     assert not bool(gen.finished[0])
     assert gen.completion_mask.all() and gen.completion_mask.shape == (1, len(expected) - 1)
     assert gen.completions(tokenizer) == [expected[:-1]]
+
+
+# --- the static-shape decoder (static_decode.py): the GPU's CUDA-graph path, checked eagerly here ----------
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_static_decoder_gives_the_tokens_and_logprobs_of_the_plain_path(model, tokenizer, prompts, temperature):
+    """Left-padded rows of three prompt lengths, a random model whose outputs depend on every detail:
+    the static cache (masked slots, own position ids) must give the same tokens as ``model(...)``."""
+    stop = addition_stop_rule(tokenizer)
+    plain, static = (generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, decoder=d,
+                              generator=torch.Generator().manual_seed(3), **stop) for d in ("hf", "static"))
+    assert torch.equal(static.sequences, plain.sequences)
+    assert torch.equal(static.completion_mask, plain.completion_mask) and torch.equal(static.finished, plain.finished)
+    torch.testing.assert_close(static.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_static_decoder_logits_match_a_full_forward_pass(model, tokenizer, prompts):
+    from critical_tokens.static_decode import StaticDecoder
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")  # (B, P)
+    decoder = StaticDecoder(model, len(prompts), 64)
+    with torch.no_grad():
+        first = decoder.prefill(ids, mask, position_ids_of(mask))  # (B, V)
+        token = first.argmax(-1)
+        second = decoder.step(token)
+        full_ids, full_mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        expected = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids_of(full_mask)).logits  # (B, P+1, V)
+    torch.testing.assert_close(first, expected[:, -2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second, expected[:, -1], atol=1e-4, rtol=1e-4)
+    assert int(decoder.slot) == ids.shape[1] + 1  # the step advanced its slot and positions itself
+    torch.testing.assert_close(decoder.position, position_ids_of(full_mask)[:, -1] + 1)
+
+
+def test_a_models_decoders_are_kept_per_shape_two_at_most(tokenizer):
+    from critical_tokens.static_decode import decoder_for
+
+    model = build_model("micro", tokenizer, n_digits=2)
+    a = decoder_for(model, 2, 64)
+    assert decoder_for(model, 2, 64) is a  # the same shape reuses the decoder (and its captured graph)
+    decoder_for(model, 3, 64), decoder_for(model, 4, 64)
+    assert list(model._static_decoders) == [(3, 64), (4, 64)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_give_the_eager_static_tokens(model, tokenizer, prompts):
+    stop = addition_stop_rule(tokenizer)
+    gpu_model = build_model("micro", tokenizer, n_digits=2).cuda().eval()
+    gpu_model.load_state_dict(model.state_dict())
+    graphed = generate(gpu_model, prompts, max_new_tokens=MAX_NEW, decoder="static", **stop)
+    assert gpu_model._static_decoders and all(d.graph not in (None, False) for d in gpu_model._static_decoders.values())
+    for d in gpu_model._static_decoders.values():
+        d.graph = False  # the same decoder's steps, eager
+    eager = generate(gpu_model, prompts, max_new_tokens=MAX_NEW, decoder="static", **stop)
+    assert torch.equal(graphed.sequences, eager.sequences)
+
+
+def test_a_model_and_its_decoders_are_freed_together(tokenizer):
+    import gc
+    import weakref
+
+    from critical_tokens.static_decode import decoder_for
+
+    gc.disable()  # freed by reference counting alone, not by the cycle collector
+    try:
+        model = build_model("micro", tokenizer, n_digits=2)
+        decoder = weakref.ref(decoder_for(model, 2, 64))
+        del model
+        assert decoder() is None
+    finally:
+        gc.enable()

@@ -105,6 +105,31 @@ def test_n_plus_one_fraction_is_recorded_and_trains_on_longer_additions(tmp_path
     assert saved["n_examples"] == 250  # 200 additions of 1..2 digits and 50 of 3 digits: 20% of the set
 
 
+def test_max_minutes_stops_early_with_a_checkpoint_and_says_so(tmp_path):
+    out = tmp_path / "short"
+    assert cli.main(["pretrain", "--out", str(out), *MICRO_PRETRAIN_ARGS, "--max-minutes", "1e-9"]) == 0
+    metrics = read_metrics(out)
+    assert [r["step"] for r in metrics] == [1]  # the time was up after the first step (of 13)
+    assert metrics[-1]["stopped_early"] is True and "accuracy_identical_n" in metrics[-1]
+    assert torch.load(out / "model" / "trainer_state.pt", weights_only=False)["step"] == 1
+    assert json.loads((out / "config.json").read_text())["total_steps"] == 13  # the schedule it did not finish
+
+
+def test_padding_to_a_multiple_changes_the_width_not_the_loss(pretrained_run):
+    from critical_tokens.pretrain import collate, encode_examples
+    from critical_tokens import addition
+
+    model, tokenizer, _ = load_pretrained(pretrained_run)
+    examples = encode_examples(tokenizer, addition.pretraining_pairs(2, 8, seed=0))
+    plain = collate(examples, list(range(8)), tokenizer.pad_token_id, "completion", 0, torch.Generator())
+    padded = collate(examples, list(range(8)), tokenizer.pad_token_id, "completion", 0, torch.Generator(), pad_multiple=64)
+    assert padded[0].shape[1] % 64 == 0 and padded[0].shape[1] - 64 < plain[0].shape[1] < padded[0].shape[1]
+    assert (padded[2][:, plain[0].shape[1]:] == -100).all() and (padded[1][:, plain[0].shape[1]:] == 0).all()
+    with torch.no_grad():
+        losses = [model(input_ids=i, attention_mask=m, labels=l, position_ids=p).loss for i, m, l, p in (plain, padded)]
+    torch.testing.assert_close(losses[1], losses[0])
+
+
 # --- bad input: exit code 2, one line on stderr, nothing written --------------------------------------
 
 
@@ -128,6 +153,7 @@ def run_cli(argv) -> int:
         (["--lr", "nan"], "--lr"),
         (["--seed", "-1"], "--seed"),
         (["--grad-clip", "0"], "--grad-clip"),
+        (["--max-minutes", "0"], "--max-minutes"),
     ],
 )
 def test_bad_arguments_exit_2_without_writing(tmp_path, capsys, change, message):

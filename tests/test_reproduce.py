@@ -32,6 +32,7 @@ from critical_tokens.experiments import (
 )
 from critical_tokens.pretrain import PretrainConfig
 from critical_tokens.report.reproduction import Runs
+from critical_tokens.report.rl_sections import _mean_kl_weight
 from critical_tokens.report import readme
 from critical_tokens.report.statistics import Estimate, over_seeds, pct, proportion_interval, seeds_at, t_interval, versus, wilson_interval
 from critical_tokens.rl_config import RLConfig
@@ -219,12 +220,31 @@ def test_summary_json_holds_the_numbers_report_md_states(smoke):
         cells = [pct(Estimate(**e) if e else None) for e in numbers["final"].values()]
         assert " | ".join(cells) in row
         assert any(" | ".join(cells) in line for line in readme.outcome(summary))  # the README's table, from the same numbers
+        assert row.endswith(f" | {weight_cell(numbers['mean_kl_weight'])} |")  # the mean KL weight, the last column
     sweep = summary["experiments"]["beta_sweep"]
-    for numbers in sweep["arms"].values():  # figure 6's table: final sampled, greedy, in distribution
+    jobs = read_json(smoke / "reproduce.json")["jobs"]
+    block = readme.beta_sweep(summary)
+    for arm, numbers in sweep["arms"].items():  # figure 6's table: final sampled, greedy, in distribution, mean KL weight
         row = next(line for line in report.splitlines() if line.startswith(f"| {numbers['beta']} | "))
         cells = [pct(Estimate(**e) if e else None) for e in numbers["final"].values()]
         assert len(cells) == 3 and " | ".join(cells) in row
-        assert any(" | ".join(cells) in line for line in readme.beta_sweep(summary))
+        weight = weight_cell(numbers["mean_kl_weight"])
+        assert f" | {weight} | {numbers['against_standard']} |" in row
+        line = next(line for line in block if line.startswith(f"| {numbers['beta']} | "))  # the README's table
+        assert " | ".join(cells) in line and line.endswith(f" | {weight} |")
+        # from the runs' files: per run the mean of weight_mean over its iterations, then the mean over seeds
+        per_run = []
+        for job in (j for j in jobs if j["experiment"] == "beta_sweep" and j["arm"] == arm):
+            records = [json.loads(r) for r in (smoke / job.get("same_as_dir", job["dir"]) / "metrics.jsonl").read_text().splitlines()]
+            weights = [r["weight_mean"] for r in records if "weight_mean" in r]
+            per_run.append(sum(weights) / len(weights))
+        assert numbers["mean_kl_weight"]["mean"] == pytest.approx(sum(per_run) / len(per_run)) and numbers["mean_kl_weight"]["n"] == 2
+        assert (weight == "1.00") == numbers["beta"].startswith("0 (standard)") and 0 < numbers["mean_kl_weight"]["mean"] <= 1
+
+
+def weight_cell(e: dict | None) -> str:
+    """A mean KL weight as REPORT.md and the README print it: three significant digits, "-" without a KL penalty."""
+    return "-" if e is None else f"{e['mean']:#.3g}"
 
 
 def test_a_changed_hyperparameter_is_refused_not_mixed(smoke, tmp_path):
@@ -383,6 +403,18 @@ def test_seeds_that_agree_get_the_interval_of_their_pooled_episodes():
     assert e.low == pytest.approx(0.0, abs=1e-12) and e.high == pytest.approx(4.303**2 / (96 + 4.303**2))
 
 
+def test_the_mean_kl_weight_is_the_mean_over_seeds_of_each_runs_mean_over_iterations():
+    # seed 0 logs 1.0 and 0.5 (mean 0.75), seed 1 logs 0.25: the mean over seeds is (0.75 + 0.25) / 2 = 0.5, not
+    # the 0.5833 of pooling the three iterations; evaluation lines log no weight and do not count
+    runs = Runs([[{"episodes": 0, "eval/accuracy_sampled": 0.5}, {"episodes": 16, "weight_mean": 1.0}, {"episodes": 32, "weight_mean": 0.5}],
+                 [{"episodes": 16, "weight_mean": 0.25}]], {})
+    assert _mean_kl_weight(runs) == t_interval([0.75, 0.25])
+    assert _mean_kl_weight(Runs([[{"episodes": 16, "kl": 0.1}]], {})) is None  # no KL penalty: no weight logged
+    no_kl = {"beta": "-", "seeds": 1, "final": {"sampled": None, "greedy": None, "comfort_greedy": None}, "mean_kl_weight": None}
+    summary = {"experiments": {"beta_sweep": {"state": "complete", "verdict": "not run", "arms": {"no-kl": no_kl}}}}
+    assert "| - | - | - | - | - |" in readme.beta_sweep(summary)
+
+
 def test_accuracies_are_summarised_as_proportions_and_gains_with_t():
     runs = Runs([[{"episodes": 0, "eval/accuracy_sampled": 1.0}], [{"episodes": 0, "eval/accuracy_sampled": 0.5}],
                  [{"episodes": 0, "eval/accuracy_sampled": 1.0}]], {"eval_episodes": 8})
@@ -404,3 +436,28 @@ def test_a_run_made_before_a_field_existed_is_the_same_run_while_the_field_keeps
     changed = dataclasses.replace(job, config={**job.config, "n_digits": 2})  # not the default: another run
     with pytest.raises(UserError, match="other hyper-parameters"):
         job_status(changed, tmp_path)
+
+
+def test_a_pretraining_field_at_its_default_leaves_the_model_directory_as_it_was(tmp_path):
+    """compile and max_minutes were added after reproductions were made: at their defaults a model
+    keeps its directory (config hash) and job config; a value that changes the run changes both."""
+    from critical_tokens.experiments import LATER_FIELDS
+
+    preset, where = load_preset("smoke")
+    jobs, models = plan(preset, where)
+    assert all(key not in models["n2"]["config"] for key in LATER_FIELDS)
+    stopped = json.loads(json.dumps(preset))
+    stopped["models"]["n2"]["max_minutes"] = 5.0
+    jobs_stopped, models_stopped = plan(stopped, where)
+    assert models_stopped["n2"]["dir"] != models["n2"]["dir"] and models_stopped["n2"]["config"]["max_minutes"] == 5.0
+    assert models_stopped["n3"]["dir"] == models["n3"]["dir"]
+
+
+def test_the_report_says_how_far_each_pretraining_went(smoke):
+    report, summary = (smoke / "REPORT.md").read_text(), read_json(smoke / "summary.json")
+    progress = summary["experiments"]["levels"]["pretraining"]
+    assert set(progress) == {"n2", "n3"}
+    for name, numbers in progress.items():
+        config = read_json(smoke / read_json(smoke / "reproduce.json")["models"][name]["dir"] / "config.json")
+        assert numbers["steps"] == numbers["total_steps"] == config["total_steps"] and not numbers["stopped_early"]
+        assert f"- {name}: pre-trained here on cpu, all {numbers['total_steps']:,} steps, in " in report

@@ -7,7 +7,7 @@ puts our numbers beside the paper's, and computes its verdicts by the rules in `
 
 from __future__ import annotations
 
-from ..runs import read_json
+from ..runs import read_json, read_metrics
 from .document import Section, not_run
 from .paper import PAPER_CLAIMS, PAPER_TABLE1, PAPER_TABLE4, PAPER_TABLE4_CI, PAPER_TABLE5, PAPER_TABLE5_CI
 from .plots import Plots, plot_certainty, plot_levels, plot_table1
@@ -46,6 +46,9 @@ def section_levels(rep: Reproduction, plots: Plots) -> Section:
     for m in order:
         row = " | ".join(fmt(cell(m, kind, o)) for kind in ("identical", "varying") for o in offsets)
         lines.append(f"| {m} | {tables[m]['n_digits']} | {rep.models[m]['init']} | {row} |")
+    progress_lines, progress = pretraining_progress(rep, order)
+    if progress_lines:
+        lines += ["", "How far the pre-training in this reproduction went:", "", *progress_lines]
     lines += ["", "**The paper** (GPT-2 85M; tables 4 and 5)", "",
               "| N | " + " | ".join(f"{kind} {_digits(o)}" for kind in ("identical", "varying") for o in range(4)) + " |",
               "|---" * 9 + "|"]
@@ -93,11 +96,37 @@ def section_levels(rep: Reproduction, plots: Plots) -> Section:
     def accuracy(c: dict | None) -> Estimate | None:
         return None if c is None else Estimate(c["accuracy"], c["ci_low"], c["ci_high"], c["examples"])
 
-    numbers = {"state": state, "verdict": {"drop": drop_verdict, "more_digits": more_verdict},
+    numbers = {"state": state, "verdict": {"drop": drop_verdict, "more_digits": more_verdict}, "pretraining": progress,
                "models": {m: {"n_digits": tables[m]["n_digits"],
                               **{kind: {_digits(o): accuracy(cell(m, kind, o)) for o in offsets} for kind in ("identical", "varying")}}
                           for m in order}}
     return Section(lines, summary, numbers)
+
+
+def pretraining_progress(rep: Reproduction, models: list[str]) -> tuple[list[str], dict]:
+    """How far each model pre-trained by this reproduction got (a shipped checkpoint has no lines):
+    steps of its schedule, stopped by --max-minutes or not, last loss and accuracy, tokens/s."""
+    lines, numbers = [], {}
+    for m in models:
+        directory = rep.root / rep.models[m]["dir"]
+        if not (directory / "metrics.jsonl").exists() or not (directory / "config.json").exists():
+            continue
+        metrics, config = read_metrics(directory), read_json(directory / "config.json")
+        if not metrics:
+            continue
+        last = metrics[-1]
+        accuracy = next((r["accuracy_identical_n"] for r in reversed(metrics) if "accuracy_identical_n" in r), None)
+        numbers[m] = {"steps": last["step"], "total_steps": config["total_steps"], "stopped_early": bool(last.get("stopped_early")),
+                      "loss": last["loss"], "accuracy_identical_n": accuracy, "tokens_per_s": last.get("tokens_per_s"),
+                      "minutes": last.get("elapsed_s", 0) / 60, "first_step_s": metrics[0].get("elapsed_s"), "device": config.get("device")}
+        n = numbers[m]
+        how = (f"stopped by --max-minutes {config['config']['max_minutes']:g} at step {n['steps']:,} of {n['total_steps']:,} "
+               "(its learning rate had not decayed)") if n["stopped_early"] else f"all {n['total_steps']:,} steps"
+        warm_up = "" if n["first_step_s"] is None else f" (the first step took {n['first_step_s']:.1f} s, compilation included)"
+        lines.append(f"- {m}: pre-trained here on {n['device']}, {how}, in {n['minutes']:.1f} min{warm_up} at {n['tokens_per_s']:,.0f} tokens/s; "
+                     f"last loss {n['loss']:.4f}" + ("" if accuracy is None else f", in-distribution accuracy at the last check "
+                                                      f"{100 * accuracy:.1f}% ({config['config']['eval_examples']} examples)") + ".")
+    return lines, numbers
 
 
 def _examples(tables: dict) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..config import add_arguments, arg, from_namespace
 from ..runs import UserError, atomic_write_text, read_json
 from .document import duration
+from .statistics import weight_text
 from .statistics import Estimate, pct
 
 BLOCK = re.compile(r"^(?P<indent>[ \t]*)<!-- numbers: (?P<source>\S+)(?: (?P<part>[a-z_]+))? -->\n(?P<body>.*?)^(?P=indent)<!-- /numbers -->$",
@@ -141,14 +142,17 @@ def kl_by_model(summary: dict) -> list[str]:
 
 def beta_sweep(summary: dict) -> list[str]:
     """The sensitivity to beta: each beta's final accuracy (sampled and greedy on the RL task, greedy in
-    distribution) with its 95% interval, beta = 0 being the standard penalty."""
+    distribution) with its 95% interval, beta = 0 being the standard penalty, and its mean KL weight
+    (how much of the penalty its tokens kept: 1 for the standard penalty)."""
     sweep = _experiment(summary, "beta_sweep")
     lines = _wrap(f"State: {sweep['state']}; verdict: **{sweep['verdict']}**. Final accuracy, {_mean_over(sweep['arms'])} "
-                  "[95% interval]:")
-    lines += ["", "| beta | sampled | greedy | in distribution (greedy) |", "|---|---|---|---|"]
+                  "[95% interval], and the mean KL weight w = c^beta over tokens, iterations and seeds:")
+    lines += ["", "| beta | sampled | greedy | in distribution (greedy) | mean KL weight |", "|---|---|---|---|---|"]
     for arm in sweep["arms"].values():
         final = {k: pct(_estimate(v)) for k, v in arm["final"].items()}
-        lines.append(f"| {arm['beta']} | {final['sampled']} | {final['greedy']} | {final.get('comfort_greedy', '-')} |")
+        weight = arm.get("mean_kl_weight")  # absent from reports made before it was computed
+        lines.append(f"| {arm['beta']} | {final['sampled']} | {final['greedy']} | {final.get('comfort_greedy', '-')} | "
+                     f"{weight_text(None if weight is None else weight['mean'])} |")
     return lines + [""]
 
 

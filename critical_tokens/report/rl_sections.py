@@ -16,8 +16,8 @@ from typing import Literal
 from .document import Section, not_run
 from .paper import PAPER_CLAIMS, VERDICT_METRIC
 from .plots import ACCURACY_PANELS, Plots, plot_beta_sweep, plot_curves, plot_kl_by_model
-from .reproduction import Reproduction, Runs, at, gains
-from .statistics import VERDICT, Estimate, band, num, pct, seeds_at, t_interval, versus
+from .reproduction import Reproduction, Runs, at, gains, series
+from .statistics import VERDICT, Estimate, band, num, pct, seeds_at, t_interval, versus, weight_text
 
 
 def _arm_runs(rep: Reproduction, experiment: str) -> dict[str, Runs]:
@@ -65,6 +65,23 @@ def _start(runs: dict[str, Runs], standard: str | None) -> dict[str, Estimate | 
     each seed's evaluation once per arm and make the interval too narrow."""
     base = standard if standard and runs.get(standard) else next((a for a in runs if runs[a]), None)
     return _accuracies(runs[base] if base else [], "initial")
+
+
+def _mean_kl_weight(runs: Runs) -> Estimate | None:
+    """How much of its KL penalty an arm's tokens kept, on average: per run, the mean over its
+    iterations of ``weight_mean`` (the mean prioritized weight w = c^beta over that iteration's
+    tokens; 1 for the standard penalty), then the mean over seeds. None for an arm without a KL
+    penalty: its runs log no weight."""
+    per_run = [series(records, "weight_mean") for records in runs]  # {episodes: weight} of each seed
+    return t_interval([sum(w.values()) / len(w) for w in per_run if w])
+
+
+def _weight(e: Estimate | None) -> str:
+    return weight_text(None if e is None else e.mean)
+
+
+WEIGHT_NOTE = ("mean KL weight: the prioritized penalty's weight w = c^beta, mean over tokens, iterations and seeds "
+               "(1 for the standard penalty, - without a penalty)")
 
 
 def _extremes(runs: Runs) -> dict | None:
@@ -145,9 +162,9 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
     first = next(iter(arms.values()))[0]["config"]
     lines = [f"## {title}", "", f"State: {state}. {_rl_settings(first)} from `{Path(first['pretrained']).name}`, "
              f"KL coefficient {first['kl_coef']}, estimator {first['estimator']}; final accuracy on the RL task and probability of the "
-             "right token at the critical tokens (mean over the probe set), mean over seeds [95% interval].", "",
-             "| arm | KL | beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | p(right) at critical tokens: initial → final |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"right token at the critical tokens (mean over the probe set), mean over seeds [95% interval]; {WEIGHT_NOTE}.", "",
+             "| arm | KL | beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | p(right) at critical tokens: initial → final "
+             "| mean KL weight |", "|---|---|---|---|---|---|---|---|---|"]
     per_arm = {}
     for arm, jobs in arms.items():
         r, used = runs[arm], _beta_range(rep, jobs)
@@ -156,12 +173,12 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
                         "final": {**_accuracies(r, "final"), "comfort_greedy": seeds_at(r, "eval/comfort_accuracy_greedy", "final")},
                         "p_correct_critical": {"initial": seeds_at(r, "p_correct/critical_mean", "initial"),
                                                "final": seeds_at(r, "p_correct/critical_mean", "final")},
-                        "curve": _extremes(r), "verdict": None}
+                        "mean_kl_weight": _mean_kl_weight(r), "curve": _extremes(r), "verdict": None}
         a = per_arm[arm]
         coef = f" (alpha {a['kl_coef']:g})" if a["kl"] != "none" and a["kl_coef"] != first["kl_coef"] else ""
         lines.append(f"| {arm} | {a['kl']}{coef} | {a['beta']} | {_seeds(rep, jobs)} | {pct(a['final']['sampled'])} | "
                      f"{pct(a['final']['greedy'])} | {pct(a['final']['comfort_greedy'])} | "
-                     f"{num(a['p_correct_critical']['initial'])} → {num(a['p_correct_critical']['final'])} |")
+                     f"{num(a['p_correct_critical']['initial'])} → {num(a['p_correct_critical']['final'])} | {_weight(a['mean_kl_weight'])} |")
     standard = _standard_arm(arms)
     verdicts, ours = [], []
     for arm, jobs in arms.items():
@@ -202,8 +219,9 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
     order = sorted(arms, key=beta_of)
     finals = {arm: seeds_at(runs[arm], VERDICT_METRIC, "final") for arm in order}
     lines = [f"## {title}", "", f"State: {state}. {_rl_settings(arms[order[0]][0]['config'])}. beta = 0 is the standard KL penalty; `auto` calibrates beta on the reference model "
-             f"(the value each seed used is in its config.json). Final `{VERDICT_METRIC}`, mean over seeds [95% interval].", "",
-             "| beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | against beta = 0 |", "|---|---|---|---|---|---|"]
+             f"(the value each seed used is in its config.json). Final `{VERDICT_METRIC}`, mean over seeds [95% interval]; {WEIGHT_NOTE}.", "",
+             "| beta | seeds | final (sampled) | final (greedy) | final comfort zone (greedy) | mean KL weight | against beta = 0 |",
+             "|---|---|---|---|---|---|---|"]
     base = next((a for a in order if beta_of(a) == 0), None)
     fixed = [a for a in order if 0 < beta_of(a) < math.inf and runs[a]]
     per_arm = {}
@@ -212,9 +230,11 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
         label = "0 (standard)" if beta_of(arm) == 0 else _betas(arms[arm], _beta_range(rep, arms[arm]))
         greedy = seeds_at(runs[arm], "eval/accuracy_greedy", "final")
         comfort = seeds_at(runs[arm], "eval/comfort_accuracy_greedy", "final")
-        lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(greedy)} | {pct(comfort)} | {against} |")
+        weight = _mean_kl_weight(runs[arm])
+        lines.append(f"| {label} | {_seeds(rep, arms[arm])} | {pct(finals[arm])} | {pct(greedy)} | {pct(comfort)} | {_weight(weight)} | {against} |")
         per_arm[arm] = {"beta": label, "seeds": len(runs[arm]), "of": len(arms[arm]),
-                        "final": {"sampled": finals[arm], "greedy": greedy, "comfort_greedy": comfort}, "against_standard": against}
+                        "final": {"sampled": finals[arm], "greedy": greedy, "comfort_greedy": comfort}, "mean_kl_weight": weight,
+                        "against_standard": against}
     if base is None or not runs[base] or not fixed:
         verdict, ours = "not run", "needs beta = 0 and at least one fixed beta > 0"
     else:

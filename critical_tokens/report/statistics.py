@@ -126,3 +126,9 @@ def num(e: Estimate | None, digits: int = 3, sign: bool = False) -> str:
     f = f"{'+' if sign else ''}.{digits}f"
     ci = f" [{e.low:{f}}, {e.high:{f}}]" if e.low is not None else ""
     return f"{e.mean:{f}}{ci}"
+
+
+def weight_text(mean: float | None) -> str:
+    """A mean KL weight as the report and the README show it: three significant digits (the weights
+    span 1 to 0.001), "-" for an arm without a penalty."""
+    return "-" if mean is None else f"{mean:#.3g}"

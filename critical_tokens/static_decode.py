@@ -1,0 +1,149 @@
+"""GPT-2 decoding with static shapes, so that one decoding step can be replayed as a CUDA graph.
+
+On a GPU, the generation loop of `generation.generate` through ``model(...)`` spends far more time in
+Python and kernel launches than in the GPU's work: one H100 measured about 19 ms per token for the
+85M model at a batch of 128 (benchmarks/README.md), where the arithmetic and the KV-cache reads take
+about 1 ms. A :class:`StaticDecoder` keeps every shape of a step fixed:
+
+- a KV cache per layer of the whole length, (B, H, L, D), written in place at slot ``slot``;
+- every step attends over all L slots under a (B, L) mask of the slots written so far (left padding
+  of the prompt is masked; each row's position ids are its own);
+- the step reads its token, position and slot from buffers and advances them itself.
+
+So on a GPU the step is captured once per (batch, length) as a ``torch.cuda.CUDAGraph`` and each
+token costs one graph replay; on a CPU it runs as plain eager code (the tests check it against
+transformers' logits). The transformer's own modules (``ln_1``, ``c_attn``, ``c_proj``, ``mlp``,
+``ln_f``, ``lm_head``) do the work; only the attention over the static cache and the residual wiring
+are written here (GPT-2's pre-LayerNorm block; Radford et al. 2019).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+
+def supports(model) -> bool:
+    """True for a transformers GPT-2 whose attention is the plain scaled dot product."""
+    c = getattr(model, "config", None)
+    return (getattr(c, "model_type", None) == "gpt2" and c.scale_attn_weights and not c.scale_attn_by_inverse_layer_idx
+            and not c.reorder_and_upcast_attn)
+
+
+class StaticDecoder:
+    """Prefill (eager) and one-token steps (graph-replayable) over a static KV cache for ``model``.
+
+    ``batch`` rows, ``length`` cache slots (prompt + new tokens). On CUDA the step runs under bf16
+    autocast and is captured as a CUDA graph at the first :meth:`step` after a :meth:`prefill`.
+    """
+
+    def __init__(self, model, batch: int, length: int):
+        c = model.config
+        # Kept on the model (decoder_for): a weak reference back, so that a model and its decoders
+        # (their caches and graphs hold GPU memory) go together without waiting for the cycle collector.
+        self._model = weakref.ref(model)
+        self.batch, self.length = batch, length
+        self.heads, self.width = c.n_head, c.n_embd
+        self.device = next(model.parameters()).device
+        self.gpu = self.device.type == "cuda"
+        dtype = torch.bfloat16 if self.gpu else next(model.parameters()).dtype
+        shape = (c.n_layer, batch, c.n_head, length, c.n_embd // c.n_head)
+        self.keys = torch.zeros(shape, dtype=dtype, device=self.device)  # (layers, B, H, L, D)
+        self.values = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.key_mask = torch.zeros((batch, length), dtype=torch.bool, device=self.device)  # (B, L) slots written
+        self.token = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) the step's input token
+        self.position = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) its position id
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # the cache slot it is written to
+        self.logits = None  # (B, V) the step's output (a graph's static output on CUDA)
+        self.graph: torch.cuda.CUDAGraph | None | bool = None  # False: the capture failed, steps run eager
+
+    @property
+    def model(self):
+        return self._model()
+
+    def _blocks(self, h, slots, mask):
+        """The transformer blocks on hidden states (B, T, C) written at cache ``slots`` (T,), attending
+        under ``mask`` (B, 1, T, L'), where L' = the cache prefix the mask covers."""
+        B, T, C = h.shape
+        H, D = self.heads, C // self.heads
+        span = mask.shape[-1]
+        for i, block in enumerate(self.model.transformer.h):
+            q, k, v = block.attn.c_attn(block.ln_1(h)).split(C, dim=2)  # (B, T, C) each
+            q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+            self.keys[i].index_copy_(2, slots, k.to(self.keys.dtype))
+            self.values[i].index_copy_(2, slots, v.to(self.values.dtype))
+            attended = F.scaled_dot_product_attention(q, self.keys[i, :, :, :span].to(q.dtype),
+                                                      self.values[i, :, :, :span].to(q.dtype), attn_mask=mask)  # (B, H, T, D)
+            h = h + block.attn.c_proj(attended.transpose(1, 2).reshape(B, T, C))
+            h = h + block.mlp(block.ln_2(h))
+        return self.model.lm_head(self.model.transformer.ln_f(h))  # (B, T, V)
+
+    def _embed(self, ids, positions):
+        return self.model.transformer.wte(ids) + self.model.transformer.wpe(positions)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, prompt_mask, position_ids) -> torch.Tensor:
+        """The left-padded prompts (B, P) into cache slots 0..P-1; returns the last position's logits (B, V)."""
+        B, P = input_ids.shape
+        self.key_mask.zero_()
+        self.key_mask[:, :P] = prompt_mask.bool()
+        causal = torch.ones((P, P), dtype=torch.bool, device=self.device).tril()
+        # A padding query attends to itself alone: a row with no key would give NaN keys to later layers.
+        mask = (self.key_mask[:, None, None, :P] & causal) | torch.eye(P, dtype=torch.bool, device=self.device)  # (B, 1, P, P)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
+            logits = self._blocks(self._embed(input_ids, position_ids), torch.arange(P, device=self.device), mask)
+        self.slot.fill_(P)
+        self.position.copy_(position_ids[:, -1] + 1)
+        return logits[:, -1].float()
+
+    def _step(self) -> torch.Tensor:
+        """One token per row at slot ``self.slot``; advances slot and positions. No host synchronisation."""
+        self.key_mask.index_fill_(1, self.slot, True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
+            logits = self._blocks(self._embed(self.token[:, None], self.position[:, None]), self.slot,
+                                  self.key_mask[:, None, None, :])  # (B, 1, V)
+        self.slot += 1
+        self.position += 1
+        return logits[:, 0].float()
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feeds ``token`` (B,) and returns the next logits (B, V); on CUDA a replay of the graph
+        captured at the first call (the logits are then the graph's output buffer, valid until the
+        next step)."""
+        self.token.copy_(token)
+        if not self.gpu or self.graph is False:
+            return self._step()
+        if self.graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the capture (lazy cuBLAS handles, autocast)
+                saved = (self.key_mask.clone(), self.slot.clone(), self.position.clone())
+                self._step()
+                self.key_mask.copy_(saved[0]), self.slot.copy_(saved[1]), self.position.copy_(saved[2])
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):  # records the step's kernels without running them
+                    self.logits = self._step()
+            except RuntimeError as e:  # a capture this torch or GPU refuses: the same step, eager
+                warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without graphs")
+                self.graph = False
+                return self._step()
+        self.graph.replay()
+        return self.logits
+
+
+def decoder_for(model, batch: int, length: int) -> StaticDecoder:
+    """The model's decoder of this (batch, length), made once and kept on the model (at most two
+    shapes: a run's rollouts and its evaluations), so a graph is captured once per shape."""
+    kept = model.__dict__.setdefault("_static_decoders", {})
+    key = (batch, length)
+    if key not in kept:
+        while len(kept) >= 2:
+            kept.pop(next(iter(kept)))
+        kept[key] = StaticDecoder(model, batch, length)
+    return kept[key]
