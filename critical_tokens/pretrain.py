@@ -248,6 +248,8 @@ def pretrain(config: PretrainConfig) -> Path:
         bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}", tok_s=f"{pending[-1]['tokens_per_s']:,.0f}")
         if not ranks.main:
             pending = []
+            if out_of_time:
+                break
             continue
         record = pending[-1]
         if check:

@@ -92,8 +92,11 @@ def test_two_ranks_give_the_numbers_of_one_process_and_resume_after_a_kill(pretr
     assert_close(metrics(rl_two), metrics(rl_one))
     assert json.loads((rl_two / "config.json").read_text())["ranks"] == 2
 
-    finish(torchrun(["pretrain", "--out", pretrain_two, "--resume"]))
+    # Then, in the same launch, a pre-training stopped by --max-minutes: every rank stops at the same step.
+    stopped = tmp_path / "stopped"
+    finish(torchrun(["pretrain", "--out", pretrain_two, "--resume"], ["pretrain", "--out", stopped, *MICRO_PRETRAIN_ARGS, "--max-minutes", "1e-9"]))
     assert_close(metrics(pretrain_two), metrics(pretrained_run))
+    assert [(r["step"], r.get("stopped_early")) for r in metrics(stopped)] == [(1, True)]
 
 
 def _lines(path: Path) -> list[str]:
