@@ -31,8 +31,8 @@ from .runs import UserError, check_output, describe_kind, read_json, run_kind, w
 @dataclass(frozen=True)
 class ReproduceConfig:
     preset: str = arg("cpu", "smoke (tests, a minute), cpu (2 cores, `make demo`), cpu-full and cpu-rloo (the KL comparison at 10 seeds on "
-                      "2 cores, by A2C and by RLOO: hours), gpu (the paper's scale cut to 9 minutes on one H100), paper (one GPU, the paper's scale), "
-                      "or the path of a preset JSON file")
+                      "2 cores, by A2C and by RLOO: hours), cpu-rloo-long (cpu-rloo's comparison at 1,280 episodes), gpu (the paper's "
+                      "scale cut to 9 minutes on one H100), paper (one GPU, the paper's scale), or the path of a preset JSON file")
     out: str = arg("runs/reproduce", "directory of the reproduction: every run, REPORT.md, plots/")
     only: tuple[str, ...] = arg((), "run only these experiments (names or a comma list): " + ", ".join(EXPERIMENTS), metavar="EXPERIMENT")
     jobs: int = arg(0, "runs in parallel (0: one per GPU, or one per CPU core without a GPU)")

@@ -46,7 +46,7 @@ class StaticDecoder:
         # (their caches and graphs hold GPU memory) go together without waiting for the cycle collector.
         self._model = weakref.ref(model)
         self.batch, self.length = batch, length
-        self.heads, self.width = c.n_head, c.n_embd
+        self.heads = c.n_head
         self.device = next(model.parameters()).device
         self.gpu = self.device.type == "cuda"
         dtype = torch.bfloat16 if self.gpu else next(model.parameters()).dtype
