@@ -29,7 +29,6 @@ Parts, each printed and saved to ``--out`` (JSON) as soon as it is measured, ski
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -40,9 +39,9 @@ from pathlib import Path
 import torch
 
 from critical_tokens import addition
-from critical_tokens.generation import addition_stop_rule, generate
+from critical_tokens.generation import addition_stop_rule, generate, left_pad
 from critical_tokens.model import build_model
-from critical_tokens.pretrain import PretrainConfig, collate, encode_examples, epoch_batches
+from critical_tokens.pretrain import collate, encode_examples, epoch_batches
 from critical_tokens.tokenizer import build_tokenizer, encode
 
 from common import forward_flops_per_token, machine_header
@@ -130,9 +129,8 @@ def decoding(preset: str, device, batch: int, new_tokens: int, rounds: int) -> d
     prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
     rule = {**addition_stop_rule(tokenizer), "eos_token_id": -1, "stop_token_id": None, "stop_after": ()}  # never stops
     ours, theirs = [], []
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = (torch.arange(width, device=device)[None] >= torch.tensor([width - len(p) for p in prompts], device=device)[:, None]).long()
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)  # (B, P), as generate pads them
+    width = ids.shape[1]
 
     def hf_generate():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -235,6 +233,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def decode_part(batch: int) -> None:
+        save("decode", decoding(args.preset, device, batch, 8 if quick else args.decode_tokens, 1 if quick else 2))
+
     def rl_part() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save("rl", rl_throughput(args.preset, device, args.rl_batch, 2 if quick else 3, Path(tmp), args.trl_steps))
@@ -242,10 +243,9 @@ def main() -> None:
     # The parts in the order of what the GPU session needs most; each starts only before the deadline.
     compile_too = device.type == "cuda" or not quick
     parts = [lambda b=b: pretrain_part(b, False) for b in args.batch_sizes if not args.compiled_only] + [rl_part]
-    parts += [lambda b=args.decode_batches[0]: save("decode", decoding(args.preset, device, b, 8 if quick else args.decode_tokens, 1 if quick else 2))]
+    parts += [lambda: decode_part(args.decode_batches[0])]
     parts += [lambda b=b: pretrain_part(b, True) for b in args.batch_sizes if compile_too]
-    parts += [lambda b=b: save("decode", decoding(args.preset, device, b, 8 if quick else args.decode_tokens, 1 if quick else 2))
-              for b in args.decode_batches[1:]]
+    parts += [lambda b=b: decode_part(b) for b in args.decode_batches[1:]]
     for part in parts:
         if not in_time():
             break

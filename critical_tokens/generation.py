@@ -150,7 +150,6 @@ def generate(
     static = decoder == "static" or (decoder == "auto" and gpu and static_decode.supports(model))
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # (B, P)
     B, P = input_ids.shape
-    attention_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], 1)
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # (B, T)
     logprobs = torch.zeros((B, max_new_tokens), device=device)
     certainty = torch.zeros((B, max_new_tokens), device=device) if certainty_method else None
@@ -160,17 +159,18 @@ def generate(
     after_marker = torch.full((B,), len(marker) == 0, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
 
-    cache_arg = _cache_argument(model)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     if static:  # one cache length per 64 tokens, so that a run's calls share a captured graph
         step_decoder = static_decode.decoder_for(model, B, 64 * -(-(P + max_new_tokens) // 64))
         logits = step_decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
-    else:
+    else:  # model(...) calls: the cache, the attention mask and the next positions are kept here
+        attention_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], 1)
+        cache_arg = _cache_argument(model)
         cache = _preallocated_cache(model, P + max_new_tokens) if cache_arg == "cache" else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
             out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
                         **({cache_arg: cache} if cache is not None else {}))
-    next_position = position_ids[:, -1:] + 1  # (B, 1)
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
     for t in range(max_new_tokens):
         if not static:
             logits = out.logits[:, -1].float()  # (B, V)
