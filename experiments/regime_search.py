@@ -66,6 +66,13 @@ CANDIDATES: dict[str, dict] = {
                                               warmup_fraction=0.02, seed=5, init_from=SHIPPED_N3, random_position_offset=True,
                                               n_plus_one_fraction=f)
        for f in (0.0, 0.01, 0.02, 0.03, 0.05)},
+    # The same continuation at a third of the learning rate: does a gentler continuation keep the failure
+    # structure of tiny-n3 (38.5% of its N+1 failures start at a critical token; 24% after the dose-0
+    # continuation at lr 1e-3) while the dose still brings partial N+1 competence? (the criterion on where failures start)
+    **{f"tiny-n3-dose{100 * f:g}-lr3e-4": dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=1, lr=3e-4,
+                                                     warmup_fraction=0.02, seed=5, init_from=SHIPPED_N3, random_position_offset=True,
+                                                     n_plus_one_fraction=f)
+       for f in (0.0, 0.005, 0.01, 0.02, 0.03, 0.05)},
     "tiny-n4-offset": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3, random_position_offset=True),
     "tiny-n5": dict(preset="tiny", n_digits=5, examples_per_length=20_000, epochs=1, lr=2e-3),
     "small-n4": dict(preset="small", n_digits=4, examples_per_length=10_000, epochs=2, lr=1e-3),
