@@ -45,6 +45,14 @@ TARGET = {"in_distribution_min": 0.95, "n_plus_1_range": (0.15, 0.80), "failures
           "sampled_n_plus_1_min": 0.05, "rl_temperature": 1.0}
 SHIPPED_N3 = "critical_tokens/checkpoints/tiny-n3"  # relative: run the script from the repository root
 
+
+def dose_continuation(fraction: float, lr: float) -> dict:
+    """The shipped tiny-n3 continued for one epoch of fresh 1..3-digit additions with ``fraction`` of 4-digit
+    additions (the RL task's) mixed in: the dose lever of issue 10, a deviation from the paper."""
+    return dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=1, lr=lr, warmup_fraction=0.02, seed=5,
+                init_from=SHIPPED_N3, random_position_offset=True, n_plus_one_fraction=fraction)
+
+
 # Candidate configurations, cheapest first. Each is a set of PretrainConfig overrides.
 CANDIDATES: dict[str, dict] = {
     "tiny-n4": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3),
@@ -62,17 +70,12 @@ CANDIDATES: dict[str, dict] = {
     # The dose lever (issue 10; a deviation from the paper): continue the shipped tiny-n3 for one epoch
     # of fresh 1..3-digit data with a fraction of 4-digit additions (the RL task's) mixed in. Dose 0 is
     # the control: the same continued pre-training without any N+1 example.
-    **{f"tiny-n3-dose{round(100 * f)}": dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=1, lr=1e-3,
-                                              warmup_fraction=0.02, seed=5, init_from=SHIPPED_N3, random_position_offset=True,
-                                              n_plus_one_fraction=f)
-       for f in (0.0, 0.01, 0.02, 0.03, 0.05)},
+    **{f"tiny-n3-dose{round(100 * f)}": dose_continuation(f, lr=1e-3) for f in (0.0, 0.01, 0.02, 0.03, 0.05)},
     # The same continuation at a third of the learning rate: does a gentler continuation keep the failure
     # structure of tiny-n3 (38.5% of its N+1 failures start at a critical token; 24% after the dose-0
-    # continuation at lr 1e-3) while the dose still brings partial N+1 competence? (the criterion on where failures start)
-    **{f"tiny-n3-dose{100 * f:g}-lr3e-4": dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=1, lr=3e-4,
-                                                     warmup_fraction=0.02, seed=5, init_from=SHIPPED_N3, random_position_offset=True,
-                                                     n_plus_one_fraction=f)
-       for f in (0.0, 0.005, 0.01, 0.02, 0.03, 0.05)},
+    # continuation at lr 1e-3) while the dose still brings partial N+1 competence? (the criterion on where
+    # failures start)
+    **{f"tiny-n3-dose{100 * f:g}-lr3e-4": dose_continuation(f, lr=3e-4) for f in (0.0, 0.005, 0.01, 0.02, 0.03, 0.05)},
     "tiny-n4-offset": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3, random_position_offset=True),
     "tiny-n5": dict(preset="tiny", n_digits=5, examples_per_length=20_000, epochs=1, lr=2e-3),
     "small-n4": dict(preset="small", n_digits=4, examples_per_length=10_000, epochs=2, lr=1e-3),
