@@ -168,7 +168,8 @@ def rl_throughput(preset: str, device, batch: int, iterations: int, workdir: Pat
     pretrained = save_pretrained_run(workdir, preset)
     run = workdir / "ours"
     train(RLConfig(pretrained=str(pretrained), out=str(run), episodes=batch * iterations, batch_size=batch,
-                   minibatch_size=min(batch, 64), eval_every=10**9, eval_episodes=1, eval_comfort_episodes=1, probe_examples=1))
+                   minibatch_size=min(batch, 64), eval_every=10**9, eval_episodes=1, eval_comfort_episodes=1, probe_examples=1,
+                   final_eval_episodes=1, final_eval_comfort_episodes=1, final_probe_examples=1))
     lines = [r for r in read_metrics(run) if "iteration" in r]
     parts = ("rollout", "reference", "update")
     timed = sum(lines[-1][f"time/{k}"] - lines[0][f"time/{k}"] for k in parts)  # the first iteration (warm-up) excluded

@@ -91,7 +91,7 @@ def run_ours(pretrained: Path, out: Path, batch_size: int, minibatch_size: int, 
     """critical_tokens.rl.train for a few iterations; its phase timers give episodes/min."""
     config = RLConfig(pretrained=str(pretrained), out=str(out), episodes=iterations * batch_size, batch_size=batch_size,
                       minibatch_size=minibatch_size, eval_every=10**9, eval_episodes=1, eval_comfort_episodes=1,
-                      probe_examples=1, device="cpu")
+                      probe_examples=1, final_eval_episodes=1, final_eval_comfort_episodes=1, final_probe_examples=1, device="cpu")
     t0 = time.perf_counter()
     train(config)
     wall = time.perf_counter() - t0

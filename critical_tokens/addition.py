@@ -184,22 +184,28 @@ def eval_pairs(
     return pairs
 
 
-def rl_pairs(n_digits_pretrained: int, plus: int, count: int, seed: int | str) -> list[tuple[int, int]]:
+def rl_pairs(n_digits_pretrained: int, plus: int, count: int, seed: int | str,
+             exclude: frozenset[tuple[int, int]] | set[tuple[int, int]] = frozenset()) -> list[tuple[int, int]]:
     """RL fine-tuning additions, the "plus k" task of SPEC section 2 (k = 1: "plus1", 2: "plus2").
 
     One operand, chosen at random, has N+k digits; the other has, with probability 1/2, a length
     uniform in 1..N (inside the comfort zone), otherwise a length uniform in N+1..N+k. For k = 1 this
     is exactly SPEC section 2; for k = 2 it follows the reference implementation
     (jvasso/llm-rl-arithmetic, ``src/env/operation_generator.py``).
+
+    ``exclude``: pairs never returned (a drawn one is drawn again), e.g. the held-out evaluation
+    prompts when drawing training prompts.
     """
     if plus < 1:
         raise ValueError(f"plus must be >= 1, got {plus}")
     rng = random.Random(seed)
     n, longest = n_digits_pretrained, n_digits_pretrained + plus
     pairs = []
-    for _ in range(count):
+    while len(pairs) < count:
         other = rng.randint(1, n) if rng.random() < 0.5 else rng.randint(n + 1, longest)
-        pairs.append(_pair_with_long_operand(longest, other, rng))
+        pair = _pair_with_long_operand(longest, other, rng)
+        if pair not in exclude:
+            pairs.append(pair)
     return pairs
 
 

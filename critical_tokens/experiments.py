@@ -18,6 +18,13 @@ A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes eve
   - ``kl_by_model`` (beyond the paper): ``{"models", "seeds", "rl", "arms"}``, the arms of figure 4
     from each of several models (e.g. pre-trained with different N+1 doses): how the gain of the
     prioritized KL depends on where RL starts. Its runs are ``OUT/kl_by_model/<model>/<arm>/seed<k>/``.
+  - ``confirm`` (a pre-registered study): ``{"models", "seeds", "first_seed", "rl", "arms",
+    "hypotheses", "alpha", "preregistration"}``: the arms from each model instance at the seeds
+    ``first_seed .. first_seed + seeds - 1``, the same seeds in every arm (paired), and the
+    hypotheses the report tests on them (`report.paired`): each ``{"name", "arm", "versus",
+    "metric", "margin", "role"}``, role "primary", "control" or "safety". Its runs are
+    ``OUT/confirm/<model>/<arm>/seed<k>/``; ``preregistration`` is the path (in the repository) of
+    the document that fixed the study before it ran.
   Every experiment may carry a ``"notes"`` string; so may the preset.
 
 `plan` turns a preset into jobs: one per model to pre-train (cached under ``OUT/pretrain/`` by a
@@ -48,7 +55,7 @@ from .runs import UserError, read_json
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
-EXPERIMENTS = ("levels", "table1", "kl_comparison", "beta_sweep", "rl_levels", "tracked_tokens", "kl_by_model")
+EXPERIMENTS = ("levels", "table1", "kl_comparison", "beta_sweep", "rl_levels", "tracked_tokens", "kl_by_model", "confirm")
 
 # What each experiment may hold besides "notes", and the fields reproduce sets itself.
 EXPERIMENT_KEYS = {
@@ -59,7 +66,11 @@ EXPERIMENT_KEYS = {
     "rl_levels": {"models", "seeds", "rl"},
     "tracked_tokens": set(),
     "kl_by_model": {"models", "seeds", "rl", "arms"},
+    "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration"},
 }
+OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration"}
+HYPOTHESIS_KEYS = {"name", "arm", "versus", "metric", "margin", "role"}
+ROLES = ("primary", "control", "safety")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -103,14 +114,37 @@ def check_preset(preset: dict, where: str) -> None:
         for model in spec.get("models", []) + ([spec["model"]] if "model" in spec else []):
             if model not in preset["models"]:
                 raise UserError(f"{here}: no model {model!r} in 'models' ({', '.join(preset['models'])})")
-        missing = EXPERIMENT_KEYS[experiment] - {"rl"} - set(spec)
+        missing = EXPERIMENT_KEYS[experiment] - OPTIONAL_KEYS - set(spec)
         if missing:
             raise UserError(f"{here}: missing {', '.join(sorted(missing))}")
         if "seeds" in spec and (not isinstance(spec["seeds"], int) or spec["seeds"] < 1):
             raise UserError(f"{here}: 'seeds' must be a positive integer")
+        if "first_seed" in spec and (not isinstance(spec["first_seed"], int) or spec["first_seed"] < 0):
+            raise UserError(f"{here}: 'first_seed' must be an integer >= 0")
+        if experiment == "confirm":
+            _check_hypotheses(spec, here)
     if "tracked_tokens" in preset["experiments"] and "kl_comparison" not in preset["experiments"]:
         raise UserError(f"{where}: tracked_tokens reads the kl_comparison runs; add a kl_comparison experiment")
     plan(preset, where)  # builds every config: a bad value fails here, not an hour into the run
+
+
+def _check_hypotheses(spec: dict, where: str) -> None:
+    arms = {arm.get("name") for arm in spec["arms"] if isinstance(arm, dict)}
+    if not isinstance(spec["hypotheses"], list) or not spec["hypotheses"]:
+        raise UserError(f"{where}: 'hypotheses' must be a non-empty list")
+    for h in spec["hypotheses"]:
+        _check_keys(h, HYPOTHESIS_KEYS, f"{where}: hypothesis")
+        if set(h) != HYPOTHESIS_KEYS:
+            raise UserError(f"{where}: hypothesis {h.get('name')!r} needs {', '.join(sorted(HYPOTHESIS_KEYS))}")
+        if h["arm"] not in arms or h["versus"] not in arms:
+            raise UserError(f"{where}: hypothesis {h['name']!r} compares arms {h['arm']!r} and {h['versus']!r}; the arms are {', '.join(sorted(arms))}")
+        if h["role"] not in ROLES or not isinstance(h["margin"], (int, float)):
+            raise UserError(f"{where}: hypothesis {h['name']!r}: role is one of {', '.join(ROLES)} and margin a number")
+    if [h["role"] for h in spec["hypotheses"]].count("primary") != 1:
+        raise UserError(f"{where}: exactly one hypothesis has the role 'primary'")
+    alpha = spec.get("alpha", 0.05)
+    if not isinstance(alpha, float) or not 0 < alpha < 1:
+        raise UserError(f"{where}: 'alpha' must be a number in (0, 1)")
 
 
 def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
@@ -134,12 +168,15 @@ def _check_name(name: Any, where: str) -> None:
         raise UserError(f"{where} name {name!r} must be letters, digits, '_', '.', '+' or '-' (it names a directory)")
 
 
-def with_seeds(preset: dict, seeds: int) -> dict:
-    """The preset with every experiment's seed count replaced (``--seeds``)."""
+def with_seeds(preset: dict, seeds: int = 0, first_seed: int | None = None) -> dict:
+    """The preset with every experiment's seed count (``--seeds``, unless 0) and first seed
+    (``--first-seed``, unless None) replaced."""
     preset = json.loads(json.dumps(preset))
     for spec in preset["experiments"].values():
         if "seeds" in spec:
-            spec["seeds"] = seeds
+            spec["seeds"] = seeds or spec["seeds"]
+            if first_seed is not None:
+                spec["first_seed"] = first_seed
     return preset
 
 
@@ -214,14 +251,20 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
         jobs.append(Job(f"table1/{m}", "critical", "table1", f"table1/{m}", asdict(config), needs=f"pretrain/{m}", arm=m))
     for experiment, arms in _rl_arms(experiments, where):
         spec = experiments[experiment]
-        for seed in range(spec["seeds"]):  # seed-major: a reproduction stopped early has every arm at (about) the same seeds
-            for arm, model, overrides in arms:
-                directory = f"{experiment}/{arm}/seed{seed}"
-                fields = section_fields(preset, "rl", {**spec.get("rl", {}), **overrides}, f"{where}: experiments.{experiment}")
-                config = RLConfig(**fields, pretrained=models[model]["dir"], out=directory, seed=seed)
-                rl_config.validate(config)
-                jobs.append(Job(f"{experiment}/{arm}/seed{seed}", "rl", experiment, directory, asdict(config),
-                                needs=f"pretrain/{model}", arm=arm, seed=seed))
+        first = spec.get("first_seed", 0)
+        # A study's arms that no hypothesis names (context, e.g. no KL) run after all the others: a
+        # study stopped by the clock has its hypotheses' pairs complete at as many seeds as it could.
+        tested = {h[key] for h in spec.get("hypotheses", []) for key in ("arm", "versus")}
+        passes = [[a for a in arms if a[0].split("/")[-1] in tested], [a for a in arms if a[0].split("/")[-1] not in tested]] if tested else [arms]
+        order = [(*a, seed) for part in passes for seed in range(first, first + spec["seeds"]) for a in part]  # seed-major: a
+        # reproduction stopped early has every arm at (about) the same seeds
+        for arm, model, overrides, seed in order:
+            directory = f"{experiment}/{arm}/seed{seed}"
+            fields = section_fields(preset, "rl", {**spec.get("rl", {}), **overrides}, f"{where}: experiments.{experiment}")
+            config = RLConfig(**fields, pretrained=models[model]["dir"], out=directory, seed=seed)
+            rl_config.validate(config)
+            jobs.append(Job(f"{experiment}/{arm}/seed{seed}", "rl", experiment, directory, asdict(config),
+                            needs=f"pretrain/{model}", arm=arm, seed=seed))
     names = [j.name for j in jobs]
     for name in names:
         if names.count(name) > 1:
@@ -252,6 +295,9 @@ def _rl_arms(experiments: dict, where: str):
     if "kl_by_model" in experiments:
         spec = experiments["kl_by_model"]
         yield "kl_by_model", [(f"{m}/{name}", m, overrides) for m in spec["models"] for name, overrides in _kl_arms(spec, "kl_by_model", where)]
+    if "confirm" in experiments:
+        spec = experiments["confirm"]
+        yield "confirm", [(f"{m}/{name}", m, overrides) for m in spec["models"] for name, overrides in _kl_arms(spec, "confirm", where)]
 
 
 def _kl_arms(spec: dict, experiment: str, where: str) -> list[tuple[str, dict]]:

@@ -25,19 +25,22 @@ from .config import arg, check_range, check_types
 from .experiments import CHECKPOINTS_DIR, EXPERIMENTS, Job, jobs_to_run, load_preset, plan, selected, with_seeds
 from .jobs import execute, job_status, log_path, now
 from .launchers import LocalLauncher, RayLauncher, SlurmLauncher, check_installed
-from .runs import UserError, check_output, describe_kind, read_json, run_kind, write_json
+from .runs import UserError, check_output, describe_kind, git_commit, read_json, run_kind, write_json
 
 
 @dataclass(frozen=True)
 class ReproduceConfig:
     preset: str = arg("cpu", "smoke (tests, a minute), cpu (2 cores, `make demo`), cpu-full and cpu-rloo (the KL comparison at 10 seeds on "
-                      "2 cores, by A2C and by RLOO: hours), cpu-rloo-long (cpu-rloo's comparison at 1,280 episodes), gpu (the paper's "
+                      "2 cores, by A2C and by RLOO: hours), cpu-rloo-long (cpu-rloo's comparison at 1,280 episodes), cpu-confirm (the pre-registered "
+                      "confirmatory study: 3 model instances x 5 arms x 10 paired seeds, about 2 hours on 2 cores), gpu (the paper's "
                       "scale cut to 9 minutes on one H100), paper (one GPU, the paper's scale), or the path of a preset JSON file")
     out: str = arg("runs/reproduce", "directory of the reproduction: every run, REPORT.md, plots/")
     only: tuple[str, ...] = arg((), "run only these experiments (names or a comma list): " + ", ".join(EXPERIMENTS), metavar="EXPERIMENT")
     jobs: int = arg(0, "runs in parallel (0: one per GPU, or one per CPU core without a GPU)")
     pretrain: bool = arg(False, "pre-train from scratch even the models the package ships a checkpoint for")
     seeds: int = arg(0, "seeds per experiment (0: the preset's)")
+    first_seed: int | None = arg(None, "first seed of every experiment (default: the preset's, 0 unless it says): "
+                                 "--first-seed 200 --seeds 10 runs seeds 200..209, e.g. to replicate a study on seeds it did not use")
     wandb: bool = arg(False, "also log every finished run to Weights & Biases (offline unless WANDB_API_KEY is set), if wandb is installed")
     launcher: Literal["local", "ray", "slurm"] = arg("local", "where the runs run: worker processes here, Ray tasks (pip install 'critical-tokens[ray]'), or SLURM jobs through submitit ('critical-tokens[slurm]'); --out must be on a file system every node sees")
     retries: int = arg(2, "times a failed run is started again (from its last checkpoint); a problem with its input is not retried")
@@ -231,6 +234,7 @@ def command_line(config: ReproduceConfig) -> str:
     parts += [f"--only {','.join(config.only)}"] if config.only else []
     parts += [f"--jobs {config.jobs}"] if config.jobs else []
     parts += [f"--seeds {config.seeds}"] if config.seeds else []
+    parts += [f"--first-seed {config.first_seed}"] if config.first_seed is not None else []
     parts += [flag for flag, on in (("--pretrain", config.pretrain), ("--wandb", config.wandb)) if on]
     defaults = ReproduceConfig()
     parts += [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("launcher", "ray_address", "slurm_partition", "slurm_minutes",
@@ -252,8 +256,10 @@ def reproduce(config: ReproduceConfig) -> Path:
     if root.is_dir() and any(root.iterdir()) and run_kind(root) != "reproduction":
         raise UserError(f"--out {root} is {describe_kind(run_kind(root))}, not a reproduction; choose another --out")
     preset, source = load_preset(config.preset)
-    if config.seeds:
-        preset = with_seeds(preset, config.seeds)
+    if config.first_seed is not None and config.first_seed < 0:
+        raise UserError(f"--first-seed must be >= 0, got {config.first_seed}")
+    if config.seeds or config.first_seed is not None:
+        preset = with_seeds(preset, config.seeds, config.first_seed)
     experiments = selected(config.only, preset)
     jobs, models = plan(preset, source, pretrain=config.pretrain)
     chosen = jobs_to_run(jobs, experiments)
@@ -271,7 +277,7 @@ def reproduce(config: ReproduceConfig) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "reproduce.json", {
-        "command": command_line(config), "preset_name": preset.get("name", Path(source).stem), "preset_source": source,
+        "command": command_line(config), **code_version(preset), "preset_name": preset.get("name", Path(source).stem), "preset_source": source,
         "options": asdict(config), "experiments_run": experiments, "parallel_jobs": n_jobs,
         "threads_per_job": threads_per_job(config, n_jobs), "preset": preset, "models": models,
         "jobs": [{k: v for k, v in asdict(j).items() if v is not None} for j in jobs],
@@ -303,11 +309,21 @@ def _record_timing(root: Path, config: ReproduceConfig, wall: float, walls: dict
     path = root / "timing.json"
     timing = read_json(path) if path.exists() else {"invocations": []}
     timing["hardware"] = hardware()
-    timing["invocations"].append({"command": command_line(config), "finished": now(), "wall_s": round(wall, 1),
+    timing["invocations"].append({"command": command_line(config), "git_commit": git_commit(), "finished": now(), "wall_s": round(wall, 1),
                                   "experiments": experiments, "runs": len(walls), "run_wall_s": round(sum(walls.values()), 1),
                                   **({"interrupted": True} if interrupted else {})})
     timing["wall_s"] = round(sum(i["wall_s"] for i in timing["invocations"]), 1)
     write_json(path, timing)
+
+
+def code_version(preset: dict) -> dict:
+    """The git commit of the code that runs (``-dirty`` if tracked files differ from it), and for a
+    pre-registered study the commit that first added its pre-registration; None outside a checkout."""
+    version = {"git_commit": git_commit()}
+    document = preset["experiments"].get("confirm", {}).get("preregistration")
+    if document:
+        version["preregistration_commit"] = git_commit(document)
+    return version
 
 
 def _wandb_available() -> bool:

@@ -34,13 +34,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import addition, distributed, kl
+from .seeding import stream_seed
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
 from .evaluate import accuracy_on
 from .generation import addition_stop_rule, concatenate, generate
 from .model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
 from .rl_config import CRITIC_ALGORITHMS, RLConfig, validate
-from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config
+from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, write_json
 from .tokenizer import encode
 
 
@@ -123,16 +124,40 @@ def collect_advantages(policy: Policy, rollout, rewards, config: RLConfig) -> tu
     return advantages[:, None] * mask, None
 
 
-def calibrated_beta(ref_lm, tokenizer, n_digits: int, config: RLConfig) -> tuple[float, dict]:
-    """--beta auto: beta such that the weight is ``auto_beta_weight`` at the ``auto_beta_quantile``
-    of the reference's certainty on its own rollouts of RL prompts (kl.calibrate_beta)."""
-    pairs = addition.rl_pairs(n_digits, int(config.task[-1]), 64, seed=config.seed + 777)
+@torch.no_grad()
+def certainty_on_own_rollouts(ref_lm, tokenizer, n_digits: int, config: RLConfig, count: int, seed: int) -> torch.Tensor:
+    """The reference's certainty c(s) at every completion token of its own rollouts of ``count`` RL
+    prompts, sampled at the RL temperature (the policy's tokens before any update); flat (tokens,)."""
+    stream = stream_seed(seed, "calibration")
+    pairs = addition.rl_pairs(n_digits, int(config.task[-1]), count, seed=stream)
     prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
     max_new = addition.max_completion_length(n_digits + int(config.task[-1])) + RL_SLACK
     gen = generate(ref_lm, prompts, max_new_tokens=max_new, temperature=config.temperature,
                    certainty_method=config.certainty, certainty_temperature=config.certainty_temperature,
-                   generator=torch.Generator().manual_seed(config.seed + 777), **addition_stop_rule(tokenizer))
-    c = gen.certainty[gen.completion_mask]
+                   generator=torch.Generator().manual_seed(stream), **addition_stop_rule(tokenizer))
+    return gen.certainty[gen.completion_mask]
+
+
+# The matched-weight control's calibration: one set of prompts for every seed, so that all the seeds
+# of a starting model share one coefficient (measured once, before RL; the seeds differ in RL alone).
+MATCH_CALIBRATION_PROMPTS, MATCH_CALIBRATION_SEED = 512, 0
+
+
+def matched_weight(ref_lm, tokenizer, n_digits: int, config: RLConfig) -> tuple[float, dict]:
+    """--match-weight-beta B: the factor E[c^B] by which the matched-weight control scales its uniform
+    penalty, the mean prioritized weight (kl.prioritized_weights) over the reference's own rollouts.
+    A uniform coefficient kl_coef * E[c^B] gives the penalty the prioritized arm's mean weight at the
+    start of RL, spread evenly instead of lifted at the uncertain tokens."""
+    c = certainty_on_own_rollouts(ref_lm, tokenizer, n_digits, config, MATCH_CALIBRATION_PROMPTS, MATCH_CALIBRATION_SEED)
+    factor = float(kl.prioritized_weights(c, config.match_weight_beta).mean())
+    return factor, {"match_weight_beta": config.match_weight_beta, "mean_weight": factor, "tokens": int(c.numel()),
+                    "prompts": MATCH_CALIBRATION_PROMPTS, "calibration_seed": MATCH_CALIBRATION_SEED}
+
+
+def calibrated_beta(ref_lm, tokenizer, n_digits: int, config: RLConfig) -> tuple[float, dict]:
+    """--beta auto: beta such that the weight is ``auto_beta_weight`` at the ``auto_beta_quantile``
+    of the reference's certainty on its own rollouts of RL prompts (kl.calibrate_beta)."""
+    c = certainty_on_own_rollouts(ref_lm, tokenizer, n_digits, config, 64, config.seed)
     beta = kl.calibrate_beta(c, config.auto_beta_quantile, config.auto_beta_weight)
     quantiles = {f"c_q{int(q * 100):02d}": float(torch.quantile(c, q)) for q in (0.01, 0.05, 0.25, 0.5)}
     return beta, quantiles
@@ -163,18 +188,54 @@ def save_checkpoint(run_dir: Path, policy: Policy, tokenizer, optimizer, iterati
         torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration, "episodes": episodes}, tmp / "trainer_state.pt")
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """A run's held-out prompts, drawn once from their own streams (seeding.py): the RL task's
+    (greedy and sampled accuracy), the comfort zone's (N digits) and the probe set of the
+    critical-token probabilities. Intermediate evaluations use the first ``eval_episodes`` /
+    ``eval_comfort_episodes`` / ``probe_examples`` of each, the final one the first ``final_*``.
+    ``exclude``: the N+1-digit ones, never drawn as training prompts."""
+
+    task: list[tuple[int, int]]
+    comfort: list[tuple[int, int]]
+    probe: list[tuple[int, int]]
+
+    @property
+    def exclude(self) -> frozenset[tuple[int, int]]:
+        return frozenset(self.task) | frozenset(self.probe)
+
+
+def held_out_prompts(n_digits: int, config: RLConfig) -> HeldOut:
+    plus = int(config.task[-1])
+    task = addition.rl_pairs(n_digits, plus, max(config.eval_episodes, config.final_eval_episodes), seed=stream_seed(config.seed, "eval_prompts"))
+    kind = "varying" if n_digits > 1 else "identical"  # N = 1: no shorter other operand
+    comfort = addition.eval_pairs(n_digits, kind, max(config.eval_comfort_episodes, config.final_eval_comfort_episodes),
+                                  seed=stream_seed(config.seed, "comfort_prompts"))
+    probe = addition.rl_pairs(n_digits, 1, max(config.probe_examples, config.final_probe_examples), seed=stream_seed(config.seed, "probe_prompts"))
+    return HeldOut(task, comfort, probe)
+
+
+def training_prompts(n_digits: int, config: RLConfig, iteration: int, held_out: HeldOut) -> list[tuple[int, int]]:
+    """The prompts of one collect (``batch_size / group_size`` of them), from the training stream of
+    (seed, iteration), none of them a held-out prompt."""
+    group_size = config.group_size if config.algorithm in ("grpo", "rloo") else 1
+    return addition.rl_pairs(n_digits, int(config.task[-1]), config.batch_size // group_size,
+                             seed=stream_seed(config.seed, "train_prompts", iteration), exclude=held_out.exclude)
+
+
 @torch.no_grad()
-def evaluate_policy(lm, tokenizer, n_digits: int, plus: int, config: RLConfig, probe_pairs) -> dict:
+def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: HeldOut, final: bool = False) -> dict:
     """Accuracy (binary reward) on the RL task, greedy and sampled, and in the comfort zone, plus the
-    policy's probability of the right token at the tracked critical tokens."""
+    policy's probability of the right token at the tracked critical tokens. Keys "eval/..." and
+    "p_correct/..."; ``final``: on the larger final sets, every key under "final/"."""
     from .critical import tracked_probabilities
 
     was_training = lm.training
     lm.eval()
-    task_pairs = addition.rl_pairs(n_digits, plus, config.eval_episodes, seed=config.seed + 1_000_003)
-    comfort_pairs = addition.eval_pairs(n_digits, "varying", config.eval_comfort_episodes, seed=config.seed + 2_000_003) if n_digits > 1 else \
-        addition.eval_pairs(n_digits, "identical", config.eval_comfort_episodes, seed=config.seed + 2_000_003)
-    sampler = torch.Generator().manual_seed(config.seed + 3_000_003)
+    sizes = (config.final_eval_episodes, config.final_eval_comfort_episodes, config.final_probe_examples) if final else \
+        (config.eval_episodes, config.eval_comfort_episodes, config.probe_examples)
+    task_pairs, comfort_pairs, probe_pairs = (pairs[:n] for pairs, n in zip((held_out.task, held_out.comfort, held_out.probe), sizes))
+    sampler = torch.Generator().manual_seed(stream_seed(config.seed, "eval_sampling"))
     record = {
         "eval/accuracy_greedy": accuracy_on(lm, tokenizer, task_pairs).mean().item(),
         "eval/accuracy_sampled": accuracy_on(lm, tokenizer, task_pairs, temperature=config.temperature, generator=sampler).mean().item(),
@@ -182,6 +243,8 @@ def evaluate_policy(lm, tokenizer, n_digits: int, plus: int, config: RLConfig, p
     }
     record.update(tracked_probabilities(lm, tokenizer, probe_pairs, n_digits, temperature=config.temperature))
     lm.train(was_training)
+    if final:
+        record = {"final/" + k.removeprefix("eval/"): v for k, v in record.items()}
     return record
 
 
@@ -218,7 +281,8 @@ def train(config: RLConfig) -> Path:
         state = torch.load(run_dir / "model" / "trainer_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         iteration, episodes = state["iteration"], state["episodes"]
-        beta = load_run_config(run_dir)["beta"]
+        saved = load_run_config(run_dir)
+        beta, kl_coef = saved["beta"], saved.get("kl_coef_used", config.kl_coef)
         if ranks.main:
             print(f"resuming {run_dir} at episode {episodes}")
     else:
@@ -227,30 +291,37 @@ def train(config: RLConfig) -> Path:
             beta, beta_info = calibrated_beta(ref_lm, tokenizer, n_digits, config)
         else:
             beta = float(config.beta) if config.beta != "auto" else 0.0
+        # The KL coefficient applied: --kl-coef, or for the matched-weight control --kl-coef x E[c^beta].
+        match_info, kl_coef = {}, config.kl_coef
+        if config.match_weight_beta is not None:
+            factor, match_info = matched_weight(ref_lm, tokenizer, n_digits, config)
+            kl_coef = config.kl_coef * factor
         if ranks.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(run_dir, config, kind="rl", n_digits=n_digits, beta=beta, beta_calibration=beta_info,
+                        kl_coef_used=kl_coef, kl_calibration=match_info,
                         n_params=count_parameters(policy), iterations=iterations, max_new_tokens=max_new, device=str(device),
                         update_epochs=epochs, prompts_per_collect=config.batch_size // group_size,
                         **({"ranks": ranks.world} if ranks.world > 1 else {}))
     if ranks.main:
         print(f"RL {config.algorithm} with {config.kl} KL" + (f" (beta {beta:.4g}{' = auto' if config.beta == 'auto' else ''})" if config.kl == "prioritized" else "")
+              + (f" (alpha {kl_coef:.4g} = {config.kl_coef:g} x E[c^{config.match_weight_beta:g}])" if config.match_weight_beta is not None else "")
               + f" on {config.task} ({n_digits + plus} digits) from {config.pretrained}: {config.episodes} episodes,"
               f" {config.batch_size} per collect" + (f" ({config.batch_size // group_size} prompts x {group_size})" if group_size > 1 else "")
               + f", minibatches of {config.minibatch_size}, {epochs} epoch(s), lr {config.lr}, temperature {config.temperature}"
               + (f", split over {ranks.world} ranks" if ranks.world > 1 else ""))
 
-    probe_pairs = addition.rl_pairs(n_digits, 1, config.probe_examples, seed=config.seed + 4_000_003)
+    held_out = held_out_prompts(n_digits, config)  # evaluation and probe prompts: never training prompts
     metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=episodes if config.resume else None) if ranks.main else None
     if not config.resume and ranks.main:
-        metrics.log({"step": 0, "episodes": 0, **evaluate_policy(policy.lm, tokenizer, n_digits, plus, config, probe_pairs)})
+        metrics.log({"step": 0, "episodes": 0, **evaluate_policy(policy.lm, tokenizer, n_digits, config, held_out)})
     timer = Timer()
     bar = tqdm(total=iterations * config.batch_size, initial=episodes, desc=f"rl {config.kl}", unit="ep", dynamic_ncols=True, disable=not ranks.main)
     while iteration < iterations:
-        # Every iteration draws its prompts and samples from generators seeded by (seed, iteration):
-        # the same seed gives the same numbers, and --resume continues exactly.
-        sampler = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
-        prompt_pairs = addition.rl_pairs(n_digits, plus, config.batch_size // group_size, seed=config.seed * 1_000_003 + iteration)
+        # Every iteration draws its prompts and samples from their own streams of (seed, iteration)
+        # (seeding.py): the same seed gives the same numbers, and --resume continues exactly.
+        sampler = torch.Generator().manual_seed(stream_seed(config.seed, "sampling", iteration))
+        prompt_pairs = training_prompts(n_digits, config, iteration, held_out)
         pairs = [pair for pair in prompt_pairs for _ in range(group_size)]  # each group's episodes side by side
 
         # 1. Rollout: sample episodes from the policy at its temperature.
@@ -282,7 +353,7 @@ def train(config: RLConfig) -> Path:
             with timer("update"):
                 rewards = b_rewards
                 if config.kl_as_reward and b_weights is not None:
-                    kl_rewards = config.kl_coef * b_weights * kl.kl_estimate(b_old_logprobs, b_ref_logprobs, config.estimator)  # (B, T)
+                    kl_rewards = kl_coef * b_weights * kl.kl_estimate(b_old_logprobs, b_ref_logprobs, config.estimator)  # (B, T)
                     rewards = rewards - kl_rewards * b_completion_mask
                 b_advantages, b_returns = collect_advantages(policy, rollout, rewards, config)  # (B, T), (B, T) or None
 
@@ -311,7 +382,7 @@ def train(config: RLConfig) -> Path:
                 if b_advantages is None:
                     rewards = b_rewards[mb, :T]
                     if config.kl_as_reward and weights is not None:
-                        rewards = rewards - config.kl_coef * (weights * kl_per_token).detach()
+                        rewards = rewards - kl_coef * (weights * kl_per_token).detach()
                     advantages, returns = gae(rewards, values.detach(), mb_mask, config.gamma, config.gae_lambda)
                 else:
                     advantages = b_advantages[mb, :T]
@@ -332,7 +403,7 @@ def train(config: RLConfig) -> Path:
                     kl_term = torch.zeros((), device=device)
                 else:
                     kl_term = kl.kl_penalty(logprobs, ref_logprobs, mb_mask, config.estimator, weights)
-                loss = actor_loss + config.vf_coef * value_loss - config.ent_coef * entropy_bonus + config.kl_coef * kl_term
+                loss = actor_loss + config.vf_coef * value_loss - config.ent_coef * entropy_bonus + kl_coef * kl_term
                 if not torch.isfinite(loss):
                     raise UserError(f"non-finite loss at episode {episodes} (iteration {iteration}); "
                                     f"the last good checkpoint is in {run_dir / 'model'}")
@@ -365,7 +436,12 @@ def train(config: RLConfig) -> Path:
         checkpoint = checkpoint and ranks.main  # rank 0 alone evaluates and writes
         if checkpoint:
             with timer("evaluation"):
-                record.update(evaluate_policy(policy.lm, tokenizer, n_digits, plus, config, probe_pairs))
+                record.update(evaluate_policy(policy.lm, tokenizer, n_digits, config, held_out))
+                if iteration == iterations:  # the final evaluation, on the larger held-out sets
+                    final = evaluate_policy(policy.lm, tokenizer, n_digits, config, held_out, final=True)
+                    record.update(final)
+                    write_json(run_dir / "final_eval.json", {"episodes": episodes, **final, "prompts": {
+                        "task": config.final_eval_episodes, "comfort": config.final_eval_comfort_episodes, "probe": config.final_probe_examples}})
         if ranks.main:
             metrics.log(record)  # before the checkpoint: a resumed run drops lines past its checkpoint
         if checkpoint:

@@ -29,6 +29,7 @@ class RLConfig:
     estimator: Literal["k1", "k2", "k3"] = arg("k2", "Schulman's KL estimator (the paper: k2)")
     certainty: Literal["max_prob", "negentropy"] = arg("max_prob", "certainty c(s) of the reference: eq. 2 max_prob (the paper's) or eq. 1 negentropy")
     certainty_temperature: float = arg(4.0, "temperature of the reference distribution in c(s) (the paper: 4)")
+    match_weight_beta: float | None = arg(None, "standard KL only: scale --kl-coef by E[c^beta], the mean prioritized weight at this beta measured on the reference's own rollouts at the RL temperature before RL (a uniform penalty of the prioritized arm's mean strength; the factor is stored in config.json)")
     kl_as_reward: bool = arg(False, "put -kl_coef * w * k into the per-token reward (as TRL's PPO) instead of a loss term")
     auto_beta_quantile: float = arg(0.05, "--beta auto: the certainty quantile of the reference's own rollouts whose weight is --auto-beta-weight")
     auto_beta_weight: float = arg(0.5, "--beta auto: the weight at that quantile")
@@ -47,6 +48,9 @@ class RLConfig:
     eval_episodes: int = arg(100, "evaluation episodes on the RL task (greedy and sampled)")
     eval_comfort_episodes: int = arg(20, "evaluation episodes in the comfort zone (N digits)")
     probe_examples: int = arg(64, "fixed N+1 probe prompts for the critical-token probabilities")
+    final_eval_episodes: int = arg(200, "the final evaluation's episodes on the RL task (greedy and sampled), at the end of the run")
+    final_eval_comfort_episodes: int = arg(100, "the final evaluation's episodes in the comfort zone (N digits)")
+    final_probe_examples: int = arg(100, "the final evaluation's probe prompts for the critical-token probabilities")
     n_digits: int | None = arg(None, "N, the digits the model was pre-trained on (default: the N the model records)")
     seed: int = arg(0, "seed of the prompts, the sampling and the value head")
     device: str = arg("auto", "auto, cpu or cuda")
@@ -70,9 +74,13 @@ def validate(config: RLConfig) -> None:
     for name in ("temperature", "certainty_temperature", "lr"):
         if not getattr(config, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
-    for name in ("episodes", "batch_size", "minibatch_size", "eval_every", "eval_episodes", "probe_examples"):
+    for name in ("episodes", "batch_size", "minibatch_size", "eval_every", "eval_episodes", "probe_examples",
+                 "final_eval_episodes", "final_eval_comfort_episodes", "final_probe_examples"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.match_weight_beta is not None and (config.kl != "standard" or not 0 <= config.match_weight_beta < math.inf):
+        raise UserError(f"--match-weight-beta scales the standard penalty: it needs --kl standard and a beta >= 0, "
+                        f"got --kl {config.kl} and {config.match_weight_beta}")
     if not (0 < config.auto_beta_quantile < 1 and 0 < config.auto_beta_weight < 1):
         raise UserError("--auto-beta-quantile and --auto-beta-weight must be in (0, 1)")
     if config.algorithm in ("grpo", "rloo") and (config.group_size < 2 or config.batch_size % config.group_size):

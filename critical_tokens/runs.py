@@ -283,3 +283,25 @@ class Timer:
                 timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.t0
 
         return _Phase()
+
+
+def git_commit(first_added: str | None = None) -> str | None:
+    """The commit of the package's git checkout (with "-dirty" when tracked files differ from it), or
+    with ``first_added`` (a path in the repository) the commit that first added that file; None when
+    the package is not in a git checkout or git is missing."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        if first_added:
+            root = git("rev-parse", "--show-toplevel")
+            commits = git("-C", root, "log", "--diff-filter=A", "--format=%H", "--", first_added).split()
+            return commits[-1] if commits else None
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

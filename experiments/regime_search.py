@@ -46,10 +46,10 @@ TARGET = {"in_distribution_min": 0.95, "n_plus_1_range": (0.15, 0.80), "failures
 SHIPPED_N3 = "critical_tokens/checkpoints/tiny-n3"  # relative: run the script from the repository root
 
 
-def dose_continuation(fraction: float, lr: float) -> dict:
+def dose_continuation(fraction: float, lr: float, seed: int = 5) -> dict:
     """The shipped tiny-n3 continued for one epoch of fresh 1..3-digit additions with ``fraction`` of 4-digit
     additions (the RL task's) mixed in: the dose lever of issue 10, a deviation from the paper."""
-    return dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=1, lr=lr, warmup_fraction=0.02, seed=5,
+    return dict(preset="tiny", n_digits=3, examples_per_length=10_000, epochs=1, lr=lr, warmup_fraction=0.02, seed=seed,
                 init_from=SHIPPED_N3, random_position_offset=True, n_plus_one_fraction=fraction)
 
 
@@ -76,6 +76,9 @@ CANDIDATES: dict[str, dict] = {
     # continuation at lr 1e-3) while the dose still brings partial N+1 competence? (the criterion on where
     # failures start)
     **{f"tiny-n3-dose{100 * f:g}-lr3e-4": dose_continuation(f, lr=3e-4) for f in (0.0, 0.005, 0.01, 0.02, 0.03, 0.05)},
+    # The model instances of the pre-registered cpu-confirm study: the regime recipe (1% dose at lr 3e-4)
+    # at three continuation seeds never used before it (made by `reproduce --preset cpu-confirm`).
+    **{f"tiny-n3-dose1-lr3e-4-s{seed}": dose_continuation(0.01, lr=3e-4, seed=seed) for seed in (21, 22, 23)},
     "tiny-n4-offset": dict(preset="tiny", n_digits=4, examples_per_length=10_000, epochs=2, lr=2e-3, random_position_offset=True),
     "tiny-n5": dict(preset="tiny", n_digits=5, examples_per_length=20_000, epochs=1, lr=2e-3),
     "small-n4": dict(preset="small", n_digits=4, examples_per_length=10_000, epochs=2, lr=1e-3),

@@ -58,7 +58,8 @@ REQUIRED = {
     "pretrain": ("out", "preset", "examples_per_length", "eval_examples"),
     "evaluate": ("run", "examples", "extra_digits"),
     "critical": ("run", "examples"),
-    "rl": ("pretrained", "out", "episodes", "batch_size", "minibatch_size", "eval_episodes", "eval_comfort_episodes", "probe_examples"),
+    "rl": ("pretrained", "out", "episodes", "batch_size", "minibatch_size", "eval_episodes", "eval_comfort_episodes", "probe_examples",
+           "final_eval_episodes", "final_eval_comfort_episodes", "final_probe_examples"),
     "reproduce": ("preset", "out"),
     "report": ("run",),
 }
@@ -109,7 +110,8 @@ def library(pretrained_run, tmp_path_factory) -> Path:
     shutil.copytree(pretrained_run, lib / "pretrain")
     assert cli.main(["rl", str(pretrained_run), "--out", str(lib / "rl"), "--kl", "standard", "--episodes", "2", "--batch-size", "2",
                      "--minibatch-size", "1", "--eval-every", "2", "--eval-episodes", "1", "--eval-comfort-episodes", "1",
-                     "--probe-examples", "1"]) == 0
+                     "--probe-examples", "1", "--final-eval-episodes", "1", "--final-eval-comfort-episodes", "1",
+                     "--final-probe-examples", "1"]) == 0
     with pytest.MonkeyPatch.context() as mp:  # a reproduction's files without its runs
         mp.setattr(reproduce, "run_plan", lambda *args, **kwargs: ({}, {}))
         assert cli.main(["reproduce", "--preset", "smoke", "--out", str(lib / "repro")]) == 0

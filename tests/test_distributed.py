@@ -20,7 +20,8 @@ from critical_tokens.generation import Generation, concatenate
 
 HERE = Path(__file__).parent
 MICRO_RL_ARGS = ["--episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--eval-every", "16",
-                 "--eval-episodes", "4", "--eval-comfort-episodes", "2", "--probe-examples", "2", "--lr", "1e-3"]
+                 "--eval-episodes", "4", "--eval-comfort-episodes", "2", "--probe-examples", "2",
+                 "--final-eval-episodes", "4", "--final-eval-comfort-episodes", "2", "--final-probe-examples", "2", "--lr", "1e-3"]
 EXACT = ("step", "episodes", "iteration", "lr", "reward", "accuracy", "episode_length", "truncated")  # no float sum in them
 
 

@@ -64,7 +64,7 @@ def test_smoke_reproduction_writes_report_plots_and_every_hyperparameter(smoke):
                     "## Hyper-parameters", "## Runs"):
         assert heading in report
     assert "critical-tokens reproduce --preset smoke" in report and "Wall time" in report and "Hardware" in report
-    for plot in ("levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens", "kl_by_model"):
+    for plot in ("levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens", "kl_by_model", "confirm"):
         assert (smoke / "plots" / f"{plot}.png").stat().st_size > 0
         assert (smoke / "plots" / f"{plot}.svg").stat().st_size > 0
         assert f"plots/{plot}.png" in report
@@ -76,7 +76,7 @@ def test_smoke_reproduction_writes_report_plots_and_every_hyperparameter(smoke):
             assert set(job["config"]) == {f.name for f in dataclasses.fields(CONFIG_CLASSES[job["kind"]])}
         assert (smoke / job.get("same_as_dir", job["dir"]) / "DONE.json").exists()
     rl_jobs = [j for j in meta["jobs"] if j["kind"] == "rl"]
-    assert {j["experiment"] for j in rl_jobs} == {"kl_comparison", "beta_sweep", "rl_levels", "kl_by_model"}
+    assert {j["experiment"] for j in rl_jobs} == {"kl_comparison", "beta_sweep", "rl_levels", "kl_by_model", "confirm"}
     assert [j["same_as"] for j in rl_jobs if j["name"] == "beta_sweep/beta0/seed0"] == ["kl_comparison/standard/seed0"]
     # kl_by_model: the kl_comparison model's runs are shared, the other model's are its own
     assert [j["same_as"] for j in rl_jobs if j["name"] == "kl_by_model/n2/standard/seed1"] == ["kl_comparison/standard/seed1"]
@@ -210,7 +210,7 @@ def test_a_reproduction_made_before_summary_json_gets_one(smoke, tmp_path):
 def test_summary_json_holds_the_numbers_report_md_states(smoke):
     summary, report = read_json(smoke / "summary.json"), (smoke / "REPORT.md").read_text()
     assert summary["hardware"] == read_json(smoke / "timing.json")["hardware"] and summary["preset"] == "smoke"
-    assert list(summary["experiments"]) == ["levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens", "kl_by_model"]
+    assert list(summary["experiments"]) == ["levels", "table1", "rl_levels", "kl_comparison", "beta_sweep", "tracked_tokens", "kl_by_model", "confirm"]
     for finding in summary["findings"]:  # the rows of REPORT.md's summary table
         assert f"| {finding['finding']} | " in report and f" | {finding['ours']} | **{finding['verdict']}** |" in report
     kl = summary["experiments"]["kl_comparison"]
@@ -240,6 +240,25 @@ def test_summary_json_holds_the_numbers_report_md_states(smoke):
             per_run.append(sum(weights) / len(weights))
         assert numbers["mean_kl_weight"]["mean"] == pytest.approx(sum(per_run) / len(per_run)) and numbers["mean_kl_weight"]["n"] == 2
         assert (weight == "1.00") == numbers["beta"].startswith("0 (standard)") and 0 < numbers["mean_kl_weight"]["mean"] <= 1
+
+
+def test_the_study_is_analysed_paired_from_each_runs_final_evaluation(smoke):
+    """smoke's toy study (2 instances x 2 seeds): every hypothesis has the 4 units, each difference
+    recomputed here from the runs' final_eval.json; the matched-weight arm applied alpha x E[c^8]."""
+    from critical_tokens.report.paired import DECISIONS
+
+    summary, report = read_json(smoke / "summary.json"), (smoke / "REPORT.md").read_text()
+    study = summary["experiments"]["confirm"]
+    assert study["state"] == "complete" and study["decision"] in DECISIONS and study["git_commit"]
+    assert f"**{study['decision']}**" in report and "Pre-registered confirmation" in report
+    final = {(m, a, s): read_json(smoke / "confirm" / m / a / f"seed{s}" / "final_eval.json")
+             for m in ("n2", "n2-d10") for a in ("standard", "prioritized", "matched-weight", "matched-penalty") for s in (100, 101)}
+    for name, h in study["hypotheses"].items():
+        diffs = [final[(m, h["arm"], s)][h["metric"]] - final[(m, h["versus"], s)][h["metric"]] for m in ("n2", "n2-d10") for s in (100, 101)]
+        assert h["n"] == 4 and h["mean"] == pytest.approx(sum(diffs) / 4), name
+        assert h["p_holm"] is None or h["p_holm"] >= (h["p_t"] or 0)
+    coefs = [read_json(smoke / "confirm" / m / "matched-weight" / f"seed{s}" / "config.json")["kl_coef_used"] for m in ("n2", "n2-d10") for s in (100, 101)]
+    assert all(0 < c < 5.0 for c in coefs) and coefs[0] == coefs[1]  # one calibration per instance, shared by its seeds
 
 
 def weight_cell(e: dict | None) -> str:
@@ -331,6 +350,11 @@ def test_shipped_checkpoints_were_made_by_the_recipe_their_preset_states(name):
     (lambda p: p["rl"].update(episodes="many"), "'many' is not of type int"),
     (lambda p: p["rl"].update(episodes=-1), "--episodes must be positive"),
     (lambda p: p["experiments"]["beta_sweep"].update(betas=[-1]), "beta must be >= 0"),
+    (lambda p: p["experiments"]["confirm"]["hypotheses"][0].update(arm="prioritised"), "compares arms 'prioritised'"),
+    (lambda p: p["experiments"]["confirm"]["hypotheses"][1].update(role="primary"), "exactly one hypothesis"),
+    (lambda p: p["experiments"]["confirm"]["hypotheses"][0].pop("margin"), "needs arm, margin"),
+    (lambda p: p["experiments"]["confirm"].update(first_seed=-3), "'first_seed' must be an integer >= 0"),
+    (lambda p: p["experiments"]["confirm"]["arms"][2].update(kl="prioritized"), "--match-weight-beta scales the standard penalty"),
 ])
 def test_a_typo_in_a_preset_is_a_user_error(edit, message):
     preset = json.loads((PRESETS_DIR / "smoke.json").read_text())
@@ -345,6 +369,20 @@ def test_only_takes_names_comma_lists_and_dashes_and_brings_what_an_experiment_r
     assert selected(("tracked_tokens",), preset) == ["kl_comparison", "tracked_tokens"]
     assert selected((), preset) == list(preset["experiments"])
     assert all(spec.get("seeds", 5) == 5 for spec in with_seeds(preset, 5)["experiments"].values())
+
+
+def test_a_study_runs_paired_seeds_from_its_first_seed_and_its_context_arms_last():
+    """confirm: every arm of every instance at seeds first_seed.., seed-major, the arms no hypothesis
+    names (no-kl) after all the others; --first-seed / --seeds move the whole study to other seeds."""
+    preset, _ = load_preset("cpu-confirm")
+    jobs = [j for j in plan(preset)[0] if j.experiment == "confirm"]
+    assert len(jobs) == 3 * 5 * 10 and {j.seed for j in jobs} == set(range(100, 110))
+    tested = [j for j in jobs if not j.arm.endswith("no-kl")]
+    assert jobs[:len(tested)] == tested and [j.seed for j in tested] == sorted(j.seed for j in tested)
+    used_before = {j.seed for name in preset_names() if name not in ("cpu-confirm", "smoke") for j in plan(load_preset(name)[0])[0] if j.kind == "rl"}
+    assert not used_before & {j.seed for j in jobs}  # fresh seeds (smoke: a toy study, for the tests)
+    moved = [j for j in plan(with_seeds(preset, 3, 200))[0] if j.experiment == "confirm"]
+    assert {j.seed for j in moved} == {200, 201, 202} and len(moved) == 3 * 5 * 3
 
 
 def test_beta_numbers_and_text_give_the_same_run():

@@ -14,7 +14,8 @@ from critical_tokens.pretrain import load_pretrained
 
 # A micro RL run: 2 iterations of 8 episodes, evaluation at the end only, on 3-digit additions.
 MICRO_RL_ARGS = ["--episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--eval-every", "16",
-                 "--eval-episodes", "4", "--eval-comfort-episodes", "2", "--probe-examples", "2", "--lr", "1e-3"]
+                 "--eval-episodes", "4", "--eval-comfort-episodes", "2", "--probe-examples", "2",
+                 "--final-eval-episodes", "4", "--final-eval-comfort-episodes", "2", "--final-probe-examples", "2", "--lr", "1e-3"]
 
 
 def run_rl(pretrained_run, out, *extra):
@@ -206,3 +207,39 @@ def test_detach_critic_needs_a_critic(pretrained_run, tmp_path, capsys):
     assert run_rl(pretrained_run, tmp_path / "bad", "--algorithm", "rloo", "--group-size", "4", "--detach-critic") == 2
     assert "--detach-critic" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_matched_weight_control_scales_the_uniform_penalty_by_the_mean_prioritized_weight(pretrained_run, tmp_path):
+    """--match-weight-beta B: alpha_used = alpha x E[c^B] over the reference's own rollouts, stored in
+    config.json; B = 0 gives E[c^0] = 1, the standard penalty itself."""
+    assert run_rl(pretrained_run, tmp_path / "m8", "--kl", "standard", "--match-weight-beta", "8") == 0
+    saved = json.loads((tmp_path / "m8" / "config.json").read_text())
+    ref, tokenizer, n_digits = load_pretrained(pretrained_run / "model")
+    config = rl.RLConfig(pretrained=str(pretrained_run), kl="standard", match_weight_beta=8.0)
+    c = rl.certainty_on_own_rollouts(ref, tokenizer, n_digits, config, rl.MATCH_CALIBRATION_PROMPTS, rl.MATCH_CALIBRATION_SEED)
+    expected = float((c ** 8).mean())
+    assert 0 < expected < 1
+    assert saved["kl_calibration"]["mean_weight"] == pytest.approx(expected, rel=1e-5)
+    assert saved["kl_coef_used"] == pytest.approx(5.0 * expected, rel=1e-5)
+    assert run_rl(pretrained_run, tmp_path / "m0", "--kl", "standard", "--match-weight-beta", "0") == 0
+    assert json.loads((tmp_path / "m0" / "config.json").read_text())["kl_coef_used"] == pytest.approx(5.0)
+    assert run_rl(pretrained_run, tmp_path / "m0-std", "--kl", "standard") == 0  # same penalty, same numbers
+    assert metric_lines(tmp_path / "m0") == metric_lines(tmp_path / "m0-std")
+
+
+def test_match_weight_beta_needs_the_standard_penalty(pretrained_run, tmp_path, capsys):
+    assert run_rl(pretrained_run, tmp_path / "bad", "--match-weight-beta", "8") == 2
+    assert "--match-weight-beta" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_final_evaluation_uses_the_larger_held_out_sets_and_is_saved(pretrained_run, tmp_path):
+    assert run_rl(pretrained_run, tmp_path / "f", "--final-eval-episodes", "10", "--final-eval-comfort-episodes", "5",
+                  "--final-probe-examples", "3") == 0
+    lines = metric_lines(tmp_path / "f")
+    final = json.loads((tmp_path / "f" / "final_eval.json").read_text())
+    assert final["prompts"] == {"task": 10, "comfort": 5, "probe": 3} and final["episodes"] == 16
+    assert all(not any(k.startswith("final/") for k in line) for line in lines[:-1])
+    for key in ("final/accuracy_sampled", "final/accuracy_greedy", "final/comfort_accuracy_greedy", "final/p_correct/critical_mean"):
+        assert lines[-1][key] == final[key]
+        assert 0 <= final[key] <= 1
+    assert final["final/accuracy_greedy"] * 10 == pytest.approx(round(final["final/accuracy_greedy"] * 10))  # 10 episodes

@@ -8,6 +8,8 @@ From the bottom up:
 - `plots`: the figures, drawn from the sections' numbers;
 - `document`: what a section is, and REPORT.md around the sections (header, summary, runs);
 - `pretraining_sections`, `rl_sections`: the sections, one function per experiment;
+- `paired`, `confirm_section`: a pre-registered study's paired tests, Holm's correction, its
+  decision rule, and its section;
 - `summary`: summary.json, the headline numbers for programs;
 - `command`: ``critical-tokens report``;
 - `readme`: the README's numbers, generated from a committed summary.json;

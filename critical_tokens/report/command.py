@@ -17,11 +17,13 @@ from .plots import Plots
 from .pretraining_sections import section_levels, section_table1
 from .reproduction import Reproduction
 from .rl_sections import section_beta_sweep, section_kl_by_model, section_kl_comparison, section_rl_levels, section_tracked_tokens
+from .confirm_section import section_confirm
 from .summary import summary
 
 # The experiments of a preset, in the order of the report.
 SECTIONS = {"levels": section_levels, "table1": section_table1, "rl_levels": section_rl_levels, "kl_comparison": section_kl_comparison,
-            "beta_sweep": section_beta_sweep, "tracked_tokens": section_tracked_tokens, "kl_by_model": section_kl_by_model}
+            "beta_sweep": section_beta_sweep, "tracked_tokens": section_tracked_tokens, "kl_by_model": section_kl_by_model,
+            "confirm": section_confirm}
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ def _header(rep: Reproduction) -> list[str]:
              f"- Preset: `{meta['preset_name']}` ({Path(meta['preset_source']).name}): {rep.preset.get('description', '')}"]
     if rep.preset.get("notes"):
         lines.append(f"- Preset notes: {rep.preset['notes']}")
+    lines.append(f"- Code: git commit `{meta.get('git_commit') or 'not recorded'}`"
+                 + (f"; pre-registration first committed in `{meta['preregistration_commit']}`" if meta.get("preregistration_commit") else ""))
     lines += [f"- Hardware: {_machine(timing.get('hardware', {}))}",
               f"- Wall time: {duration(wall) if wall is not None else 'not recorded'}"
               + (f" over {len(invocations)} invocations (resumed)" if len(invocations) > 1 else "")

@@ -62,5 +62,11 @@ results use `{VERDICT_METRIC}` (sampled at the policy temperature, as the paper'
 - **Figure 7**: the first prioritized arm against the standard arm, final probability of the right
   token at each tracked critical token: reproduced if above at every token and clearly above at
   half of them; partly if above at most of them; not reproduced otherwise.
+- **Pre-registered study** (`confirm`): not a verdict but the decision of the rule its pre-registration
+  fixed: per hypothesis a one-sided paired t-test over the (instance, seed) units both arms finished,
+  Holm's correction over the study's hypotheses; "confirmed" when the primary and every control
+  reject and every safety hypothesis holds; "beats standard, explained by strength" when the primary
+  rejects but a control does not; "beats standard and its controls, but loses the comfort zone" when
+  only a safety hypothesis fails; "not confirmed" when the primary does not reject.
 - "not run": the experiment is not in the preset or none of its runs has finished.
 """

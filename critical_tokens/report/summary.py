@@ -21,6 +21,13 @@ agree. Its fields:
   ``comfort_greedy``: in distribution), ``p_correct_critical`` (``initial``, ``final``), ``curve``
   (``lowest`` and ``highest``: the ``episode`` where the mean sampled accuracy is lowest or highest,
   with ``sampled`` and ``comfort_greedy`` there) and its ``verdict`` against the standard arm.
+  ``confirm`` (a pre-registered study): ``decision`` (the pre-registered rule's), ``alpha``, ``runs``,
+  ``of``, ``compute_s``, ``git_commit``, ``preregistration`` (``path``, ``commit``), per arm ``kl``,
+  ``runs``, ``final`` (``sampled``, ``greedy``, ``comfort_greedy``, ``p_correct_critical``),
+  ``kl_coef_used`` (``[lowest, highest]``) and ``mean_kl_weight``; per hypothesis ``arm``,
+  ``versus``, ``metric``, ``margin``, ``role``, ``n`` (paired units), ``mean``, ``sd``, ``low``,
+  ``high`` (of the paired differences), ``t``, ``p_t``, ``p_wilcoxon``, ``p_holm``, ``rejects``;
+  ``per_instance``: per hypothesis and instance the mean difference and its ``n``.
 """
 
 from __future__ import annotations
