@@ -324,7 +324,7 @@ def _beta_text(beta: Any, where: str) -> str:
 def comparable(config: dict) -> dict:
     """A job's config as it decides the results: paths by their last part, no device or resume."""
     out = {k: v for k, v in config.items() if k not in ("out", "device", "resume")}
-    for key in ("pretrained", "run"):
+    for key in ("pretrained", "run", "init_from"):  # a worker writes them under OUT, the plan relative to it
         if out.get(key):
             out[key] = Path(out[key]).name
     return out

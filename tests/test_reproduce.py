@@ -478,6 +478,20 @@ def test_a_run_made_before_a_field_existed_is_the_same_run_while_the_field_keeps
         job_status(changed, tmp_path)
 
 
+def test_an_interrupted_continued_pretraining_resumes(tmp_path):
+    """A continued model's config.json holds init_from under OUT (as the worker resolved it), the plan
+    holds it relative to OUT: the same run, to resume (it was refused as 'other hyper-parameters')."""
+    from critical_tokens.jobs import _absolute, job_status
+
+    preset, where = load_preset("smoke")
+    job = next(j for j in plan(preset, where)[0] if j.kind == "pretrain" and j.config.get("init_from"))
+    root = tmp_path / "out"
+    (root / job.dir / "model").mkdir(parents=True)
+    (root / job.dir / "config.json").write_text(json.dumps({"config": _absolute(job.config, root)}))
+    (root / job.dir / "model" / "trainer_state.pt").write_bytes(b"")
+    assert job_status(job, root) == "resume"
+
+
 def test_a_pretraining_field_at_its_default_leaves_the_model_directory_as_it_was(tmp_path):
     """compile and max_minutes were added after reproductions were made: at their defaults a model
     keeps its directory (config hash) and job config; a value that changes the run changes both."""
