@@ -20,6 +20,7 @@ setup: $(BIN)/critical-tokens
 
 demo: setup
 	$(BIN)/critical-tokens reproduce --preset cpu --out $(OUT)
+	@echo "the report: $(OUT)/REPORT.md, in a browser: $(OUT)/report.html"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -30,8 +31,9 @@ bench: setup
 	$(BIN)/python benchmarks/rl.py
 	$(BIN)/python benchmarks/trl_prioritized.py
 
-readme: setup  # the README's numbers, from the committed reports' summary.json (docs/results/*/)
+readme: setup  # the numbers of the README and docs/RESULTS.md, from the committed reports' summary.json (docs/results/*/)
 	$(BIN)/python -m critical_tokens.report.readme README.md
+	$(BIN)/python -m critical_tokens.report.readme docs/RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

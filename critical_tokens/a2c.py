@@ -1,4 +1,4 @@
-"""A2C pieces (SPEC section 4): advantages by GAE, the value head, entropy and token log-probs.
+"""A2C pieces (docs/method.md section 4): advantages by GAE, the value head, entropy and token log-probs.
 
 Pure functions on tensors; the RL loop assembles the loss from them:
     loss = actor_loss + vf_coef * value_loss - ent_coef * entropy + alpha * kl_term
@@ -43,7 +43,7 @@ def gae(rewards, values, completion_mask, gamma=1.0, lam=0.95):
 class ValueHead(nn.Module):
     """The critic: an MLP on the language model's last-layer hidden state at each position.
 
-    Linear(d_model, 128) - Tanh - Linear(128, 128) - Tanh - Linear(128, 1) (SPEC section 4). It
+    Linear(d_model, 128) - Tanh - Linear(128, 128) - Tanh - Linear(128, 1) (docs/method.md section 4). It
     shares the transformer with the policy: the hidden states are not detached, so value gradients
     flow into the language model (``rl --detach-critic`` detaches them, beyond the paper).
     """

@@ -1,4 +1,4 @@
-"""The task: multi-digit addition written out on a scratchpad (SPEC sections 1, 2 and 6).
+"""The task: multi-digit addition written out on a scratchpad (docs/method.md sections 1, 2 and 6).
 
 A model is given a prompt and must generate the completion, one character per token:
 
@@ -49,7 +49,7 @@ def _list_text(digits: list[int]) -> str:
 
 
 def completion(a: int, b: int) -> str:
-    """The exact scratchpad completion for `a + b` (SPEC section 1), character for character.
+    """The exact scratchpad completion for `a + b` (docs/method.md section 1), character for character.
 
     Starts with the newline that follows "Target:" and ends with the newline after the result line.
     The result line holds the digits of a + b separated by single spaces (a final carry is
@@ -133,7 +133,7 @@ def _pair_with_long_operand(
 
 
 def sample_pair(n_digits: int, rng: random.Random) -> tuple[int, int]:
-    """An addition from the "plus k" distribution of SPEC section 2, generalised to n digits.
+    """An addition from the "plus k" distribution of docs/method.md section 2, generalised to n digits.
 
     One operand, chosen at random, has `n_digits` digits; the other has, with probability 1/2, a
     length drawn uniformly in 1..n-1, and otherwise exactly `n_digits` digits (n = 1: both 1 digit).
@@ -167,7 +167,7 @@ def pretraining_pairs(n_digits_max: int, per_length: int, seed: int, n_plus_one_
 def eval_pairs(
     n_digits: int, kind: Literal["identical", "varying"], count: int, seed: int
 ) -> list[tuple[int, int]]:
-    """Evaluation additions (the paper's Appendix A, SPEC section 2).
+    """Evaluation additions (the paper's Appendix A, docs/method.md section 2).
 
     "identical": both operands have exactly `n_digits` digits. "varying": one operand, chosen at
     random, has `n_digits` digits and the other a length drawn uniformly in 1..n-1 (needs n >= 2).
@@ -186,11 +186,11 @@ def eval_pairs(
 
 def rl_pairs(n_digits_pretrained: int, plus: int, count: int, seed: int | str,
              exclude: frozenset[tuple[int, int]] | set[tuple[int, int]] = frozenset()) -> list[tuple[int, int]]:
-    """RL fine-tuning additions, the "plus k" task of SPEC section 2 (k = 1: "plus1", 2: "plus2").
+    """RL fine-tuning additions, the "plus k" task of docs/method.md section 2 (k = 1: "plus1", 2: "plus2").
 
     One operand, chosen at random, has N+k digits; the other has, with probability 1/2, a length
     uniform in 1..N (inside the comfort zone), otherwise a length uniform in N+1..N+k. For k = 1 this
-    is exactly SPEC section 2; for k = 2 it follows the reference implementation
+    is exactly docs/method.md section 2; for k = 2 it follows the reference implementation
     (jvasso/llm-rl-arithmetic, ``src/env/operation_generator.py``).
 
     ``exclude``: pairs never returned (a drawn one is drawn again), e.g. the held-out evaluation
@@ -245,7 +245,7 @@ def critical_tokens(
 ) -> list[CriticalToken]:
     """The critical tokens of `completion(a, b)` for a model pre-trained on N digits, by offset.
 
-    SPEC section 6, following the reference implementation (jvasso/llm-rl-arithmetic,
+    docs/method.md section 6, following the reference implementation (jvasso/llm-rl-arithmetic,
     `src/env/prompt.py`, `Prompt.extract_critical_tokens`, called with steps [1, 2, 3] from
     `src/rl_train.py`): on each step line in `steps`, for each operand with g = digits - N > 0,
     the last g digits of what is left of that operand's list and the comma before each of them;

@@ -1,4 +1,4 @@
-"""Critical tokens: find them and measure them (SPEC section 6; the paper's section 3.3, table 1,
+"""Critical tokens: find them and measure them (docs/method.md section 6; the paper's section 3.3, table 1,
 appendix B and figures 4 and 7).
 
 A critical token (a) decides the outcome: get it wrong and the answer is wrong, the model does not

@@ -1,5 +1,5 @@
 """Pictures of critical tokens: scratchpads shaded by the model's certainty, critical tokens
-outlined in orange and the first wrong character boxed in red (SPEC section 6).
+outlined in orange and the first wrong character boxed in red (docs/method.md section 6).
 
 A `Scratchpad` is plain data (a text, one certainty per character, the offsets to outline), so the
 pictures are drawn from saved numbers as well as from a live model: `critical_command` builds them

@@ -50,7 +50,7 @@ def completions(model, tokenizer, pairs, *, batch_size: int = 250, temperature: 
         prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in chunk]
         prompt_len = max(map(len, prompts))
         check_fits(model, prompt_len + longest)
-        # SPEC section 4: up to 100 characters past the longest completion, as far as the context allows.
+        # docs/method.md section 4: up to 100 characters past the longest completion, as far as the context allows.
         max_new = min(longest + 100, model.config.n_positions - prompt_len)
         out = generate(model, prompts, max_new_tokens=max_new, temperature=temperature, generator=generator, **stop)
         texts += out.completions(tokenizer)

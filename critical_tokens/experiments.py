@@ -1,4 +1,4 @@
-"""The experiments of a reproduction: presets, and the plan of runs a preset makes (SPEC section 7).
+"""The experiments of a reproduction: presets, and the plan of runs a preset makes (docs/method.md section 7).
 
 A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes every hyper-parameter:
 

@@ -253,7 +253,7 @@ def concatenate(parts: Sequence[Generation], pad_token_id: int) -> Generation:
 
 def addition_stop_rule(tokenizer) -> dict:
     """Keyword arguments of :func:`generate` that end an addition episode at the newline after the
-    result line (SPEC section 1)."""
+    result line (docs/method.md section 1)."""
     return dict(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

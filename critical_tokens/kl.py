@@ -1,4 +1,4 @@
-"""The KL penalty, standard and prioritized (SPEC section 5).
+"""The KL penalty, standard and prioritized (docs/method.md section 5).
 
 The paper's method (Vassoyan, Beau, Plaud, "Ignore the KL Penalty! Boosting Exploration on Critical
 Tokens to Enhance RL Fine-Tuning", NAACL Findings 2025) is one line of the RL loss:

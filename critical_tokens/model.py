@@ -3,7 +3,7 @@ and loading/saving models in the standard Hugging Face format.
 
 Presets fix the shape of the network; the context length is derived from the number of digits the
 model is pre-trained on so that additions of up to N+3 digits (evaluation) and an RL episode on
-N+2 digits plus the 100-character slack of SPEC section 4 always fit.
+N+2 digits plus the 100-character slack of docs/method.md section 4 always fit.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(n_layer=12, n_head=12, n_embd=768, meant_for_n_digits=7),  # ~85M, the paper's
 }
 
-RL_SLACK = 100  # SPEC section 4: an episode may run 100 characters past the longest completion
+RL_SLACK = 100  # docs/method.md section 4: an episode may run 100 characters past the longest completion
 # No dropout: the task is synthetic and unlimited, and RL needs the policy's log-probs at rollout and
 # update time to be the same function.
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -88,7 +88,7 @@ def causal_lm_loss(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
 
 
 def gpt2_reduced_vocab(source: str, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    """Pre-trained GPT-2 with its vocabulary cut down to our characters (SPEC section 3).
+    """Pre-trained GPT-2 with its vocabulary cut down to our characters (docs/method.md section 3).
 
     ``source`` is a hub name (``gpt2``) or a local directory holding a GPT-2 model and its tokenizer.
     Each of our characters keeps the embedding row of GPT-2's token for that single character

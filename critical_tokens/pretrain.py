@@ -1,4 +1,4 @@
-"""Supervised pre-training on scratchpad addition with operands of 1..N digits (SPEC section 3).
+"""Supervised pre-training on scratchpad addition with operands of 1..N digits (docs/method.md section 3).
 
 The loop is written out top to bottom: data -> model -> AdamW with warmup + cosine decay ->
 per-step loss on the completion tokens -> periodic in-distribution accuracy -> checkpoints.

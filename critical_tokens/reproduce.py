@@ -1,4 +1,4 @@
-"""The ``critical-tokens reproduce`` command: the paper in one command (SPEC section 7).
+"""The ``critical-tokens reproduce`` command: the paper in one command (docs/method.md section 7).
 
 It loads a preset and makes its plan (:mod:`critical_tokens.experiments`), then `run_plan` executes
 the jobs in parallel, in worker processes here, as Ray tasks or as SLURM jobs

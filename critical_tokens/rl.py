@@ -1,4 +1,4 @@
-"""RL fine-tuning with A2C (or PPO, GRPO, RLOO) and a standard or prioritized KL penalty (SPEC sections 4 and 5).
+"""RL fine-tuning with A2C (or PPO, GRPO, RLOO) and a standard or prioritized KL penalty (docs/method.md sections 4 and 5).
 
 One iteration, as numbered steps in :func:`train`:
 
@@ -46,7 +46,7 @@ from .tokenizer import encode
 
 
 class Policy(torch.nn.Module):
-    """The language model and the critic's value head, sharing the transformer (SPEC section 4).
+    """The language model and the critic's value head, sharing the transformer (docs/method.md section 4).
     grpo and rloo have no critic: ``value_head`` None, and the values None. ``detach_critic``: the
     head reads the hidden states detached, so the value loss trains the head alone."""
 
@@ -88,7 +88,7 @@ def reference_pass(ref_lm, sequences, attention_mask, prompt_length: int, config
 
 
 def terminal_rewards(pairs, texts, finished, completion_mask, wrong: float = -1.0) -> torch.Tensor:
-    """(B, T): 0 everywhere, +1 / ``wrong`` on each episode's last token (SPEC section 4)."""
+    """(B, T): 0 everywhere, +1 / ``wrong`` on each episode's last token (docs/method.md section 4)."""
     correct = torch.tensor([addition.is_correct(a, b, t) for (a, b), t in zip(pairs, texts)])
     correct &= finished.cpu()  # an episode that hit the length limit is wrong
     final = torch.where(correct, 1.0, wrong)
@@ -269,7 +269,7 @@ def train(config: RLConfig) -> Path:
     group_size = config.group_size if config.algorithm in ("grpo", "rloo") else 1  # episodes per prompt
     epochs = config.update_epochs or (4 if config.algorithm == "ppo" else 1)
     stop_rule = addition_stop_rule(tokenizer)
-    max_new = addition.max_completion_length(n_digits + plus) + RL_SLACK  # SPEC section 4
+    max_new = addition.max_completion_length(n_digits + plus) + RL_SLACK  # docs/method.md section 4
     prompt_len = len(addition.prompt(10 ** (n_digits + plus) - 1, 10 ** (n_digits + plus) - 1))
     check_fits(lm, prompt_len + max_new)
     iterations = math.ceil(config.episodes / config.batch_size)

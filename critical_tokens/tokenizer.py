@@ -1,6 +1,6 @@
 """One token per character, as a standard Hugging Face ``PreTrainedTokenizerFast``.
 
-The vocabulary is exactly the characters of the scratchpad format (SPEC section 1) plus an
+The vocabulary is exactly the characters of the scratchpad format (docs/method.md section 1) plus an
 end-of-text and a padding token. There is deliberately no ``<unk>``: encoding a character outside
 the vocabulary raises ``ValueError`` naming it, instead of silently mapping it to an unknown token.
 """

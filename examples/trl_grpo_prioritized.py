@@ -4,7 +4,7 @@
     python examples/trl_grpo_prioritized.py --max-steps 2        # a minute or two on 2 CPU cores
     python examples/trl_grpo_prioritized.py --max-steps 200 --out runs/trl-prioritized
 
-The reward is the project's grader (+1 if the result line is the true sum, else -1; SPEC section 4).
+The reward is the project's grader (+1 if the result line is the true sum, else -1; docs/method.md section 4).
 The only change from a plain TRL script is the config and the trainer class:
 
     GRPOConfig(beta=...)   ->  PrioritizedGRPOConfig(beta=..., prioritized_beta=10, kl_estimator="k2")
@@ -75,7 +75,7 @@ def main() -> None:
         # TRL's own options
         beta=args.kl_coef, temperature=args.temperature, learning_rate=args.lr, max_steps=args.max_steps, seed=args.seed,
         num_generations=args.num_generations, per_device_train_batch_size=args.num_generations,
-        max_completion_length=addition.max_completion_length(n_digits + 1) + RL_SLACK,  # SPEC section 4
+        max_completion_length=addition.max_completion_length(n_digits + 1) + RL_SLACK,  # docs/method.md section 4
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False,
         # the prioritized KL penalty (the paper's estimator k2; certainty: eq. 2 at temperature 4)
         prioritized_beta=args.prioritized_beta, kl_estimator="k2", certainty="max_prob", certainty_temperature=4.0,

@@ -1,4 +1,4 @@
-"""GPT-2 presets, context lengths, and the reduced-vocabulary GPT-2 initialisation (SPEC section 3)."""
+"""GPT-2 presets, context lengths, and the reduced-vocabulary GPT-2 initialisation (docs/method.md section 3)."""
 
 import json
 

@@ -1,13 +1,13 @@
-"""The README's public-API snippet runs as written (on the shipped checkpoint)."""
+"""The usage page's public-API snippet runs as written (on the shipped checkpoint)."""
 
 import re
 from pathlib import Path
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[1] / "docs" / "usage.md"
 
 
 def readme_snippet() -> str:
-    """The first Python block of the README's "Public API" section."""
+    """The first Python block of the usage page's "Public API" section."""
     section = README.read_text().split("## Public API", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -19,4 +19,4 @@ def test_the_readme_snippet_runs(capsys):
     match = re.search(r"critical tokens: gap ([-+.\d]+), weight ([.\d]+); other tokens: gap ([-+.\d]+), weight ([.\d]+)", out)
     assert match, out
     critical_gap, _, other_gap, _ = map(float, match.groups())
-    assert critical_gap < other_gap  # the shipped model is less certain on the critical tokens (SPEC section 6)
+    assert critical_gap < other_gap  # the shipped model is less certain on the critical tokens (docs/method.md section 6)

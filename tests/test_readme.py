@@ -11,14 +11,16 @@ from critical_tokens.report import readme
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_readme_numbers_are_those_of_the_committed_reports():
-    text = (ROOT / "README.md").read_text()
+@pytest.mark.parametrize("page", ["README.md", "docs/RESULTS.md"])
+def test_the_readme_numbers_are_those_of_the_committed_reports(page):
+    text = (ROOT / page).read_text()
     found = readme.blocks(text)
-    assert found, "README.md has no <!-- numbers: DIR --> ... <!-- /numbers --> block"
-    missing = [m["source"] for m in found if not readme.source(ROOT / "README.md", m).exists()]
+    assert found, f"{page} has no <!-- numbers: DIR --> ... <!-- /numbers --> block"
+    assert len(found) == text.count("<!-- numbers: "), f"{page} has a marker that is not a block"
+    missing = [m["source"] for m in found if not readme.source(ROOT / page, m).exists()]
     for m in found:
         if m["source"] not in missing:
-            assert m[0] == readme.block(ROOT / "README.md", m), f"README.md's numbers from {m['source']} are not its source's: run make readme"
+            assert m[0] == readme.block(ROOT / page, m), f"{page}'s numbers from {m['source']} are not its source's: run make readme"
     if missing:
         pytest.skip(f"no summary.json committed yet in {', '.join(missing)}: write it with "
                     f"`critical-tokens report RUN_DIR --to DIR`, then `make readme`")
@@ -138,3 +140,30 @@ def test_an_arm_with_its_own_kl_coefficient_is_named_by_it():
     assert labels == ["standard KL", "prioritized KL (beta = auto: 1.68..1.79)", "standard KL with alpha = 0.8"]
     table = "\n".join(readme.outcome({**SUMMARY, "experiments": {"kl_comparison": kl}}))
     assert "| standard KL with alpha = 0.8 | 8.1% [5.2, 12.4] |" in table
+
+
+def test_a_studys_block_gives_its_decision_arms_and_hypotheses():
+    arm = {"kl": "standard", "final": {"sampled": _estimate(0.2, 0.15, 0.26, 30), "greedy": _estimate(0.3, 0.25, 0.36, 30),
+                                       "comfort_greedy": _estimate(1.0, 0.99, 1.0, 30), "p_correct_critical": None},
+           "kl_coef_used": [1.0504, 1.0712]}
+    summary = {"preset": "cpu-confirm", "hardware": {"cpu": "AMD EPYC", "cores": 2}, "threads_per_job": 1, "experiments": {"confirm": {
+        "state": "complete", "decision": "beats standard, explained by strength", "runs": 150, "compute_s": 7200.0,
+        "preregistration": {"path": "docs/preregistration/cpu-confirm.md", "commit": "7f8cf4a60ad6"},
+        "arms": {"matched-weight": arm},
+        "hypotheses": {"H2a": {"role": "control", "arm": "prioritized", "versus": "matched-weight", "metric": "final/accuracy_sampled",
+                               "n": 30, "mean": 0.031, "low": -0.01, "high": 0.072, "margin": 0.0, "p_holm": 0.21, "rejects": False},
+                       "H3": {"role": "safety", "arm": "prioritized", "versus": "standard", "metric": "final/comfort_accuracy_greedy",
+                              "n": 30, "mean": 0.0, "low": 0.0, "high": 0.0, "margin": -0.02, "p_holm": 0.0, "rejects": True}}}}}
+    text = " ".join(line.strip() for line in readme.confirm(summary))  # wrapped prose read as one line
+    assert "(commit 7f8cf4a): **beats standard, explained by strength**" in text and "2h00m00s of compute" in text
+    assert "| matched-weight | standard | 20.0% [15.0, 26.0] | 30.0% [25.0, 36.0] | 100.0% [99.0, 100.0] | 1.05..1.07 |" in text
+    assert "+3.1 points [-1.0, +7.2]" in text and "Holm p = 0.21: does not reject" in text
+    assert "margin -2; Holm p = 0: holds" in text  # a safety hypothesis holds where its non-inferiority test rejects
+
+
+def test_a_finding_part_quotes_the_reports_summary_rows():
+    summary = {"preset": "cpu", "findings": [{"finding": "Critical tokens are uncertain (table 1)", "ours": "n3: -0.081", "verdict": "partly"},
+                                             {"finding": "Prioritized KL beats standard KL (figure 4)", "ours": "x", "verdict": "partly"}]}
+    assert readme.findings(summary, "table1") == ["- Critical tokens are uncertain (table 1): **partly** (n3: -0.081).", ""]
+    with pytest.raises(readme.UserError, match="no levels results"):
+        readme.findings(summary, "levels")

@@ -91,6 +91,17 @@ def test_smoke_reproduction_writes_report_plots_and_every_hyperparameter(smoke):
     assert timing["wall_s"] > 0 and timing["hardware"]["cores"] >= 1
 
 
+def test_report_html_is_self_contained_and_holds_every_section(smoke):
+    html, report = (smoke / "report.html").read_text(), (smoke / "REPORT.md").read_text()
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/") for s in sources)  # every plot inline
+    assert len(sources) == report.count("![")
+    assert not re.search(r"<link\b|<script\b|@import|url\(", html)  # nothing else to fetch
+    assert not re.search(r'href="(https?:)?//', html)
+    for heading in (line[3:] for line in report.splitlines() if line.startswith("## ")):
+        assert f">{heading}</h2>" in html.replace("&quot;", '"').replace("&amp;", "&")
+
+
 def test_running_again_skips_everything_and_changes_nothing(smoke):
     before = checksums(smoke)
     assert cli.main(["reproduce", "--preset", "smoke", "--out", str(smoke), "--jobs", "2"]) == 0

@@ -1,4 +1,4 @@
-"""`critical-tokens report RUN_DIR`: REPORT.md, summary.json and plots/, rebuilt from a reproduction's files.
+"""`critical-tokens report RUN_DIR`: REPORT.md, report.html, summary.json and plots/, rebuilt from a reproduction's files.
 
 For each finding of the paper, in `SECTIONS` order, the report puts the paper's number or claim
 beside ours, with seeds and 95% intervals, and a verdict computed by the rules in
@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import arg
 from ..runs import UserError, atomic_dir, atomic_write_text, check_output, write_json
 from .document import markdown
+from .html import html_page
 from .plots import Plots
 from .pretraining_sections import section_levels, section_table1
 from .reproduction import Reproduction
@@ -43,7 +44,9 @@ def report(config: ReportConfig) -> Path:
     with atomic_dir(target / "plots") as tmp:
         plots = Plots(tmp)
         sections = {name: section(rep, plots) for name, section in SECTIONS.items()}
-    atomic_write_text(target / "REPORT.md", markdown(rep, list(sections.values())))
+    text = markdown(rep, list(sections.values()))
+    atomic_write_text(target / "REPORT.md", text)
+    atomic_write_text(target / "report.html", html_page(text, target))  # the same report, self-contained, for a browser
     write_json(target / "summary.json", summary(rep, sections))
-    print(f"wrote {target / 'REPORT.md'}, {target / 'summary.json'} and {target / 'plots'}/")
+    print(f"wrote {target / 'REPORT.md'}, {target / 'summary.json'} and {target / 'plots'}/; open {target / 'report.html'} in a browser")
     return target / "REPORT.md"

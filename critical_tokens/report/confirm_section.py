@@ -18,7 +18,7 @@ from ..runs import read_metrics
 from .document import Section, not_run
 from .paired import HypothesisResult, decide, hypothesis_results, paired_differences
 from .paper import PAPER_CLAIMS
-from .plots import Plots
+from .plots import ACCURACY_PANELS, Plots, plot_curves
 from .reproduction import Reproduction, series
 from .statistics import num, pct, proportion_interval, t_interval, weight_text
 
@@ -187,6 +187,10 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
     lines += [f"| {m} | {s} | " + " | ".join(_points(values[a].get((m, s)), sign=False) for a in arm_names) + " |" for m, s in units]
     titles = {h["name"]: f"{h['name']} ({h['role']}): {h['arm']} - {h['versus']}\n{h['metric'].removeprefix('final/')}" for h in hypotheses}
     lines += ["", f"![confirm]({plot_paired(plots, results, pairs, titles, instances)})", ""]
+    curves = plot_curves(plots, "confirm_curves", "The study's arms during RL (intermediate evaluations, mean over instances and seeds)",
+                         {arm: rep.metrics(arm_jobs[arm]) for arm in arm_names}, ACCURACY_PANELS)
+    lines += ["The curves: each arm's intermediate evaluations (32 N+1 / 8 in-distribution prompts each, so noisier than the final "
+              "evaluation above), mean over instances and seeds with 95% intervals.", "", f"![confirm curves]({curves})", ""] if curves else []
     lines += ["### Deviations from the pre-registration", "", *_deviations(spec), ""]
 
     t = results[primary["name"]].test

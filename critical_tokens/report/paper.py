@@ -1,4 +1,4 @@
-"""The paper's numbers and claims (SPEC sections 2, 6 and 7), and the rules that judge ours against them.
+"""The paper's numbers and claims (docs/method.md sections 2, 6 and 7), and the rules that judge ours against them.
 
 Each section of the report puts one of `PAPER_CLAIMS` beside our number and a verdict computed by
 the rule `VERDICT_RULES` states for it; REPORT.md ends with those rules, word for word.

@@ -9,8 +9,9 @@ README.md marks each generated block with where its numbers come from, and which
 The source is a report's directory (its summary.json) or a row of the regime search
 (``docs/regime/NAME.json``). After a report's directory, a part may follow: ``kl_comparison`` (the
 default: the outcome table), ``curves`` (where each arm's mean curve is lowest and highest),
-``kl_by_model`` (the comparison from several starting models) or ``beta_sweep`` (the sensitivity to
-beta).
+``kl_by_model`` (the comparison from several starting models), ``beta_sweep`` (the sensitivity to
+beta), ``confirm`` (a pre-registered study: its decision, arms and hypotheses), or ``levels``,
+``table1``, ``rl_levels``, ``tracked_tokens`` (that experiment's rows of the report's summary table).
 
 ``python -m critical_tokens.report.readme README.md`` (``make readme``) rewrites the lines between
 each pair of markers and nothing else; ``tests/test_readme.py`` fails when a committed block differs
@@ -32,7 +33,7 @@ from .document import duration
 from .statistics import weight_text
 from .statistics import Estimate, pct
 
-BLOCK = re.compile(r"^(?P<indent>[ \t]*)<!-- numbers: (?P<source>\S+)(?: (?P<part>[a-z_]+))? -->\n(?P<body>.*?)^(?P=indent)<!-- /numbers -->$",
+BLOCK = re.compile(r"^(?P<indent>[ \t]*)<!-- numbers: (?P<source>\S+)(?: (?P<part>[a-z0-9_]+))? -->\n(?P<body>.*?)^(?P=indent)<!-- /numbers -->$",
                    re.M | re.S)
 WIDTH = 105  # the README's line length
 
@@ -172,7 +173,60 @@ def regime(row: dict) -> list[str]:
     return lines + [""]
 
 
-PARTS = {"kl_comparison": outcome, "curves": curves, "kl_by_model": kl_by_model, "beta_sweep": beta_sweep}
+def _outcome(h: dict) -> str:
+    """What a hypothesis's test says: a safety hypothesis (non-inferiority) "holds" when it rejects."""
+    if h["role"] == "safety":
+        return "holds" if h["rejects"] else "does not hold"
+    return "rejects" if h["rejects"] else "does not reject"
+
+
+def confirm(summary: dict) -> list[str]:
+    """A pre-registered study: its decision, each arm's final accuracy (pooled over instances and seeds)
+    with the KL coefficient it applied, and each hypothesis's paired difference with its Holm p-value."""
+    study = _experiment(summary, "confirm")
+    prereg = study["preregistration"]
+    commit = (prereg.get("commit") or "")[:7] or "not recorded"
+    arms = study["arms"]
+    text = (f"State: {study['state']}. Decision by the rule pre-registered in `{prereg.get('path')}` (commit {commit}): "
+            f"**{study['decision']}**. {study['runs']} runs, {duration(study['compute_s'])} of compute on {_machine(summary)}. "
+            "Final accuracy on held-out prompts, mean over runs [95% interval]:")
+    lines = _wrap(text) + ["", "| arm | penalty | sampled N+1 | greedy N+1 | in distribution (greedy) | KL coefficient |", "|---|---|---|---|---|---|"]
+    for name, arm in arms.items():
+        final = {k: pct(_estimate(v)) for k, v in arm["final"].items()}
+        coef = arm.get("kl_coef_used")
+        coef_text = "-" if not coef else f"{coef[0]:.3g}" + (f"..{coef[1]:.3g}" if f"{coef[1]:.3g}" != f"{coef[0]:.3g}" else "")
+        lines.append(f"| {name} | {arm['kl']} | {final['sampled']} | {final['greedy']} | {final['comfort_greedy']} | {coef_text} |")
+    lines += ["", *_wrap("Paired differences (arm - versus, points, over the (instance, seed) units both finished), "
+                         "one-sided paired t-test, Holm-adjusted:")]
+    for name, h in study["hypotheses"].items():
+        if not h.get("n"):
+            lines += _bullet(f"{name} ({h['role']}): {h['arm']} - {h['versus']}: no paired runs yet.")
+            continue
+        interval = f" [{100 * h['low']:+.1f}, {100 * h['high']:+.1f}]" if h.get("low") is not None else ""
+        p = "-" if h["p_holm"] is None else f"{h['p_holm']:.2g}"
+        lines += _bullet(f"{name} ({h['role']}): {h['arm']} - {h['versus']} on `{h['metric']}`: {100 * h['mean']:+.1f} points{interval} "
+                         f"over {h['n']} pairs, margin {100 * h['margin']:+g}; Holm p = {p}: {_outcome(h)}.")
+    return lines + [""]
+
+
+# The findings of summary.json's table that each part quotes, by the start of their name.
+FINDINGS = {"levels": ("Accuracy drops beyond N", "More digits generalise further"), "table1": ("Critical tokens are uncertain",),
+            "rl_levels": ("RL from several pre-training levels",), "tracked_tokens": ("Prioritized KL keeps the critical tokens right",)}
+
+
+def findings(summary: dict, part: str) -> list[str]:
+    """The rows of a report's summary table for one experiment: each finding, its verdict and our
+    numbers, as REPORT.md's summary states them."""
+    rows = [f for f in summary["findings"] if f["finding"].startswith(FINDINGS[part])]
+    if not rows or all(f["verdict"] == "not run" for f in rows):
+        raise UserError(f"the report of preset {summary['preset']!r} has no {part} results to quote")
+    lines = []
+    for f in rows:
+        lines += _bullet(f"{f['finding']}: **{f['verdict']}** ({f['ours']}).")
+    return lines + [""]
+
+
+PARTS = {"kl_comparison": outcome, "curves": curves, "kl_by_model": kl_by_model, "beta_sweep": beta_sweep, "confirm": confirm}
 
 
 def blocks(text: str) -> list[re.Match]:
@@ -200,8 +254,10 @@ def block(readme: Path, m: re.Match) -> str:
         lines = regime(data)
     elif part in PARTS:
         lines = PARTS[part](data)
+    elif part in FINDINGS:
+        lines = findings(data, part)
     else:
-        raise UserError(f"{readme}: unknown part {m['part']!r} of <!-- numbers: {m['source']} -->; one of {', '.join(PARTS)}")
+        raise UserError(f"{readme}: unknown part {m['part']!r} of <!-- numbers: {m['source']} -->; one of {', '.join([*PARTS, *FINDINGS])}")
     body = textwrap.indent("\n".join(lines) + "\n", m["indent"], lambda line: line.strip() != "")
     marker = f"{m['source']} {m['part']}" if m["part"] else m["source"]
     return f"{m['indent']}<!-- numbers: {marker} -->\n{body}{m['indent']}<!-- /numbers -->"
@@ -212,6 +268,9 @@ def rewrite(readme: Path) -> str:
     text = readme.read_text()
     if text.count("<!-- numbers: ") != text.count("<!-- /numbers -->") or not blocks(text):
         raise UserError(f"{readme}: no block, or an unclosed one, between <!-- numbers: DIR --> and <!-- /numbers -->")
+    if len(blocks(text)) != text.count("<!-- numbers: "):
+        raise UserError(f"{readme}: a <!-- numbers: DIR PART --> marker that is not a block (its part is letters, digits and '_'; "
+                        "its closing marker has the same indent)")
     return BLOCK.sub(lambda m: block(readme, m), text)
 
 
