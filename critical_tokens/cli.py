@@ -20,6 +20,7 @@ def _commands():
     from .reproduce import ReproduceConfig, reproduce
     from .rl import train
     from .rl_config import RLConfig
+    from .criteria import CriteriaConfig, criteria
 
     return {
         "pretrain": (PretrainConfig, pretrain, "pre-train a GPT-2 on scratchpad addition of 1..N digits"),
@@ -28,6 +29,8 @@ def _commands():
         "rl": (RLConfig, train, "RL fine-tuning (A2C, PPO, GRPO or RLOO) with no, the standard, or the prioritized KL penalty"),
         "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (smoke, cpu, paper): runs, plots, REPORT.md"),
         "report": (ReportConfig, report, "rebuild REPORT.md, summary.json and plots/ of a reproduction from its files"),
+        # which criterion (certainty, entropy, covariance) singles out the critical tokens: critical_tokens/criteria.py
+        "criteria": (CriteriaConfig, criteria, "which criterion (certainty, entropy, covariance) best separates the critical tokens on a model's own N+1 rollouts"),
     }
 
 

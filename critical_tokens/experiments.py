@@ -19,10 +19,13 @@ A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes eve
     from each of several models (e.g. pre-trained with different N+1 doses): how the gain of the
     prioritized KL depends on where RL starts. Its runs are ``OUT/kl_by_model/<model>/<arm>/seed<k>/``.
   - ``confirm`` (a pre-registered study): ``{"models", "seeds", "first_seed", "rl", "arms",
-    "hypotheses", "alpha", "preregistration"}``: the arms from each model instance at the seeds
-    ``first_seed .. first_seed + seeds - 1``, the same seeds in every arm (paired), and the
-    hypotheses the report tests on them (`report.paired`): each ``{"name", "arm", "versus",
-    "metric", "margin", "role"}``, role "primary", "control" or "safety". Its runs are
+    "hypotheses", "alpha", "preregistration", "decision", "title"}``: the arms from each model
+    instance at the seeds ``first_seed .. first_seed + seeds - 1``, the same seeds in every arm
+    (paired), and the hypotheses the report tests on them (`report.paired`): each ``{"name", "arm",
+    "versus", "metric", "margin", "role"}``, role "primary", "control", "safety" or "comparison".
+    ``decision`` is the rule: "confirm" (one primary hypothesis, its controls and safety:
+    `paired.decide`) or "per-arm" (a verdict for each arm with a primary hypothesis, from it and
+    that arm's safety hypothesis: `paired.decide_per_arm`); ``title`` heads its report section. Its runs are
     ``OUT/confirm/<model>/<arm>/seed<k>/``; ``preregistration`` is the path (in the repository) of
     the document that fixed the study before it ran.
   Every experiment may carry a ``"notes"`` string; so may the preset.
@@ -66,11 +69,12 @@ EXPERIMENT_KEYS = {
     "rl_levels": {"models", "seeds", "rl"},
     "tracked_tokens": set(),
     "kl_by_model": {"models", "seeds", "rl", "arms"},
-    "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration"},
+    "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration", "decision", "title"},
 }
-OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration"}
+OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration", "decision", "title"}
 HYPOTHESIS_KEYS = {"name", "arm", "versus", "metric", "margin", "role"}
-ROLES = ("primary", "control", "safety")
+ROLES = ("primary", "control", "safety", "comparison")
+DECISIONS = ("confirm", "per-arm")  # report.paired.decide and decide_per_arm
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -140,8 +144,16 @@ def _check_hypotheses(spec: dict, where: str) -> None:
             raise UserError(f"{where}: hypothesis {h['name']!r} compares arms {h['arm']!r} and {h['versus']!r}; the arms are {', '.join(sorted(arms))}")
         if h["role"] not in ROLES or not isinstance(h["margin"], (int, float)):
             raise UserError(f"{where}: hypothesis {h['name']!r}: role is one of {', '.join(ROLES)} and margin a number")
-    if [h["role"] for h in spec["hypotheses"]].count("primary") != 1:
+    decision = spec.get("decision", "confirm")
+    if decision not in DECISIONS:
+        raise UserError(f"{where}: 'decision' is one of {', '.join(DECISIONS)}, got {decision!r}")
+    primaries = [h["arm"] for h in spec["hypotheses"] if h["role"] == "primary"]
+    if decision == "confirm" and len(primaries) != 1:
         raise UserError(f"{where}: exactly one hypothesis has the role 'primary'")
+    if decision == "per-arm" and (not primaries or len(set(primaries)) != len(primaries)):
+        raise UserError(f"{where}: decision per-arm: each arm it judges has exactly one 'primary' hypothesis (and at least one arm)")
+    if not isinstance(spec.get("title", ""), str):
+        raise UserError(f"{where}: 'title' must be a string")
     alpha = spec.get("alpha", 0.05)
     if not isinstance(alpha, float) or not 0 < alpha < 1:
         raise UserError(f"{where}: 'alpha' must be a number in (0, 1)")

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import addition, distributed, kl
+from . import token_weights as tw
 from .seeding import stream_seed
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
 from .evaluate import accuracy_on
@@ -41,6 +42,7 @@ from .generation import addition_stop_rule, concatenate, generate
 from .model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
 from .rl_config import CRITIC_ALGORITHMS, RLConfig, validate
+from .selection import SelectionCounts, template_masks
 from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, write_json
 from .tokenizer import encode
 
@@ -122,6 +124,30 @@ def collect_advantages(policy: Policy, rollout, rewards, config: RLConfig) -> tu
     baseline = group_advantages if config.algorithm == "grpo" else leave_one_out_advantages
     advantages = baseline(rewards.sum(-1), config.group_size)  # (B,)
     return advantages[:, None] * mask, None
+
+
+def method_actor_loss(config: RLConfig, logprobs, old_logprobs, advantages, entropy, completion_mask, generator):
+    """The actor loss of a token-level ``--method`` other than kl (token_weights.py), and the set of
+    tokens it frees or favours (b, T) bool: entropy80 the selected tokens, archer the high-entropy
+    set, kl_cov and clip_cov the tokens selected by covariance. All (b, T); ``generator`` draws
+    Clip-Cov's random pick."""
+    if config.method == "entropy80":  # policy gradient on the high-entropy minority only (TRL's normaliser: all tokens)
+        selected = tw.high_entropy_mask(entropy, completion_mask, config.entropy_quantile)
+        per_token = tw.clipped_surrogate_per_token(logprobs, old_logprobs, advantages, config.clip_range, config.clip_range)
+        return tw.masked_policy_gradient(per_token, selected, completion_mask, denominator="all"), selected
+    if config.method == "archer":  # wider clip on each response's high-entropy tokens
+        selected = tw.archer_high_entropy_set(entropy, completion_mask, config.archer_quantile)
+        eps_low, eps_high = tw.archer_clip_ranges(selected, (config.clip_range,) * 2, (config.archer_clip_high,) * 2)
+        per_token = tw.clipped_surrogate_per_token(logprobs, old_logprobs, advantages, eps_low, eps_high)
+        return kl.masked_mean(per_token, completion_mask), selected
+    cov = tw.token_covariance(advantages, logprobs, completion_mask)  # (b, T)
+    if config.method == "kl_cov":  # |log r| penalty on the tokens of highest covariance, no clipping
+        selected = tw.kl_cov_selection(cov, completion_mask, config.cov_ratio)
+        return tw.kl_cov_loss(logprobs, old_logprobs, advantages, selected, completion_mask, config.kl_cov_coef), selected
+    ratio = torch.exp(logprobs.detach().float() - old_logprobs.float())  # clip_cov: a gradient stop on random tokens of high covariance
+    selected = tw.clip_cov_selection(cov, ratio, advantages, completion_mask, config.clip_range, config.clip_range,
+                                     config.clip_cov_low, config.clip_cov_high, config.cov_ratio, generator)
+    return tw.clip_cov_loss(logprobs, old_logprobs, advantages, selected, completion_mask, config.clip_range, config.clip_range), selected
 
 
 @torch.no_grad()
@@ -312,6 +338,7 @@ def train(config: RLConfig) -> Path:
               + (f", split over {ranks.world} ranks" if ranks.world > 1 else ""))
 
     held_out = held_out_prompts(n_digits, config)  # evaluation and probe prompts: never training prompts
+    tracks_selection = config.method != "kl" or config.kl == "prioritized"  # a method that frees a set of tokens
     metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=episodes if config.resume else None) if ranks.main else None
     if not config.resume and ranks.main:
         metrics.log({"step": 0, "episodes": 0, **evaluate_policy(policy.lm, tokenizer, n_digits, config, held_out)})
@@ -339,6 +366,10 @@ def train(config: RLConfig) -> Path:
 
         # 2. Reward: +1 / -1 at the end of each episode.
         b_rewards = terminal_rewards(pairs, texts, rollout.finished, b_completion_mask)  # (B, T)
+        #    and where the template's critical tokens are, for the selection precision of the tokens freed
+        if tracks_selection:
+            b_critical, b_on_template = (m.to(device) for m in template_masks(pairs, texts, n_digits, b_completion_mask.shape[1]))  # (B, T)
+            selection = SelectionCounts()
 
         # 3. Reference: log-probs of the sampled tokens and certainty c(s) of the frozen model.
         with timer("reference"):
@@ -388,12 +419,18 @@ def train(config: RLConfig) -> Path:
                     advantages = b_advantages[mb, :T]
                     returns = None if b_returns is None else b_returns[mb, :T]
 
-                # 7. Loss, term by term.
+                # 7. Loss, term by term; a --method other than kl changes the actor loss (token_weights.py)
+                #    and singles out the tokens it frees (`selected`).
+                selected = None if weights is None or config.kl != "prioritized" else weights < 0.5  # (b, T)
                 if config.algorithm == "a2c":
                     actor_loss = -kl.masked_mean(advantages * logprobs, mb_mask)
-                else:
+                elif config.method == "kl":
                     actor_loss, clip_fraction = clipped_surrogate(logprobs, b_old_logprobs[mb, :T], advantages, mb_mask, config.clip_range)
                     stats.setdefault("clip_fraction", []).append(float(clip_fraction if share is None else ranks.sum(clip_fraction * share) / ranks.world))
+                else:
+                    actor_loss, selected = method_actor_loss(config, logprobs, b_old_logprobs[mb, :T], advantages, entropy.detach(), mb_mask, sampler)
+                if tracks_selection and selected is not None:
+                    selection.add(selected, b_critical[mb, :T], b_on_template[mb, :T])
                 if values is not None:
                     value_loss = 0.5 * kl.masked_mean((values - returns) ** 2, mb_mask)
                 else:
@@ -401,6 +438,8 @@ def train(config: RLConfig) -> Path:
                 entropy_bonus = kl.masked_mean(entropy, mb_mask)
                 if weights is None or config.kl_as_reward:
                     kl_term = torch.zeros((), device=device)
+                elif config.method == "archer":  # the high-entropy tokens' KL scaled, each group averaged on its own
+                    kl_term = tw.archer_kl(weights * kl_per_token, selected, mb_mask, 1.0, config.archer_high_kl_scale)
                 else:
                     kl_term = kl.kl_penalty(logprobs, ref_logprobs, mb_mask, config.estimator, weights)
                 loss = actor_loss + config.vf_coef * value_loss - config.ent_coef * entropy_bonus + kl_coef * kl_term
@@ -428,6 +467,8 @@ def train(config: RLConfig) -> Path:
                   "reward": b_rewards.sum(-1).mean().item(), "accuracy": correct.mean().item(),
                   "episode_length": mask.sum(-1).float().mean().item(), "truncated": (~rollout.finished).float().mean().item(),
                   **{k: float(np.mean(v)) for k, v in stats.items()}, **{f"time/{k}": v for k, v in timer.totals.items()}}
+        if tracks_selection:
+            record.update(selection.record())
         if b_weights is not None:
             w = b_weights[mask]
             record.update({"weight_mean": w.mean().item(), "weight_q05": torch.quantile(w, 0.05).item(),

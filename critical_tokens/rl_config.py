@@ -30,6 +30,15 @@ class RLConfig:
     certainty: Literal["max_prob", "negentropy"] = arg("max_prob", "certainty c(s) of the reference: eq. 2 max_prob (the paper's) or eq. 1 negentropy")
     certainty_temperature: float = arg(4.0, "temperature of the reference distribution in c(s) (the paper: 4)")
     match_weight_beta: float | None = arg(None, "standard KL only: scale --kl-coef by E[c^beta], the mean prioritized weight at this beta measured on the reference's own rollouts at the RL temperature before RL (a uniform penalty of the prioritized arm's mean strength; the factor is stored in config.json)")
+    method: Literal["kl", "entropy80", "archer", "kl_cov", "clip_cov"] = arg("kl", "token-level method (token_weights.py): kl (the --kl penalty alone); entropy80 (policy gradient on the --entropy-quantile highest-entropy tokens only, Wang et al. 2025); archer (on each response's high-entropy tokens, above its --archer-quantile: clip range --archer-clip-high and KL x --archer-high-kl-scale); kl_cov (penalty --kl-cov-coef |log r| on the --cov-ratio tokens of highest covariance, no clipping); clip_cov (no gradient on --cov-ratio random tokens of covariance between --clip-cov-low and --clip-cov-high); all but kl need --algorithm ppo, grpo or rloo. The --kl penalty applies under every method")
+    entropy_quantile: float = arg(0.2, "entropy80: the share rho of highest-entropy tokens that get a policy gradient (the paper's 0.2)")
+    archer_quantile: float = arg(0.8, "archer: the per-response entropy quantile above which a token is high-entropy (the source's 0.8)")
+    archer_clip_high: float = arg(0.5, "archer: the clip range of the high-entropy tokens (the others keep --clip-range; the source: 0.5 and 0.2)")
+    archer_high_kl_scale: float = arg(0.0, "archer: the KL term of the high-entropy tokens relative to the others' (each group averaged on its own, as the source; its script: 0)")
+    cov_ratio: float = arg(2e-4, "kl_cov, clip_cov: the share of a minibatch's tokens selected by covariance (the source's 2e-4; at least one token)")
+    kl_cov_coef: float = arg(1.0, "kl_cov: kappa, the coefficient of |log r| on the selected tokens (the source's recipes: 1)")
+    clip_cov_low: float = arg(1.0, "clip_cov: the lower covariance bound of the tokens eligible for the gradient stop (the source's 1)")
+    clip_cov_high: float = arg(5.0, "clip_cov: the upper covariance bound (the source's 5)")
     kl_as_reward: bool = arg(False, "put -kl_coef * w * k into the per-token reward (as TRL's PPO) instead of a loss term")
     auto_beta_quantile: float = arg(0.05, "--beta auto: the certainty quantile of the reference's own rollouts whose weight is --auto-beta-weight")
     auto_beta_weight: float = arg(0.5, "--beta auto: the weight at that quantile")
@@ -78,6 +87,18 @@ def validate(config: RLConfig) -> None:
                  "final_eval_episodes", "final_eval_comfort_episodes", "final_probe_examples"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.method != "kl" and config.algorithm not in ("ppo", "grpo", "rloo"):
+        raise UserError(f"--method {config.method} acts through the importance ratio: it needs --algorithm ppo, grpo or rloo, got {config.algorithm}")
+    check_range(config, ("entropy_quantile",), 0, 1, low_open=True)
+    check_range(config, ("archer_quantile", "cov_ratio"), 0, 1, low_open=True, high_open=True)
+    check_range(config, ("archer_clip_high",), 0, low_open=True)
+    check_range(config, ("archer_high_kl_scale", "kl_cov_coef"), 0)
+    for name in ("entropy_quantile", "archer_quantile", "archer_clip_high", "archer_high_kl_scale", "cov_ratio", "kl_cov_coef",
+                 "clip_cov_low", "clip_cov_high"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
+    if not config.clip_cov_low < config.clip_cov_high:
+        raise UserError(f"--clip-cov-low must be below --clip-cov-high, got {config.clip_cov_low} and {config.clip_cov_high}")
     if config.match_weight_beta is not None and (config.kl != "standard" or not 0 <= config.match_weight_beta < math.inf):
         raise UserError(f"--match-weight-beta scales the standard penalty: it needs --kl standard and a beta >= 0, "
                         f"got --kl {config.kl} and {config.match_weight_beta}")

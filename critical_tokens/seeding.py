@@ -2,7 +2,8 @@
 
 A run draws random numbers for several purposes: the training prompts and the sampling of each
 iteration, the held-out evaluation prompts, the probe prompts of the critical-token probabilities,
-the sampling of its evaluations, the calibration of beta or of a matched penalty. Each purpose gets
+the sampling of its evaluations, the calibration of beta or of a matched penalty (and, outside a run,
+the rollouts of ``critical-tokens criteria``). Each purpose gets
 its own stream, ``numpy.random.SeedSequence(seed, spawn_key=(purpose, iteration))``: streams of
 different purposes, seeds or iterations are independent by construction (NumPy's SeedSequence
 hashes the whole key), where adding offsets to one integer seed can make two of them coincide
@@ -20,7 +21,7 @@ import numpy as np
 
 # One spawn-key entry per purpose. Never renumber: a number names a stream of every past run.
 PURPOSES = {"train_prompts": 0, "sampling": 1, "eval_prompts": 2, "comfort_prompts": 3, "probe_prompts": 4,
-            "eval_sampling": 5, "calibration": 6}
+            "eval_sampling": 5, "calibration": 6, "criteria": 7}
 
 
 def stream_seed(seed: int, purpose: str, iteration: int = 0) -> int:

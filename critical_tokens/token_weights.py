@@ -1,6 +1,6 @@
 """Token-level exploration methods side by side: what each one changes in the loss, per token.
 
-Each method singles out a set of tokens, the set it frees or favours; `selection_precision_recall`
+Each method singles out a set of tokens, the set it frees or favours; `selection.SelectionCounts`
 measures how well a set hits the template's critical tokens. Method (source): members -> its set.
 
     prioritized KL (arXiv 2502.06533): kl_weights -> the tokens of weight w < 0.5
@@ -248,19 +248,3 @@ def entropy_bonus(entropy, completion_mask, coef):
     Returns a float32 scalar.
     """
     return -coef * masked_mean(entropy, completion_mask)
-
-
-def selection_precision_recall(selected, critical, valid):
-    """How well a method's freed set hits the template's critical tokens, over the `valid` tokens:
-
-        precision = |sel & crit| / |sel|  (None if nothing selected)
-        recall    = |sel & crit| / |crit| (None if no critical token)
-
-    selected, critical, valid: (B, T) bool. Returns (precision, recall, n_selected, n_critical).
-    """
-    sel = selected.bool() & valid.bool()
-    crit = critical.bool() & valid.bool()
-    n_sel, n_crit, n_both = int(sel.sum()), int(crit.sum()), int((sel & crit).sum())
-    precision = n_both / n_sel if n_sel else None
-    recall = n_both / n_crit if n_crit else None
-    return precision, recall, n_sel, n_crit

@@ -147,3 +147,29 @@ def test_not_run(tmp_path):
         (rep.root / job["dir"] / "DONE.json").unlink()
     s = section_confirm(rep, Plots(tmp_path / "plots"))
     assert s.numbers == {"state": "not run"} and s.summary[0][2:] == ("-", "not run")
+
+
+def test_the_per_arm_rule_gives_each_arm_its_verdict(tmp_path):
+    """A study of several methods against one baseline (decision "per-arm"): each arm's gain (G) and
+    comfort-zone (S) hypotheses give its verdict; a comparison (P) is tested but enters no verdict."""
+    rep = fake_reproduction(tmp_path / "rep")
+    meta = json.loads((rep.root / "reproduce.json").read_text())
+    def hypothesis(name, arm, versus, metric, margin, role):
+        return {"name": name, "arm": arm, "versus": versus, "metric": f"final/{metric}", "margin": margin, "role": role}
+    meta["preset"]["experiments"]["confirm"].update(decision="per-arm", title="Methods side by side", hypotheses=[
+        *[hypothesis(f"G-{a}", a, "standard", "accuracy_sampled", 0.0, "primary") for a in ("prioritized", "matched-weight", "no-kl")],
+        *[hypothesis(f"S-{a}", a, "standard", "comfort_accuracy_greedy", -0.02, "safety") for a in ("prioritized", "matched-weight", "no-kl")],
+        hypothesis("P-matched-weight", "prioritized", "matched-weight", "accuracy_sampled", 0.0, "comparison")])
+    write_json(rep.root / "reproduce.json", meta)
+    s = section_confirm(Reproduction(rep.root), Plots(tmp_path / "plots"))
+    n, text = s.numbers, "\n".join(s.lines)
+    # prioritized: +10 points, comfort equal; matched-weight: +5, comfort +1; no-kl: below standard at every unit.
+    assert n["verdicts"] == {"prioritized": "gains and keeps the comfort zone", "matched-weight": "gains and keeps the comfort zone",
+                             "no-kl": "no gain shown"}
+    assert n["rule"] == "per-arm" and n["hypotheses"]["P-matched-weight"]["rejects"]
+    assert n["decision"] == ("gains and keeps the comfort zone: prioritized, matched-weight; no gain shown: no-kl; "
+                             "comparisons rejected: P-matched-weight of P-matched-weight")
+    assert text.startswith("## Methods side by side") and "| no-kl | no gain shown |" in text
+    assert s.summary[0][0] == "Methods side by side (pre-registered)"
+    p = sorted(h["p_t"] for h in n["hypotheses"].values())
+    assert min(h["p_holm"] for h in n["hypotheses"].values()) == pytest.approx(7 * p[0])  # Holm over all 7

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from critical_tokens.report.paired import HypothesisResult, PairedResult, decide, holm, hypothesis_results, paired_differences, paired_test
+from critical_tokens.report.paired import HypothesisResult, PairedResult, decide, decide_per_arm, holm, hypothesis_results, paired_differences, paired_test
 
 
 def t3_sf(t: float) -> float:
@@ -126,3 +126,17 @@ def test_decide_alpha_and_missing_primary():
     assert decide(r, ROLES) == "confirmed"
     assert decide(r, ROLES, alpha=0.01) == "not confirmed"
     assert decide({}, ROLES) == "not run"
+
+
+METHOD_ARMS = {"G-a": "a", "S-a": "a", "G-b": "b", "S-b": "b", "G-c": "c", "S-c": "c", "P-a": "prioritized"}
+METHOD_ROLES = {"G-a": "primary", "S-a": "safety", "G-b": "primary", "S-b": "safety", "G-c": "primary", "S-c": "safety", "P-a": "comparison"}
+
+
+def test_decide_per_arm_gives_each_arm_its_verdict_from_its_own_gain_and_safety():
+    p = {"G-a": 0.01, "S-a": 0.02, "G-b": 0.01, "S-b": 0.40, "G-c": 0.30, "S-c": 0.01, "P-a": 0.90}
+    r = {h: HypothesisResult(h, METHOD_ROLES[h], -0.02 if h.startswith("S") else 0.0, None, x) for h, x in p.items()}
+    assert decide_per_arm(r, METHOD_ARMS) == {"a": "gains and keeps the comfort zone", "b": "gains, loses the comfort zone",
+                                              "c": "no gain shown"}  # the comparison enters no verdict
+    assert decide_per_arm(r, METHOD_ARMS, alpha=0.015)["a"] == "gains, loses the comfort zone"  # S-a at 0.02 no longer holds
+    r["S-c"] = HypothesisResult("S-c", "safety", -0.02, None, None)
+    assert decide_per_arm(r, METHOD_ARMS)["c"] == "not run"  # a hypothesis without two pairs: no verdict yet

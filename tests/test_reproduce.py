@@ -364,6 +364,9 @@ def test_shipped_checkpoints_were_made_by_the_recipe_their_preset_states(name):
     (lambda p: p["experiments"]["confirm"]["hypotheses"][0].update(arm="prioritised"), "compares arms 'prioritised'"),
     (lambda p: p["experiments"]["confirm"]["hypotheses"][1].update(role="primary"), "exactly one hypothesis"),
     (lambda p: p["experiments"]["confirm"]["hypotheses"][0].pop("margin"), "needs arm, margin"),
+    (lambda p: p["experiments"]["confirm"].update(decision="best-arm"), "'decision' is one of confirm, per-arm"),
+    (lambda p: (p["experiments"]["confirm"].update(decision="per-arm"), p["experiments"]["confirm"]["hypotheses"][1].update(role="primary")),
+     "each arm it judges has exactly one 'primary'"),  # H2a is on prioritized too
     (lambda p: p["experiments"]["confirm"].update(first_seed=-3), "'first_seed' must be an integer >= 0"),
     (lambda p: p["experiments"]["confirm"]["arms"][2].update(kl="prioritized"), "--match-weight-beta scales the standard penalty"),
 ])

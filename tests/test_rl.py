@@ -11,6 +11,8 @@ import torch
 from critical_tokens import cli, rl
 from critical_tokens.a2c import ValueHead
 from critical_tokens.pretrain import load_pretrained
+from critical_tokens.rl import method_actor_loss
+from critical_tokens.rl_config import RLConfig
 
 # A micro RL run: 2 iterations of 8 episodes, evaluation at the end only, on 3-digit additions.
 MICRO_RL_ARGS = ["--episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--eval-every", "16",
@@ -243,3 +245,59 @@ def test_the_final_evaluation_uses_the_larger_held_out_sets_and_is_saved(pretrai
         assert lines[-1][key] == final[key]
         assert 0 <= final[key] <= 1
     assert final["final/accuracy_greedy"] * 10 == pytest.approx(round(final["final/accuracy_greedy"] * 10))  # 10 episodes
+
+
+@pytest.mark.parametrize("method", ["entropy80", "archer", "kl_cov", "clip_cov"])
+def test_each_token_method_runs_moves_the_policy_and_logs_its_selection(pretrained_run, tmp_path, method):
+    """GRPO, 2 epochs per collect (so that the ratio moves off 1), each --method: the policy moved, the
+    method is in config.json and its selected tokens' precision and recall against the template's
+    critical tokens are logged (in [0, 1], or None when undefined)."""
+    out = tmp_path / method
+    wide = ["--clip-cov-low", "-100", "--clip-cov-high", "100"] if method == "clip_cov" else []  # the micro model's covariances are small
+    assert run_rl(pretrained_run, out, "--algorithm", "grpo", "--group-size", "4", "--update-epochs", "2", "--method", method,
+                  "--kl", "standard", "--cov-ratio", "0.2", *wide) == 0
+    lines = metric_lines(out)[1:]
+    assert json.loads((out / "config.json").read_text())["config"]["method"] == method
+    for line in lines:
+        assert 0 < line["selection/share"] <= 1
+        assert all(line[k] is None or 0 <= line[k] <= 1 for k in ("selection/precision", "selection/recall"))
+    before, _, _ = load_pretrained(pretrained_run)
+    after, _, _ = load_pretrained(out)
+    assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values())), "policy did not move"
+
+
+@pytest.mark.parametrize("method", ["entropy80", "archer", "kl_cov", "clip_cov"])
+def test_each_token_method_s_actor_loss_has_a_gradient_through_the_log_probs(method):
+    """The actor loss of every --method is differentiable in the policy's log-probs: a gradient
+    reaches the tokens the method keeps (all but Clip-Cov's gradient stop), so the method moves the
+    policy by itself and not only through the KL and entropy terms beside it."""
+    generator = torch.Generator().manual_seed(0)
+    logprobs = torch.log(torch.rand(4, 6, generator=generator) * 0.9 + 0.05).requires_grad_(True)
+    old = (logprobs.detach() + 0.1 * torch.randn(4, 6, generator=generator))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(4, 6)
+    entropy = torch.rand(4, 6, generator=generator)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    config = RLConfig(pretrained="x", algorithm="grpo", group_size=4, method=method, cov_ratio=0.2, clip_cov_low=-100, clip_cov_high=100)
+    loss, selected = method_actor_loss(config, logprobs, old, advantages, entropy, mask, generator)
+    loss.backward()
+    assert selected.shape == (4, 6) and selected.any()
+    assert logprobs.grad is not None and logprobs.grad.abs().sum() > 0
+
+
+def test_the_prioritized_penalty_logs_the_selection_of_its_freed_tokens_and_standard_does_not(pretrained_run, tmp_path):
+    assert run_rl(pretrained_run, tmp_path / "p", "--kl", "prioritized", "--beta", "10") == 0
+    assert all("selection/share" in line for line in metric_lines(tmp_path / "p")[1:])
+    assert run_rl(pretrained_run, tmp_path / "s", "--kl", "standard") == 0
+    assert not any("selection/share" in line for line in metric_lines(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "archer"], "--method archer acts through the importance ratio"),  # a2c: no ratio
+    (["--algorithm", "grpo", "--group-size", "4", "--method", "entropy80", "--entropy-quantile", "0"], "--entropy-quantile"),
+    (["--algorithm", "grpo", "--group-size", "4", "--method", "clip_cov", "--clip-cov-low", "6"], "--clip-cov-low must be below"),
+    (["--algorithm", "grpo", "--group-size", "4", "--method", "kl_cov", "--kl-cov-coef", "nan"], "--kl-cov-coef"),
+])
+def test_a_bad_method_value_is_one_line(pretrained_run, tmp_path, capsys, flags, message):
+    assert run_rl(pretrained_run, tmp_path / "bad", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "bad").exists()

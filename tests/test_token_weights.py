@@ -18,7 +18,6 @@ from critical_tokens.token_weights import (
     kl_weights,
     masked_policy_gradient,
     masked_quantile,
-    selection_precision_recall,
     token_covariance,
 )
 
@@ -180,13 +179,3 @@ def test_entropy_bonus():
     H = t([0.1, 2.0, 0.5, 1.5])
     assert entropy_bonus(H, torch.ones(1, 4), 0.01).item() == pytest.approx(-0.01025, abs=1e-6)
 
-
-def test_selection_precision_recall():
-    selected = torch.tensor([[True, True, False, False, True]])
-    critical = torch.tensor([[True, False, True, False, True]])
-    valid = torch.tensor([[True, True, True, True, False]])  # t4 is off the template: not counted
-    # over t0..t3: selected {0, 1}, critical {0, 2}, both {0}: precision 1/2, recall 1/2
-    assert selection_precision_recall(selected, critical, valid) == (0.5, 0.5, 2, 2)
-    none = torch.zeros_like(selected)
-    assert selection_precision_recall(none, critical, valid) == (None, 0.0, 0, 2)
-    assert selection_precision_recall(selected, none, valid) == (0.0, None, 2, 0)

@@ -133,3 +133,22 @@ def test_the_example_runs_from_another_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 1: reward" in result.stdout and "mean weight" in result.stdout
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_the_prioritized_penalty_combines_with_trls_high_entropy_mask(pretrained_run, tmp_path):
+    """TRL's top_entropy_quantile (the 80/20 rule) masks the policy-gradient term to the high-entropy
+    tokens and leaves its KL term on every token. With it on in both trainers, our loss still differs
+    from TRL's by exactly beta * mean((w - 1) k3) over all the completion tokens (bnpo): the entropy
+    mask acts on the PG term alone, the prioritized weights on the KL term alone."""
+    options = dict(loss_type="bnpo", top_entropy_quantile=0.25)
+    ours, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, prioritized_beta=2.0, **options)
+    plain, _ = make_trainer(pretrained_run, tmp_path, GRPOTrainer, GRPOConfig, **options)
+    torch.manual_seed(0)
+    inputs = ours._generate_and_score_completions([dataset[0]] * 4)
+    done = inputs["completion_mask"].bool()
+    perturb_policies(ours, plain)
+    ours_loss, plain_loss = ours._compute_loss(ours.model, inputs), plain._compute_loss(plain.model, inputs)
+    d = inputs["ref_per_token_logps"] - ours._policy_logprobs.detach()
+    expected = BETA * ((inputs["kl_weights"] - 1) * (torch.exp(d) - d - 1))[done].mean()
+    assert expected.abs() > 1e-5
+    torch.testing.assert_close(ours_loss - plain_loss, expected, atol=1e-6, rtol=1e-4)

@@ -9,6 +9,7 @@ each run's final evaluation on the large held-out sets: the ``final/...`` keys o
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..runs import read_metrics
 from .document import Section, not_run
-from .paired import HypothesisResult, decide, hypothesis_results, paired_differences
+from .paired import HypothesisResult, decide, decide_per_arm, hypothesis_results, paired_differences
 from .paper import PAPER_CLAIMS
 from .plots import ACCURACY_PANELS, Plots, plot_curves
 from .reproduction import Reproduction, series
@@ -40,12 +41,21 @@ def _runs(rep: Reproduction) -> dict[str, dict[Unit, dict]]:
     for job in rep.finished(rep.experiment_jobs("confirm")):
         model, arm = job["arm"].split("/", 1)
         records = read_metrics(rep.results_dir(job))
-        weights = series(records, "weight_mean")
         coef = rep.run_config(job).get("kl_coef_used", job["config"]["kl_coef"])  # matched-weight: kl_coef x E[c^beta]
         arms.setdefault(arm, {})[(model, job["seed"])] = {
-            "final": records[-1] if records else {}, "weight": sum(weights.values()) / len(weights) if weights else None,
-            "kl_coef": None if job["config"]["kl"] == "none" else coef}
+            "final": records[-1] if records else {}, "weight": _run_mean(records, "weight_mean"),
+            "kl_coef": None if job["config"]["kl"] == "none" else coef,
+            **{key: _run_mean(records, f"selection/{key}") for key in SELECTION}}
     return arms
+
+
+SELECTION = ("precision", "recall", "share")  # of the tokens a method frees, against the critical ones (selection.py)
+
+
+def _run_mean(records: list[dict], key: str) -> float | None:
+    """A run's mean over its iterations of ``key`` (None where it never logged one)."""
+    values = series(records, key)
+    return sum(values.values()) / len(values) if values else None
 
 
 def _values(runs: dict[Unit, dict], metric: str) -> dict[Unit, float]:
@@ -93,7 +103,7 @@ def plot_paired(plots: Plots, results: dict[str, HypothesisResult], pairs: dict[
                 titles: dict[str, str], instances: list[str]) -> str:
     """One panel per hypothesis: its paired differences (points) as dots per instance, then the
     pooled mean with its 95% t interval; the margin dashed where it is not 0."""
-    fig, axes = plots.figure(len(results), width=3.4, rows=1 if len(results) < 4 else 2)
+    fig, axes = plots.figure(len(results), width=3.4, rows=max(1, math.ceil(len(results) / 4)))  # at most 4 panels a row
     for ax, (h, r) in zip(axes, results.items()):
         for i, m in enumerate(instances):
             ys = [100 * d for (model, _), d in pairs[h] if model == m]
@@ -115,8 +125,10 @@ def plot_paired(plots: Plots, results: dict[str, HypothesisResult], pairs: dict[
 def section_confirm(rep: Reproduction, plots: Plots) -> Section:
     spec = rep.preset["experiments"].get("confirm")
     state = rep.state("confirm")
+    title = (spec or {}).get("title", TITLE)
+    finding = FINDING if title == TITLE else f"{title} (pre-registered)"
     if spec is None or state == "not run":
-        return not_run(TITLE, "not in the preset" if spec is None else state, [(FINDING, "kl_comparison")])
+        return not_run(title, "not in the preset" if spec is None else state, [(finding, "kl_comparison")])
     alpha = spec.get("alpha", 0.05)
     instances, hypotheses = list(spec["models"]), spec["hypotheses"]
     arm_jobs: dict[str, list[dict]] = {}
@@ -125,7 +137,7 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
     arm_names = [a["name"] for a in spec["arms"] if a["name"] in arm_jobs]
     runs = _runs(rep)
     commit = rep.meta.get("preregistration_commit") or "not recorded"
-    lines = [f"## {TITLE}", "",
+    lines = [f"## {title}", "",
              f"State: {state}. Pre-registration: `{spec.get('preregistration', 'none')}` (first committed in `{commit}`); "
              f"code: git commit `{rep.meta.get('git_commit') or 'not recorded'}`. Instances {', '.join(instances)}, the same RL seeds in "
              f"every arm; endpoints from each run's final evaluation on the held-out sets.", ""]
@@ -147,12 +159,26 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
         lines.append(f"| {arm} | {_kl(config)} | {len(r)}/{len(arm_jobs[arm])} | {pct(final['sampled'])} | {pct(final['greedy'])} | "
                      f"{pct(final['comfort_greedy'])} | {num(final['p_correct_critical'])} | {coef_text} | {weight_text(None if weight is None else weight.mean)} |")
 
+    # The tokens each method frees, against the template's critical tokens (arms that log them).
+    selecting = [arm for arm in arm_names if any(x["share"] is not None for x in runs.get(arm, {}).values())]
+    if selecting:
+        lines += ["", "The tokens each arm frees or favours, against the template's critical tokens of the same rollouts (tokens up to "
+                  "a rollout's first wrong character): precision (the share of the freed tokens that are critical), recall (the share "
+                  "of the critical tokens freed) and share (of all those tokens freed); per run the mean over its collects, then "
+                  "the mean over runs [95% interval].", "", "| arm | precision | recall | share freed |", "|---|---|---|---|"]
+        for arm in selecting:
+            cells = {key: t_interval([x[key] for x in runs[arm].values() if x[key] is not None]) for key in SELECTION}
+            per_arm[arm]["selection"] = cells
+            lines.append(f"| {arm} | " + " | ".join(num(cells[key]) for key in SELECTION) + " |")
+
     # The hypotheses: paired differences, tests, Holm over all of them, the decision.
     pairs = {h["name"]: paired_differences(_values(runs.get(h["arm"], {}), h["metric"]), _values(runs.get(h["versus"], {}), h["metric"]))
              for h in hypotheses}
     roles = {h["name"]: h["role"] for h in hypotheses}
     results = hypothesis_results({h: [d for _, d in p] for h, p in pairs.items()}, {h["name"]: h["margin"] for h in hypotheses}, roles)
-    decision = decide(results, roles, alpha)
+    per_arm_rule = spec.get("decision", "confirm") == "per-arm"
+    verdicts = decide_per_arm(results, {h["name"]: h["arm"] for h in hypotheses}, alpha) if per_arm_rule else {}
+    decision = _summary(verdicts, results, alpha) if per_arm_rule else decide(results, roles, alpha)
     lines += ["", f"Each hypothesis tests mean(arm - versus) > margin over the (instance, seed) units both arms finished; "
               f"differences in points; one-sided paired t-test, Holm's correction over the {len(hypotheses)} hypotheses, "
               f"Wilcoxon signed-rank test (zeros dropped) as a check; rejects: Holm p < {alpha:g}.", "",
@@ -170,7 +196,11 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
     rejected = [h for h, r in results.items() if r.rejects(alpha)]
     kept = [h for h in results if h not in rejected]
     why = f"rejected at {alpha:g} after Holm: {', '.join(rejected) or 'none'}; not rejected: {', '.join(kept) or 'none'}"
-    lines += ["", f"Decision (the pre-registered rule): **{decision}** ({why}).", "",
+    lines += ["", f"Decision (the pre-registered rule): **{decision}** ({why}).", ""]
+    if per_arm_rule:
+        lines += ["Verdict per arm (its gain hypothesis and its comfort-zone hypothesis, after Holm):", "",
+                  "| arm | verdict |", "|---|---|", *[f"| {arm} | {verdict} |" for arm, verdict in verdicts.items()], ""]
+    lines += [
               "Mean difference (points) per instance (n: paired seeds):", "",
               "| hypothesis | " + " | ".join(instances) + " | pooled |", "|---" * (len(instances) + 2) + "|"]
     for h in hypotheses:
@@ -198,8 +228,19 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
             + (f"{_points(t.mean)} points" + (f" [{_points(t.low)}, {_points(t.high)}]" if t.low is not None else "") + f" over {t.n} pairs, "
                f"Holm p {_p(results[primary['name']].p_holm)}" if t else "no paired runs") + f"; decision: {decision}")
     jobs = rep.experiment_jobs("confirm")
-    numbers = {"state": state, "decision": decision, "alpha": alpha, "runs": len(rep.finished(jobs)), "of": len(jobs),
+    numbers = {"state": state, "decision": decision, "rule": spec.get("decision", "confirm"), "verdicts": verdicts, "alpha": alpha, "runs": len(rep.finished(jobs)), "of": len(jobs),
                "compute_s": rep.compute_s("confirm"), "git_commit": rep.meta.get("git_commit"),
                "preregistration": {"path": spec.get("preregistration"), "commit": rep.meta.get("preregistration_commit")},
                "arms": per_arm, "hypotheses": per_hypothesis, "per_instance": per_instance}
-    return Section(lines, [(FINDING, PAPER_CLAIMS["kl_comparison"], ours, decision)], numbers)
+    return Section(lines, [(finding, PAPER_CLAIMS["kl_comparison"], ours, decision)], numbers)
+
+
+def _summary(verdicts: dict[str, str], results: dict[str, HypothesisResult], alpha: float) -> str:
+    """The per-arm rule's decision in one line: the arms of each verdict, then the comparisons that reject."""
+    groups = {v: [arm for arm, x in verdicts.items() if x == v] for v in dict.fromkeys(verdicts.values())}
+    parts = [f"{verdict}: {', '.join(arms)}" for verdict, arms in groups.items()]
+    comparisons = [h for h, r in results.items() if r.role == "comparison"]
+    if comparisons:
+        shown = [h for h in comparisons if results[h].rejects(alpha)]
+        parts.append(f"comparisons rejected: {', '.join(shown) or 'none'} of {', '.join(comparisons)}")
+    return "; ".join(parts) or "not run"

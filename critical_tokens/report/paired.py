@@ -18,7 +18,7 @@ import numpy as np
 from scipy import stats
 
 K = TypeVar("K", bound=Hashable)
-Role = Literal["primary", "control", "safety"]
+Role = Literal["primary", "control", "safety", "comparison"]
 
 # Differences are of accuracies on a few hundred prompts (multiples of 1/100 or 1/200): rounding
 # d - margin to 12 decimals makes a difference that equals the margin a zero, not a ±1e-17.
@@ -157,3 +157,36 @@ def decide(results: Mapping[str, HypothesisResult], roles: Mapping[str, Role], a
     if not all(rejects[h] for h in of["safety"]):
         return "beats standard and its controls, but loses the comfort zone"
     return "confirmed"
+
+
+VERDICTS = ("gains and keeps the comfort zone", "gains, loses the comfort zone", "no gain shown", "not run")
+
+
+def decide_per_arm(results: Mapping[str, HypothesisResult], arms: Mapping[str, str], alpha: float = 0.05) -> dict[str, str]:
+    """The pre-registered per-arm rule of a study that compares several methods with one baseline.
+
+    ``arms`` maps each hypothesis to the arm it judges. For each arm with a "primary" hypothesis
+    (its gain over the baseline) and its "safety" hypotheses (its comfort zone no worse than the
+    baseline's by more than the margin), after Holm over every hypothesis of the study:
+
+    - "gains and keeps the comfort zone": the primary rejects and every safety rejects (holds);
+    - "gains, loses the comfort zone": the primary rejects and some safety does not;
+    - "no gain shown": the primary does not reject;
+    - "not run": one of its hypotheses has no data (fewer than two pairs).
+
+    "comparison" and "control" hypotheses do not enter an arm's verdict (they are read one by one).
+    Returns {arm: verdict} in the order of the primary hypotheses.
+    """
+    verdicts = {}
+    for h, r in results.items():
+        if r.role != "primary":
+            continue
+        arm = arms[h]
+        safety = [results[k] for k in results if arms[k] == arm and results[k].role == "safety"]
+        if r.p_holm is None or any(x.p_holm is None for x in safety):
+            verdicts[arm] = "not run"
+        elif not r.rejects(alpha):
+            verdicts[arm] = "no gain shown"
+        else:
+            verdicts[arm] = VERDICTS[0] if all(x.rejects(alpha) for x in safety) else VERDICTS[1]
+    return verdicts
