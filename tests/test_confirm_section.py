@@ -68,7 +68,7 @@ def fake_reproduction(root, h2b=H2B_STRENGTH, h3=H3, with_confirm=True):
     write_json(root / "reproduce.json", {
         "command": "critical-tokens reproduce --preset fake", "preset_name": "fake", "preset_source": "fake.json", "parallel_jobs": 1,
         "threads_per_job": 1, "preset": {"name": "fake", "experiments": experiments}, "jobs": jobs if with_confirm else [],
-        "models": {m: {"config": {"n_digits": 3}} for m in MODELS}, "git_commit": "abc1234", "preregistration_commit": "def5678"})
+        "models": {m: {"config": {"n_digits": 3}, "init": "scratch"} for m in MODELS}, "git_commit": "abc1234", "preregistration_commit": "def5678"})
     return Reproduction(root)
 
 
@@ -173,3 +173,13 @@ def test_the_per_arm_rule_gives_each_arm_its_verdict(tmp_path):
     assert s.summary[0][0] == "Methods side by side (pre-registered)"
     p = sorted(h["p_t"] for h in n["hypotheses"].values())
     assert min(h["p_holm"] for h in n["hypotheses"].values()) == pytest.approx(7 * p[0])  # Holm over all 7
+
+
+def test_the_header_says_when_the_wall_time_leaves_out_an_interrupted_invocation(tmp_path):
+    from critical_tokens.report.document import _header
+    rep = fake_reproduction(tmp_path / "rep")  # no timing.json: no invocation recorded its wall time
+    line = next(x for x in _header(rep) if x.startswith("- Wall time"))
+    assert "30 of the 30 finished jobs ran in an invocation that was stopped" in line
+    write_json(rep.root / "timing.json", {"invocations": [{"runs": 30, "wall_s": 20.0}], "wall_s": 20.0, "hardware": {}})
+    line = next(x for x in _header(Reproduction(rep.root)) if x.startswith("- Wall time"))
+    assert "stopped" not in line  # every finished job is in a recorded invocation

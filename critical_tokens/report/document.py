@@ -55,10 +55,22 @@ def _header(rep: Reproduction) -> list[str]:
     lines += [f"- Hardware: {_machine(timing.get('hardware', {}))}",
               f"- Wall time: {duration(wall) if wall is not None else 'not recorded'}"
               + (f" over {len(invocations)} invocations (resumed)" if len(invocations) > 1 else "")
-              + f"; {meta['parallel_jobs']} runs in parallel, {meta['threads_per_job']} torch thread(s) per run",
+              + f"; {meta['parallel_jobs']} runs in parallel, {meta['threads_per_job']} torch thread(s) per run" + _unrecorded(rep, invocations),
               f"- Initialisation of the pre-trained models: " + ", ".join(f"{m}: {d['init']}" + (f" (shipped checkpoint `{d['shipped']}`)" if d.get("shipped") else "")
                                                                          for m, d in rep.models.items()), ""]
     return lines
+
+
+def _unrecorded(rep: Reproduction, invocations: list[dict]) -> str:
+    """What the wall time leaves out: an invocation that was killed records none, so when fewer runs are
+    recorded than have finished, the sum of the finished runs' own wall times says what they cost."""
+    finished = [done for done in map(rep.done, (j for j in rep.jobs if not j.get("same_as"))) if done]
+    recorded = sum(inv.get("runs", 0) for inv in invocations)
+    if recorded >= len(finished):
+        return ""
+    compute = sum(done.get("wall_s", 0.0) for done in finished)
+    return (f"; {len(finished) - recorded} of the {len(finished)} finished jobs ran in an invocation that was stopped before it "
+            f"could record its wall time: the finished jobs' own wall times add up to {duration(compute)} of compute")
 
 
 def _hyperparameters(rep: Reproduction) -> list[str]:
