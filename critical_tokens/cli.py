@@ -21,6 +21,7 @@ def _commands():
     from .rl import train
     from .rl_config import RLConfig
     from .criteria import CriteriaConfig, criteria
+    from .inspect_command import InspectConfig, inspect
 
     return {
         "pretrain": (PretrainConfig, pretrain, "pre-train a GPT-2 on scratchpad addition of 1..N digits"),
@@ -31,6 +32,7 @@ def _commands():
         "report": (ReportConfig, report, "rebuild REPORT.md, summary.json and plots/ of a reproduction from its files"),
         # which criterion (certainty, entropy, covariance) singles out the critical tokens: critical_tokens/criteria.py
         "criteria": (CriteriaConfig, criteria, "which criterion (certainty, entropy, covariance) best separates the critical tokens on a model's own N+1 rollouts"),
+        "inspect": (InspectConfig, inspect, "before RL: which tokens of a Hugging Face causal LM, on your prompts, the prioritized KL penalty would free, and what beta means"),
     }
 
 

@@ -9,6 +9,7 @@ refuse) so that a run the flags allow stays tiny: the micro model, a few example
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from critical_tokens import cli, reproduce
+from critical_tokens import addition, cli, reproduce
 from critical_tokens.runs import PACKAGE_DIR
 
 SHIPPED = PACKAGE_DIR / "checkpoints" / "tiny-n3"
@@ -39,6 +40,8 @@ POOLS = {  # (command, field) or field -> values, the valid ones first
     ("reproduce", "out"): ("new/deeper/dir", "repro", "empty", "pretrain", "corrupt", "file", str(SHIPPED / "repro")),
     ("reproduce", "preset"): ("smoke", "nope", "bad.json", "file"),
     ("pretrain", "preset"): ("micro", "nope"),
+    ("inspect", "model"): ("pretrain", "shipped", "rl", "repro", "empty", "corrupt", "missing", "file"),
+    ("inspect", "prompts"): ("prompts.jsonl", "prompts.jsonl", "file", "bad.json", "missing", "empty"),
     "html": ("page.html", "empty", str(SHIPPED / "page.html")),
     "png": ("picture.png", "picture", "empty", str(SHIPPED / "picture.png")),
     "n_digits": ("2", "1", "3", "0", "31"),
@@ -62,6 +65,8 @@ REQUIRED = {
            "final_eval_episodes", "final_eval_comfort_episodes", "final_probe_examples"),
     "reproduce": ("preset", "out"),
     "report": ("run",),
+    "criteria": ("run", "prompts", "group_size"),
+    "inspect": ("model", "prompts", "sample", "max_new_tokens"),
 }
 
 
@@ -125,6 +130,8 @@ def library(pretrained_run, tmp_path_factory) -> Path:
     (lib / "brokenrepro" / "reproduce.json").write_text("[]")
     (lib / "file").write_text("not a directory\n")
     (lib / "bad.json").write_text('{"models": 3}')
+    (lib / "prompts.jsonl").write_text(json.dumps({"prompt": addition.prompt(12, 34), "completion": addition.completion(12, 34)}) + "\n"
+                                       + json.dumps({"prompt": addition.prompt(5, 7)}) + "\n")
     return lib
 
 
@@ -193,6 +200,18 @@ def test_reproduce(library, args):
 @FUZZ
 @given(args=argv("report"))
 def test_report(library, args):
+    run_in_workspace(library, args)
+
+
+@FUZZ
+@given(args=argv("criteria"))
+def test_criteria(library, args):
+    run_in_workspace(library, args)
+
+
+@FUZZ
+@given(args=argv("inspect"))
+def test_inspect(library, args):
     run_in_workspace(library, args)
 
 

@@ -159,6 +159,12 @@ def test_a_studys_block_gives_its_decision_arms_and_hypotheses():
     assert "| matched-weight | standard | 20.0% [15.0, 26.0] | 30.0% [25.0, 36.0] | 100.0% [99.0, 100.0] | 1.05..1.07 |" in text
     assert "+3.1 points [-1.0, +7.2]" in text and "Holm p = 0.21: does not reject" in text
     assert "margin -2; Holm p = 0: holds" in text  # a safety hypothesis holds where its non-inferiority test rejects
+    study = summary["experiments"]["confirm"]
+    study["verdicts"] = {"matched-weight": "gains, loses the comfort zone"}  # a per-arm rule: the verdict in each arm's row
+    study["arms"]["standard"] = arm
+    rows = [line for line in readme.confirm(summary) if line.startswith("| ")]
+    assert rows[0].endswith("| KL coefficient | verdict |")
+    assert rows[1].endswith("| 1.05..1.07 | gains, loses the comfort zone |") and rows[2].endswith("| baseline |")
 
 
 def test_a_finding_part_quotes_the_reports_summary_rows():

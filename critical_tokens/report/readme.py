@@ -190,12 +190,15 @@ def confirm(summary: dict) -> list[str]:
     text = (f"State: {study['state']}. Decision by the rule pre-registered in `{prereg.get('path')}` (commit {commit}): "
             f"**{study['decision']}**. {study['runs']} runs, {duration(study['compute_s'])} of compute on {_machine(summary)}. "
             "Final accuracy on held-out prompts, mean over runs [95% interval]:")
-    lines = _wrap(text) + ["", "| arm | penalty | sampled N+1 | greedy N+1 | in distribution (greedy) | KL coefficient |", "|---|---|---|---|---|---|"]
+    verdicts = study.get("verdicts") or {}  # a per-arm rule: each arm's verdict in its row
+    lines = _wrap(text) + ["", "| arm | penalty | sampled N+1 | greedy N+1 | in distribution (greedy) | KL coefficient |"
+                           + (" verdict |" if verdicts else ""), "|---|---|---|---|---|---|" + ("---|" if verdicts else "")]
     for name, arm in arms.items():
         final = {k: pct(_estimate(v)) for k, v in arm["final"].items()}
         coef = arm.get("kl_coef_used")
         coef_text = "-" if not coef else f"{coef[0]:.3g}" + (f"..{coef[1]:.3g}" if f"{coef[1]:.3g}" != f"{coef[0]:.3g}" else "")
-        lines.append(f"| {name} | {arm['kl']} | {final['sampled']} | {final['greedy']} | {final['comfort_greedy']} | {coef_text} |")
+        lines.append(f"| {name} | {arm['kl']} | {final['sampled']} | {final['greedy']} | {final['comfort_greedy']} | {coef_text} |"
+                     + (f" {verdicts.get(name, 'baseline')} |" if verdicts else ""))
     lines += ["", *_wrap("Paired differences (arm - versus, points, over the (instance, seed) units both finished), "
                          "one-sided paired t-test, Holm-adjusted:")]
     for name, h in study["hypotheses"].items():
