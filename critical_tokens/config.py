@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
     for f in dataclasses.fields(config_class):
         kind = hints[f.name]
         meta = f.metadata
-        kwargs: dict[str, Any] = {"help": meta.get("help", "")}
+        kwargs: dict[str, Any] = {"help": meta.get("help", "").replace("%", "%%")}  # argparse formats help with %: "5%" is text
         if get_origin(kind) is typing.Union or str(get_origin(kind)) == "<class 'types.UnionType'>":
             kind = next(a for a in get_args(kind) if a is not type(None))
         if get_origin(kind) is Literal:

@@ -130,3 +130,19 @@ def test_metrics_cut_short_by_a_kill_lose_only_their_last_line(tmp_path):
     path.write_text('{"step": 1, "lo\n' + json.dumps({"step": 2}) + "\n")
     with pytest.raises(UserError, match="line 1"):
         read_metrics(path)
+
+
+def test_a_percent_sign_in_a_fields_help_is_text_for_argparse():
+    """argparse formats help strings with %: an unescaped "5%" made --help itself fail with a traceback."""
+    import argparse
+    from dataclasses import dataclass
+
+    from critical_tokens.config import add_arguments, arg
+
+    @dataclass(frozen=True)
+    class Config:
+        quantile: float = arg(0.05, "the 5% quantile of the certainty")
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Config)
+    assert "the 5% quantile" in parser.format_help()
