@@ -160,8 +160,8 @@ def decoding(preset: str, device, batch: int, new_tokens: int, rounds: int) -> d
 def rl_throughput(preset: str, device, batch: int, iterations: int, workdir: Path, trl_steps: int) -> dict:
     """Episodes/min of `critical-tokens rl` (its defaults: A2C, standard KL) and, if it can be imported,
     of TRL's GRPOTrainer, on the same model whose episodes all run to the length limit (rl.py)."""
-    from critical_tokens.rl import train
-    from critical_tokens.rl_config import RLConfig
+    from critical_tokens.rl.loop import train
+    from critical_tokens.rl.config import RLConfig
     from critical_tokens.runs import read_metrics
     from rl import save_pretrained_run, run_trl, trl_available
 

@@ -2,7 +2,7 @@
 
 Same random-weight model (`tiny` by default), the "plus 1" task from N = 7 (8-digit additions):
 
-    ours          critical_tokens.rl.train, the real command, on a pre-training run saved in a temporary
+    ours          critical_tokens.rl.loop.train, the real command, on a pre-training run saved in a temporary
                   directory; episodes/min from its own phase timers in metrics.jsonl
                   (time/rollout + time/reference + time/update; its evaluations are excluded)
     paper design  two environments (batch 2), one token per environment step, the whole prefix run
@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 from critical_tokens import addition, kl
-from critical_tokens.a2c import ValueHead, entropy_from_logits, token_logprobs
+from critical_tokens.rl.a2c import ValueHead, entropy_from_logits, token_logprobs
 from critical_tokens.model import RL_SLACK, build_model
-from critical_tokens.rl import train
-from critical_tokens.rl_config import RLConfig
+from critical_tokens.rl.loop import train
+from critical_tokens.rl.config import RLConfig
 from critical_tokens.tokenizer import CHARACTERS, build_tokenizer, encode
 
 from common import add_thread_argument, fmt_rate, forward_flops_per_token, machine_header, median, peak_matmul_flops_per_s
@@ -88,7 +88,7 @@ def save_pretrained_run(root: Path, preset: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------- ours
 def run_ours(pretrained: Path, out: Path, batch_size: int, minibatch_size: int, iterations: int) -> dict:
-    """critical_tokens.rl.train for a few iterations; its phase timers give episodes/min."""
+    """critical_tokens.rl.loop.train for a few iterations; its phase timers give episodes/min."""
     config = RLConfig(pretrained=str(pretrained), out=str(out), episodes=iterations * batch_size, batch_size=batch_size,
                       minibatch_size=minibatch_size, eval_every=10**9, eval_episodes=1, eval_comfort_episodes=1,
                       probe_examples=1, final_eval_episodes=1, final_eval_comfort_episodes=1, final_probe_examples=1, device="cpu")
@@ -262,7 +262,7 @@ def main() -> None:
     prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs]
     print(f"task plus{PLUS} from N = {N_DIGITS}: random weights (end-of-text made unsampleable) never produce the stop rule, so every episode runs to the maximum "
           f"length max_completion_length({N_DIGITS + PLUS}) + {RL_SLACK} = {episode_length} tokens (the issue: 600-725-token episodes)")
-    print(f"ours: critical_tokens.rl.train, RLConfig defaults (kl {defaults.kl}, beta {defaults.beta}) with batch {batch_size}, "
+    print(f"ours: critical_tokens.rl.loop.train, RLConfig defaults (kl {defaults.kl}, beta {defaults.beta}) with batch {batch_size}, "
           f"minibatch {minibatch_size}, {args.iterations} iteration(s) per round; evaluation excluded")
     positions, steps = args.positions or (2 if quick else 3 if paper_size else 8), args.steps or (1 if quick or paper_size else 3)
     print(f"paper design: batch 2, no KV cache, an A2C step every environment step (2 tokens); {steps} step(s) timed at each of "

@@ -13,13 +13,13 @@ EPILOG = "Each command has its own help: critical-tokens COMMAND --help."
 
 
 def _commands():
-    from .critical_command import CriticalConfig, critical
+    from .critical.command import CriticalConfig, critical
     from .evaluate import EvaluateConfig, evaluate
     from .pretrain import PretrainConfig, pretrain
     from .report import ReportConfig, report
     from .reproduce import ReproduceConfig, reproduce
-    from .rl import train
-    from .rl_config import RLConfig
+    from .rl.loop import train
+    from .rl.config import RLConfig
     from .criteria import CriteriaConfig, criteria
     from .inspect_command import InspectConfig, inspect
 

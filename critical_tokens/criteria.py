@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 
 from . import addition, kl
 from . import token_weights as tw
-from .a2c import entropy_from_logits, token_logprobs
+from .rl.a2c import entropy_from_logits, token_logprobs
 from .config import arg, check_fields, check_range
 from .generation import addition_stop_rule, concatenate, generate
 from .model import RL_SLACK, check_fits
-from .policy_gradient import leave_one_out_advantages
-from .rl import Policy, terminal_rewards
+from .rl.policy_gradient import leave_one_out_advantages
+from .rl.loop import Policy, terminal_rewards
 from .runs import UserError, check_output, write_json
 from .seeding import stream_seed
 from .selection import SelectionCounts, template_masks

@@ -48,12 +48,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import critical_command, evaluate, pretrain as pretraining, rl_config
-from .critical_command import CriticalConfig
+from .critical import command as critical_command
+from . import evaluate, pretrain as pretraining
+from .rl import config as rl_config
+from .critical.command import CriticalConfig
 from .evaluate import EvaluateConfig
 from .preset_fields import SECTIONS, section_fields, typed_fields
 from .pretrain import PretrainConfig
-from .rl_config import RLConfig
+from .rl.config import RLConfig
 from .runs import UserError, read_json
 
 PRESETS_DIR = Path(__file__).parent / "presets"

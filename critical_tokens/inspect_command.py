@@ -25,7 +25,7 @@ import torch
 
 from . import kl
 from .config import arg, check_fields, check_range
-from .critical_pictures import CRITICAL_COLOR
+from .critical.pictures import CRITICAL_COLOR
 from .runs import UserError, atomic_write_text, check_output, describe_kind, run_kind, write_json
 
 QUANTILES = (5, 25, 50, 75, 95)  # percent

@@ -20,11 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from .critical_command import CriticalConfig
+from .critical.command import CriticalConfig
 from .evaluate import EvaluateConfig
 from .experiments import CHECKPOINTS_DIR, Job, comparable
 from .pretrain import PretrainConfig
-from .rl_config import RLConfig
+from .rl.config import RLConfig
 from .runs import UserError, read_json, write_json
 
 DONE = "DONE.json"  # written in a job's directory when it has finished
@@ -100,7 +100,7 @@ def _run_evaluate(job: Job, root: Path, resume: bool) -> None:
 
 
 def _run_critical(job: Job, root: Path, resume: bool) -> None:
-    from .critical_command import critical
+    from .critical.command import critical
 
     config = CriticalConfig(**_absolute(job.config, root))
     critical(config)  # writes RUN/critical/report.json beside the model; the experiment keeps a copy
@@ -110,7 +110,7 @@ def _run_critical(job: Job, root: Path, resume: bool) -> None:
 
 
 def _run_rl(job: Job, root: Path, resume: bool) -> None:
-    from .rl import train
+    from .rl.loop import train
 
     train(dataclasses.replace(RLConfig(**_absolute(job.config, root)), resume=resume))
 

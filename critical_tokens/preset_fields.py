@@ -10,10 +10,10 @@ import dataclasses
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from .critical_command import CriticalConfig
+from .critical.command import CriticalConfig
 from .evaluate import EvaluateConfig
 from .pretrain import PretrainConfig
-from .rl_config import RLConfig
+from .rl.config import RLConfig
 from .runs import UserError
 
 SECTIONS = {  # preset section -> (config class, fields reproduce sets)

@@ -33,7 +33,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from . import kl
-from .a2c import token_logprobs
+from .rl.a2c import token_logprobs
 
 # TRL's loss types whose aggregation of per-token terms `token_aggregate` reproduces.
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from critical_tokens.a2c import ValueHead, entropy_from_logits, gae, token_logprobs
+from critical_tokens.rl.a2c import ValueHead, entropy_from_logits, gae, token_logprobs
 
 
 def test_gae_three_steps_by_hand():

@@ -9,7 +9,7 @@ import torch
 
 from critical_tokens import addition
 from critical_tokens.cli import main
-from critical_tokens.critical import (
+from critical_tokens.critical.measure import (
     certainty_gap,
     discover_critical_positions,
     discovery_scores,
@@ -19,7 +19,7 @@ from critical_tokens.critical import (
     tracked_probabilities,
     where_failures_start,
 )
-from critical_tokens.critical_pictures import Scratchpad, render_html, render_png
+from critical_tokens.critical.pictures import Scratchpad, render_html, render_png
 from critical_tokens.model import build_model
 from critical_tokens.runs import PACKAGE_DIR, UserError
 from critical_tokens.tokenizer import build_tokenizer, encode

@@ -1,4 +1,4 @@
-"""The study scripts under experiments/: their configurations are valid and are the ones they claim."""
+"""The study scripts under scripts/: their configurations are valid and are the ones they claim."""
 
 import dataclasses
 import importlib.util
@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from critical_tokens import rl_config
+from critical_tokens.rl import config as rl_config
 from critical_tokens.experiments import comparable, load_preset, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

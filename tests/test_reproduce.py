@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from critical_tokens import cli, launchers
-from critical_tokens.critical_command import CriticalConfig
+from critical_tokens.critical.command import CriticalConfig
 from critical_tokens.evaluate import EvaluateConfig
 from critical_tokens.experiments import (
     CHECKPOINTS_DIR,
@@ -35,7 +35,7 @@ from critical_tokens.report.reproduction import Runs
 from critical_tokens.report.rl_sections import _mean_kl_weight
 from critical_tokens.report import readme
 from critical_tokens.report.statistics import Estimate, over_seeds, pct, proportion_interval, seeds_at, t_interval, versus, wilson_interval
-from critical_tokens.rl_config import RLConfig
+from critical_tokens.rl.config import RLConfig
 from critical_tokens.runs import UserError, read_json
 
 CONFIG_CLASSES = {"pretrain": PretrainConfig, "evaluate": EvaluateConfig, "critical": CriticalConfig, "rl": RLConfig}

@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 
-from critical_tokens import cli, rl
-from critical_tokens.a2c import ValueHead
+from critical_tokens import cli
+from critical_tokens.rl import loop as rl
+from critical_tokens.rl.a2c import ValueHead
 from critical_tokens.pretrain import load_pretrained
-from critical_tokens.rl import method_actor_loss
-from critical_tokens.rl_config import RLConfig
+from critical_tokens.rl.loop import method_actor_loss
+from critical_tokens.rl.config import RLConfig
 
 # A micro RL run: 2 iterations of 8 episodes, evaluation at the end only, on 3-digit additions.
 MICRO_RL_ARGS = ["--episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--eval-every", "16",

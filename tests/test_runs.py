@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from critical_tokens.pretrain import PretrainConfig
-from critical_tokens.rl_config import RLConfig
+from critical_tokens.rl.config import RLConfig
 from critical_tokens.runs import (
     PACKAGE_DIR,
     UserError,

@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 
-from critical_tokens import addition, rl
-from critical_tokens.rl_config import RLConfig
+from critical_tokens import addition
+from critical_tokens.rl import loop as rl
+from critical_tokens.rl.config import RLConfig
 from critical_tokens.seeding import PURPOSES, stream_seed
 
 

@@ -92,7 +92,7 @@ def _hyperparameters(rep: Reproduction) -> list[str]:
             from dataclasses import asdict
 
             from ..preset_fields import section_fields
-            from ..rl import RLConfig
+            from ..rl.config import RLConfig
 
             resolved = {k: v for k, v in asdict(RLConfig(**section_fields(preset, "rl", {}))).items() if k in resolved}
         lines += ["", f"**{section}** (`{config_name}`{', shared by every RL run; experiments override some below' if section == 'rl' else ''})", "",

@@ -126,7 +126,7 @@ def plot_table1(plots: Plots, deltas: dict[str, list[Estimate | None]], models: 
 
 def plot_certainty(plots: Plots, model: str, scratchpads: list[dict]) -> str:
     """The certainty along a few scratchpads of ``model`` (as `critical` draws them, from its report.json)."""
-    from ..critical_pictures import Scratchpad, render_png
+    from ..critical.pictures import Scratchpad, render_png
 
     name = f"certainty_{model}"
     render_png([Scratchpad(**{**p, "certainty": tuple(p["certainty"]), "critical_offsets": tuple(p["critical_offsets"])}) for p in scratchpads],

@@ -33,18 +33,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import addition, distributed, kl
-from . import token_weights as tw
-from .seeding import stream_seed
+from .. import addition, distributed, kl
+from .. import token_weights as tw
+from ..seeding import stream_seed
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
-from .evaluate import accuracy_on
-from .generation import addition_stop_rule, concatenate, generate
-from .model import RL_SLACK, check_fits, count_parameters, load_pretrained
+from ..evaluate import accuracy_on
+from ..generation import addition_stop_rule, concatenate, generate
+from ..model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
-from .rl_config import CRITIC_ALGORITHMS, RLConfig, validate
-from .selection import SelectionCounts, template_masks
-from .runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, write_json
-from .tokenizer import encode
+from .config import CRITIC_ALGORITHMS, RLConfig, validate
+from ..selection import SelectionCounts, template_masks
+from ..runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, write_json
+from ..tokenizer import encode
 
 
 class Policy(torch.nn.Module):
@@ -254,7 +254,7 @@ def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: He
     """Accuracy (binary reward) on the RL task, greedy and sampled, and in the comfort zone, plus the
     policy's probability of the right token at the tracked critical tokens. Keys "eval/..." and
     "p_correct/..."; ``final``: on the larger final sets, every key under "final/"."""
-    from .critical import tracked_probabilities
+    from ..critical.measure import tracked_probabilities
 
     was_training = lm.training
     lm.eval()

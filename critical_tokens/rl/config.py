@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import arg, check_fields, check_range
-from .runs import UserError
+from ..config import arg, check_fields, check_range
+from ..runs import UserError
 
 
 CRITIC_ALGORITHMS = ("a2c", "ppo")  # the algorithms with a value head; grpo and rloo use group baselines

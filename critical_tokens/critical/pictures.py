@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .runs import atomic_write_text
+from ..runs import atomic_write_text
 
 CRITICAL_COLOR = "#ff8c00"
 WRONG_COLOR = "#e00000"

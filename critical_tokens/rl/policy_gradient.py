@@ -1,5 +1,5 @@
 """PPO, GRPO and RLOO pieces (the RL loop's ``--algorithm``): the clipped surrogate loss and the
-group baselines. Pure functions on tensors, as in :mod:`critical_tokens.a2c`; the KL penalty, standard or
+group baselines. Pure functions on tensors, as in :mod:`critical_tokens.rl.a2c`; the KL penalty, standard or
 prioritized, is added to every algorithm's loss the same way (:func:`critical_tokens.kl.kl_penalty`).
 
     a2c   actor = -A_t log pi(a_t|s_t),                  A_t by GAE on a critic (a2c.gae)
@@ -13,7 +13,7 @@ the ``G`` episodes of a prompt next to each other: ``(n_prompts * G,)``.
 
 import torch
 
-from .kl import masked_mean
+from ..kl import masked_mean
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, completion_mask, clip_range=0.2):

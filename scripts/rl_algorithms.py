@@ -6,9 +6,9 @@ probe asks whether the RL itself can learn here: one seed (0) per configuration,
 shipped `tiny-n3-d3`, every RL value the `cpu-full` preset's except the algorithm, the KL penalty and
 the learning rate. It writes one row per run and the table to ``docs/rl-algorithms.md``.
 
-    python experiments/rl_algorithms.py                      # run the missing configurations, then the table
-    python experiments/rl_algorithms.py --only rloo-none-lr2e-5
-    python experiments/rl_algorithms.py --render             # the table from the runs already there
+    python scripts/rl_algorithms.py                      # run the missing configurations, then the table
+    python scripts/rl_algorithms.py --only rloo-none-lr2e-5
+    python scripts/rl_algorithms.py --render             # the table from the runs already there
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from critical_tokens.experiments import load_preset
 from critical_tokens.preset_fields import section_fields
-from critical_tokens.rl import train
-from critical_tokens.rl_config import RLConfig
+from critical_tokens.rl.loop import train
+from critical_tokens.rl.config import RLConfig
 from critical_tokens.runs import atomic_write_text, read_json, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def render(runs_dir: Path) -> str:
     rows = [row(n, runs_dir / n / "seed0") for n in CONFIGS if done[n]]
     episodes = sorted({e for r in rows for e in r["sampled"]})
     lines = ["# Can RL learn N+1 from the CPU model? A2C, RLOO and GRPO", "",
-             "Produced by `python experiments/rl_algorithms.py` (do not edit by hand: rerun `--render`). One seed (0) per "
+             "Produced by `python scripts/rl_algorithms.py` (do not edit by hand: rerun `--render`). One seed (0) per "
              "row, 640 episodes from the shipped `tiny-n3-d3` on 4-digit additions (N+1), every other RL value the "
              "`cpu-full` preset's (collects of 32 episodes, minibatches of 8, policy temperature 1, alpha 5 with k2 where "
              "there is a KL penalty; RLOO and GRPO: 4 prompts x 8 episodes per collect). Accuracy on 32 episodes per "

@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
-from . import addition, kl
-from .addition import CriticalToken
-from .config import arg, check_fields, check_range
-from .critical import TokenScores, certainty_table, critical_tokens_of, discovery_scores, teacher_forced, where_failures_start
-from .critical_pictures import Scratchpad, render_html, render_png
-from .evaluate import completions, first_difference
-from .generation import addition_stop_rule, generate
-from .runs import UserError, atomic_write_text, check_output, output_dir, write_json
-from .tokenizer import encode
+from .. import addition, kl
+from ..addition import CriticalToken
+from ..config import arg, check_fields, check_range
+from .measure import TokenScores, certainty_table, critical_tokens_of, discovery_scores, teacher_forced, where_failures_start
+from .pictures import Scratchpad, render_html, render_png
+from ..evaluate import completions, first_difference
+from ..generation import addition_stop_rule, generate
+from ..runs import UserError, atomic_write_text, check_output, output_dir, write_json
+from ..tokenizer import encode
 
 
 # --- 1. The options ---------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def picture(model, tokenizer, pairs, scores, tokens, first_errors: Sequence[dict
 
 def critical(config: CriticalConfig) -> dict:
     """`critical-tokens critical RUN_DIR`: table 1, where failures start, discovery, pictures."""
-    from .model import load_pretrained, pick_device
+    from ..model import load_pretrained, pick_device
 
     validate(config)
     out = output_dir(config.out, config.run, "critical")

@@ -32,12 +32,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import addition, kl
-from .addition import TRACKED_TOKENS, CriticalToken, tracked_token_key
-from .evaluate import bootstrap_ci, first_difference
-from .model import check_fits
-from .runs import UserError
-from .tokenizer import encode
+from .. import addition, kl
+from ..addition import TRACKED_TOKENS, CriticalToken, tracked_token_key
+from ..evaluate import bootstrap_ci, first_difference
+from ..model import check_fits
+from ..runs import UserError
+from ..tokenizer import encode
 
 DISCOVERY_KS = (1, 3, 5, 10)
 BOOTSTRAP_RESAMPLES = 1000

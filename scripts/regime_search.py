@@ -11,10 +11,10 @@ and write one JSON file per configuration under ``docs/regime/`` and the whole t
 verdict of each row against the target, to ``docs/cpu-regime.md``. Every configuration tried stays
 in the table, including the ones that failed.
 
-    python experiments/regime_search.py --list
-    python experiments/regime_search.py --only tiny-n4            # pre-train (hours on 2 cores) and measure
-    python experiments/regime_search.py --only tiny-n4 --run runs/pt-tiny-n4   # measure a finished run
-    python experiments/regime_search.py --render                  # rebuild docs/cpu-regime.md from docs/regime/
+    python scripts/regime_search.py --list
+    python scripts/regime_search.py --only tiny-n4            # pre-train (hours on 2 cores) and measure
+    python scripts/regime_search.py --only tiny-n4 --run runs/pt-tiny-n4   # measure a finished run
+    python scripts/regime_search.py --render                  # rebuild docs/cpu-regime.md from docs/regime/
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from critical_tokens import addition
-from critical_tokens.critical_command import CriticalConfig, critical
+from critical_tokens.critical.command import CriticalConfig, critical
 from critical_tokens.evaluate import EvaluateConfig, accuracy_on, evaluate
 from critical_tokens.pretrain import PretrainConfig, load_pretrained, pretrain
 from critical_tokens.runs import read_json, read_metrics, write_json, atomic_write_text
@@ -156,7 +156,7 @@ def render() -> str:
     lines = [
         "# The CPU regime search",
         "",
-        "Produced by `python experiments/regime_search.py` (do not edit by hand: rerun `--render`).",
+        "Produced by `python scripts/regime_search.py` (do not edit by hand: rerun `--render`).",
         f"Target (\"the paper's regime\"): in-distribution accuracy >= {TARGET['in_distribution_min']:.0%} (identical and varying), greedy N+1 "
         f"accuracy in {TARGET['n_plus_1_range'][0]:.0%}..{TARGET['n_plus_1_range'][1]:.0%} (identical or varying), the critical tokens less "
         "certain than the other tokens (Δ, max-prob certainty at T = 4, 95% intervals apart), "
