@@ -120,12 +120,16 @@ def _runs_table(rep: Reproduction) -> list[str]:
 
 def markdown(rep: Reproduction, sections: Sequence[Section]) -> str:
     lines = _header(rep)
+    ran = [s for s in sections if any(v != "not run" for *_, v in s.summary)]  # a section without a run: one line, not a table row
     lines += ["## Summary", "", "| finding | the paper | ours | verdict |", "|---|---|---|---|"]
-    for s in sections:
+    for s in ran:
         lines += [f"| {f} | {p} | {o} | **{v}** |" for f, p, o, v in s.summary]
+    skipped = [f for s in sections if s not in ran for f, *_ in s.summary]
     lines += ["", "Verdicts are computed by the rules at the end of this report. A verdict is about this preset's scale, "
-              "not about the paper.", ""]
-    for s in sections:
+              "not about the paper, and about the findings above only."]
+    lines += ["", f"Not run in this reproduction (not in its preset, or no run finished): {'; '.join(skipped)}."] if skipped else []
+    lines.append("")
+    for s in ran:
         lines += s.lines
     lines += ["## Verdict rules", "", VERDICT_RULES]
     lines += _hyperparameters(rep)
