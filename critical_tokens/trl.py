@@ -1,4 +1,4 @@
-"""The prioritized KL penalty in TRL's ``GRPOTrainer``: a config and a trainer, for any Hugging Face causal LM.
+"""The prioritized KL penalty in TRL's ``GRPOTrainer`` and ``RLOOTrainer``: configs and trainers, for any Hugging Face causal LM.
 
     from critical_tokens.trl import PrioritizedGRPOConfig, PrioritizedGRPOTrainer
 
@@ -6,23 +6,34 @@
     trainer = PrioritizedGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
     trainer.train()
 
-TRL adds ``beta * k3_t`` to the loss of every completion token (k3: Schulman's estimator of
-KL(pi || pi_ref)). This trainer makes that term ``beta * w_t * k_t``, the paper's eq. 1 (Vassoyan, Beau,
-Plaud, "Ignore the KL Penalty! Boosting Exploration on Critical Tokens to Enhance RL Fine-Tuning",
-NAACL Findings 2025), with
+The paper's eq. 1 (Vassoyan, Beau, Plaud, "Ignore the KL Penalty! Boosting Exploration on Critical Tokens
+to Enhance RL Fine-Tuning", NAACL Findings 2025) weights each completion token's KL estimate k_t by
 
     w_t = c(s_t) ** prioritized_beta        (kl.prioritized_weights)
     c(s_t) = the reference model's certainty in the state of token t (kl.certainty, eq. 2 by default)
-    k_t = kl.kl_estimate(logprobs, ref_logprobs, kl_estimator)     (TRL's k3 by default; the paper: k2)
+    k_t = kl.kl_estimate(logprobs, ref_logprobs, kl_estimator)
 
 so the policy may move freely on the tokens where the reference model was unsure ("critical" tokens)
-and is held to it where the reference was confident. ``prioritized_beta=0`` gives TRL's own loss.
+and is held to it where the reference was confident. ``prioritized_beta=0`` gives TRL's own KL.
+
+- GRPO: TRL adds ``beta * k3_t`` to the loss of every completion token. :class:`PrioritizedGRPOTrainer`
+  makes that term ``beta * w_t * k_t`` (k: TRL's k3 by default; the paper: k2).
+- RLOO: TRL subtracts ``beta * sum_t k1_t`` from each completion's reward, before the leave-one-out
+  baseline. :class:`PrioritizedRLOOTrainer` subtracts ``beta * sum_t w_t * k_t`` (k: TRL's k1 by default).
 
 Everything else is TRL's: its reference model, generation, rewards, advantages, loss type and logging.
 Only the reference pass changes: it computes the reference's logits at the completion positions once,
 and takes from them both TRL's reference log-probs and the certainty (no extra forward pass). The
 weight statistics are logged with TRL's metrics (``kl_weight/mean``, ``kl_weight/q05``, ...).
-Requires the ``trl`` extra: ``pip install critical-tokens[trl]``; written against TRL 1.16.
+
+LoRA and other PEFT adapters work as in TRL: pass ``peft_config=LoraConfig(...)`` (or a ``PeftModel``) to
+the trainer. TRL then keeps no reference model: its reference is the policy with the adapters disabled
+(the base model), or, for a ``PeftModel`` whose adapter TRL copies at the start, that copy (adapter "ref").
+The prioritized reference pass runs in the same state TRL puts the model in, so c(s) is the base
+model's certainty.
+
+Requires the ``trl`` extra: ``pip install -e ".[trl]"`` from a clone (``peft`` is part of it); written
+and tested against TRL 1.16, and refuses other TRL versions at import with the command that fixes it.
 """
 
 from __future__ import annotations
@@ -30,24 +41,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
+import trl
+from accelerate.utils import is_peft_model
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+# The trainers override TRL's reference pass, a private part of its trainers that changes between
+# minor releases: refuse other versions here, with the fix, rather than fail deep inside a step.
+TESTED_TRL = "1.16"
+if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
+    raise ImportError(f"critical_tokens.trl is written and tested against TRL {TESTED_TRL}.x (it overrides TRL's reference pass); "
+                      f"found TRL {trl.__version__}: pip install 'trl>={TESTED_TRL},<1.17'")
 
 from . import kl
 from .rl.a2c import token_logprobs
 
-# TRL's loss types whose aggregation of per-token terms `token_aggregate` reproduces.
+# TRL's GRPO loss types whose aggregation of per-token terms `token_aggregate` reproduces.
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
 
 
+# --- the options, shared by both configs -------------------------------------------------------------
 @dataclass
-class PrioritizedGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the prioritized KL penalty's options. ``beta`` stays TRL's KL coefficient
-    (0 disables the KL and the reference model, as in TRL)."""
+class PrioritizedKLOptions:
+    """The prioritized KL penalty's options, mixed into a TRL config (``PrioritizedGRPOConfig``,
+    ``PrioritizedRLOOConfig``) and checked after TRL's own ``__post_init__``. ``beta`` stays TRL's KL
+    coefficient (0 disables the KL and the reference model, as in TRL)."""
 
     prioritized_beta: float | str = field(default=150.0, metadata={"help": "exponent of the KL weights w = c^prioritized_beta (the paper: 150; 0: TRL's standard KL), or 'auto': calibrated on the reference's certainty over the first batch (kl.calibrate_beta)"})
     certainty: str = field(default="max_prob", metadata={"help": "certainty c(s) of the reference: 'max_prob' (the paper's eq. 2) or 'negentropy' (eq. 1)"})
     certainty_temperature: float = field(default=4.0, metadata={"help": "temperature of the reference distribution in c(s) (the paper: 4)"})
-    kl_estimator: str = field(default="k3", metadata={"help": "Schulman's KL estimator weighted by w: 'k3' (TRL's), 'k2' (the paper's) or 'k1'"})
+    kl_estimator: str = field(default="k3", metadata={"help": "Schulman's KL estimator weighted by w: 'k3' (TRL's GRPO), 'k2' (the paper's) or 'k1'"})
     auto_beta_quantile: float = field(default=0.05, metadata={"help": "prioritized_beta='auto': the certainty quantile whose weight is auto_beta_weight"})
     auto_beta_weight: float = field(default=0.5, metadata={"help": "prioritized_beta='auto': the weight at that quantile"})
 
@@ -68,38 +90,91 @@ class PrioritizedGRPOConfig(GRPOConfig):
             raise ValueError(f"certainty_temperature must be > 0, got {self.certainty_temperature}")
         if not (0 < self.auto_beta_quantile < 1 and 0 < self.auto_beta_weight < 1):
             raise ValueError("auto_beta_quantile and auto_beta_weight must be in (0, 1)")
+
+
+@dataclass
+class PrioritizedGRPOConfig(PrioritizedKLOptions, GRPOConfig):
+    """``GRPOConfig`` plus the prioritized KL penalty's options (:class:`PrioritizedKLOptions`; the KL
+    estimator defaults to TRL's k3)."""
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {self.loss_type!r} is not supported; choose one of {', '.join(LOSS_TYPES)}")
 
 
-class PrioritizedGRPOTrainer(GRPOTrainer):
-    """TRL's ``GRPOTrainer`` whose per-token KL term is weighted by the reference's certainty (module
-    docstring). Takes a :class:`PrioritizedGRPOConfig` as ``args``."""
+@dataclass
+class PrioritizedRLOOConfig(PrioritizedKLOptions, RLOOConfig):
+    """``RLOOConfig`` plus the prioritized KL penalty's options (:class:`PrioritizedKLOptions`; the KL
+    estimator defaults to TRL's RLOO one, k1 = log pi - log pi_ref)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, PrioritizedGRPOConfig):
-            raise TypeError(f"args must be a PrioritizedGRPOConfig, got {type(self.args).__name__}")
+    kl_estimator: str = field(default="k1", metadata={"help": "Schulman's KL estimator weighted by w and summed into the reward: 'k1' (TRL's RLOO), 'k2' (the paper's) or 'k3'"})
+
+
+# --- what both trainers share: the reference pass and the weights -----------------------------------
+class _PrioritizedKLMixin:
+    """The parts of the prioritized KL penalty that do not depend on where TRL puts its KL: telling
+    TRL's reference pass from its policy passes (also with PEFT adapters), computing the reference's
+    log-probs and certainty from one forward pass, and turning the certainty into weights (with
+    ``prioritized_beta='auto'`` calibrated on the first batch) and metrics. Mixed in before a TRL trainer,
+    whose ``_get_per_token_logps_and_entropies`` it overrides."""
+
+    _config_class: type = PrioritizedKLOptions
+
+    def _setup_prioritized_kl(self):
+        """Called at the end of ``__init__``, after TRL's."""
+        if not isinstance(self.args, self._config_class):
+            raise TypeError(f"args must be a {self._config_class.__name__}, got {type(self.args).__name__}")
+        self._tuner_layers = []  # PEFT's adapter layers, whose state says whether TRL is in its reference pass
         if self.beta != 0.0 and self.ref_model is None:
-            raise ValueError("the prioritized KL penalty needs TRL's reference model (PEFT adapters are not supported)")
+            model = self.accelerator.unwrap_model(self.model)
+            if not is_peft_model(model):  # TRL keeps a reference model unless the policy has PEFT adapters
+                raise ValueError("the prioritized KL penalty needs TRL's reference model, or a policy with PEFT adapters")
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            if not self._tuner_layers:  # prompt learning (prefix tuning, ...) disables its adapter by swapping forward
+                raise NotImplementedError("the prioritized KL penalty supports PEFT adapters with adapter layers (LoRA, ...), not prompt learning")
         # None until calibrated on the first batch when prioritized_beta is 'auto'.
         self.prioritized_beta = None if self.args.prioritized_beta == "auto" else self.args.prioritized_beta
-        self._policy_logprobs = None  # (B, T) of the last policy pass, read by _compute_loss
-        self._ref_certainty = None  # (B, T) of the last reference pass, read by _generate_and_score_completions
+        self._policy_logprobs = None  # (B, T) of the last policy pass
+        self._policy_input_ids = None  # the input_ids tensor of that pass
+        self._ref_certainty = None  # (B, T) of the last reference pass
 
-    # --- the reference pass: TRL's log-probs and the certainty from the same logits -----------------
+    def _is_reference_pass(self, model) -> bool:
+        """Whether TRL is calling ``_get_per_token_logps_and_entropies`` for its reference log-probs: on
+        its reference model; or, with PEFT (no reference model), on the policy with its adapters disabled
+        (``model.disable_adapter()``) or its adapter "ref" active, the states TRL's ``use_adapter`` sets."""
+        if self.beta == 0.0:
+            return False
+        if self.ref_model is not None:
+            return model is self.ref_model
+        peft_model = self.accelerator.unwrap_model(model)
+        if not is_peft_model(peft_model):
+            return False
+        if "ref" in peft_model.peft_config:
+            return peft_model.active_adapter == "ref"
+        return all(layer.disable_adapters for layer in self._tuner_layers)
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
-        if model is self.ref_model:
+        if self._is_reference_pass(model):
             return self._reference_pass(model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
         logprobs, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
-        self._policy_logprobs = logprobs
+        self._policy_logprobs, self._policy_input_ids = logprobs, input_ids
         return logprobs, entropies, aux_loss
 
-    @torch.no_grad()
     def _reference_pass(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+        """In place of TRL's reference pass: returns what TRL takes as the reference log-probs, as
+        ``(ref_logprobs (B, T), None, None)``. Each trainer defines it (GRPO: the reference's log-probs,
+        the certainty kept for the weights; RLOO: log-probs that carry the weights into the reward)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _reference_logprobs_and_certainty(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
         """The reference's log-probs of the completion tokens at TRL's temperature (what TRL computes)
-        and its certainty c(s) at ``certainty_temperature``, from one forward pass; (B, T) each."""
+        and its certainty c(s) at ``certainty_temperature``, from one forward pass; (B, T) each. ``model``
+        is in the state TRL put it in for its reference pass (adapters disabled, with PEFT)."""
         if any(value is not None for value in kwargs.values()):
             raise NotImplementedError("the prioritized KL penalty supports text-only models")
         batch_size = batch_size or input_ids.size(0)
@@ -111,19 +186,15 @@ class PrioritizedGRPOTrainer(GRPOTrainer):
             logits = logits[:, :-1].float()  # (b, T, V): the state before completion token t predicts it
             ref_logprobs.append(token_logprobs(logits / self.temperature, ids[:, -logits_to_keep:]))
             certainty.append(kl.certainty(logits, self.args.certainty, self.args.certainty_temperature))
-        self._ref_certainty = torch.cat(certainty)
-        return torch.cat(ref_logprobs), None, None
+        return torch.cat(ref_logprobs), torch.cat(certainty)
 
-    # --- the KL weights, once per generation batch ---------------------------------------------------
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        if self.beta == 0.0:
-            return output
-        certainty, mask = self._ref_certainty, output["completion_mask"].bool()  # (B, T)
+    def _kl_weights(self, certainty, mask):
+        """w = c^prioritized_beta (B, T) from the certainty (B, T) and the completion mask (B, T) bool;
+        calibrates prioritized_beta on this batch if it is 'auto' and not yet calibrated, and logs the
+        weights' statistics."""
         if self.prioritized_beta is None:  # 'auto': calibrated once, on the first batch
             self.prioritized_beta = kl.calibrate_beta(certainty[mask], self.args.auto_beta_quantile, self.args.auto_beta_weight)
         weights = kl.prioritized_weights(certainty, self.prioritized_beta)  # (B, T)
-        output["kl_weights"] = weights
         mode = "train" if self.model.training else "eval"
         w = weights[mask]
         if w.numel():
@@ -131,6 +202,32 @@ class PrioritizedGRPOTrainer(GRPOTrainer):
                                 ("kl_weight/q50", torch.quantile(w, 0.5)), ("certainty/mean", certainty[mask].mean())):
                 self._metrics[mode][name].append(value.item())
         self._metrics[mode]["prioritized_beta"].append(self.prioritized_beta)
+        return weights
+
+
+# --- GRPO: the weights in the loss --------------------------------------------------------------------
+class PrioritizedGRPOTrainer(_PrioritizedKLMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` whose per-token KL term ``beta * k3`` in the loss becomes ``beta * w * k``
+    (module docstring). Takes a :class:`PrioritizedGRPOConfig` as ``args``; otherwise as ``GRPOTrainer``,
+    ``peft_config`` included."""
+
+    _config_class = PrioritizedGRPOConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_prioritized_kl()
+
+    # --- the reference pass: TRL's log-probs and the certainty from the same logits -----------------
+    def _reference_pass(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+        ref_logprobs, self._ref_certainty = self._reference_logprobs_and_certainty(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+        return ref_logprobs, None, None
+
+    # --- the KL weights, once per generation batch ---------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.beta != 0.0:
+            output["kl_weights"] = self._kl_weights(self._ref_certainty, output["completion_mask"].bool())  # (B, T)
         return output
 
     # --- the loss: TRL's, with beta * w * k in place of beta * k3 ------------------------------------
@@ -183,3 +280,43 @@ class PrioritizedGRPOTrainer(GRPOTrainer):
             return total.sum(-1).mean() / accumulation
         raise ValueError(f"loss_type {self.loss_type!r} is not supported; choose one of {', '.join(LOSS_TYPES)}")
 
+
+# --- RLOO: the weights in the reward ------------------------------------------------------------------
+class PrioritizedRLOOTrainer(_PrioritizedKLMixin, RLOOTrainer):
+    """TRL's ``RLOOTrainer`` whose KL penalty in the reward, ``beta * sum_t k1_t``, becomes
+    ``beta * sum_t w_t * k_t`` (module docstring). Takes a :class:`PrioritizedRLOOConfig` as ``args``;
+    otherwise as ``RLOOTrainer``, ``peft_config`` included.
+
+    How: in ``_generate_and_score_completions`` TRL computes the policy's log-probs ``old`` (no gradient),
+    then the reference's ``ref``, and subtracts ``beta * sum_t (old_t - ref_t)`` over the completion
+    tokens from the reward; ``ref`` is used for nothing else. Our reference pass returns
+    ``old - w * k`` in place of ``ref``, so that TRL's ``old_t - ref_t`` is ``w_t * k_t``, and TRL's
+    own code sums it, scales it by ``beta``, takes it out of the reward and computes the leave-one-out
+    advantages. TRL's ``kl`` metric is then the weighted KL that entered the reward; ``kl_unweighted``
+    logs the mean of k. With ``prioritized_beta=0`` and ``kl_estimator='k1'`` (w = 1, k = TRL's k1) the
+    reference pass is TRL's own, and the trainer is TRL's RLOO exactly (no certainty is computed then)."""
+
+    _config_class = PrioritizedRLOOConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_prioritized_kl()
+
+    def _reference_pass(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+        if input_ids is not self._policy_input_ids:  # TRL scores the same batch with the policy just before
+            raise RuntimeError("the prioritized RLOO reference pass expects TRL's policy pass on the same batch before it")
+        old_logprobs = self._policy_logprobs  # (B, T), no gradient
+        mask = attention_mask[:, -logits_to_keep:].bool()  # (B, T): TRL's completion mask
+        mode = "train" if self.model.training else "eval"
+        if self.prioritized_beta == 0 and self.args.kl_estimator == "k1":  # w = 1, k = k1: TRL's RLOO, bit for bit
+            ref_logprobs, _, _ = super(_PrioritizedKLMixin, self)._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)  # TRL's own reference pass
+            self._metrics[mode]["kl_unweighted"].append(kl.masked_mean(kl.kl_estimate(old_logprobs, ref_logprobs, "k1"), mask).item())
+            self._metrics[mode]["prioritized_beta"].append(0.0)
+            return ref_logprobs, None, None
+        ref_logprobs, self._ref_certainty = self._reference_logprobs_and_certainty(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+        weights = self._kl_weights(self._ref_certainty, mask)  # (B, T)
+        estimate = kl.kl_estimate(old_logprobs, ref_logprobs, self.args.kl_estimator)  # (B, T)
+        self._metrics[mode]["kl_unweighted"].append(kl.masked_mean(estimate, mask).item())
+        return old_logprobs.float() - weights * estimate * mask, None, None  # TRL's old - ref is then w * k on the completion

@@ -1,6 +1,6 @@
 """Fine-tune the shipped regime model (N = 3) on (N+1)-digit additions with TRL's GRPO and the prioritized KL penalty.
 
-    pip install "critical-tokens[trl]"
+    pip install -e ".[trl]"      # in a clone of this repository
     python examples/trl_grpo_prioritized.py --max-steps 2        # a minute or two on 2 CPU cores
     python examples/trl_grpo_prioritized.py --max-steps 200 --out runs/trl-prioritized
 

@@ -1,6 +1,9 @@
-"""The TRL plug-in: prioritized_beta 0 gives exactly TRL's loss on the same batch; the weights are c^beta
-computed by hand; the loss changes by beta * (w - 1) * k3 and nothing else; a short run moves the policy
-and leaves the reference frozen. A micro model, 12-token completions, 4 per prompt: a few seconds."""
+"""The TRL plug-ins. GRPO: prioritized_beta 0 gives exactly TRL's loss on the same batch; the weights are
+c^beta computed by hand; the loss changes by beta * (w - 1) * k3 and nothing else; a short run moves the
+policy and leaves the reference frozen; with LoRA the reference (and c) is the base model and only the
+adapters train. RLOO: prioritized_beta 0 gives exactly TRL's rewards and loss; the weights change each
+reward by -beta * sum (w - 1) k1; a short run moves the policy only. The two example scripts run. A micro
+model, 12-token completions, 4 per prompt: a few seconds each."""
 
 import math
 
@@ -11,11 +14,16 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from datasets import Dataset  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from critical_tokens import addition  # noqa: E402
 from critical_tokens.model import load_pretrained  # noqa: E402
-from critical_tokens.trl import PrioritizedGRPOConfig, PrioritizedGRPOTrainer  # noqa: E402
+from critical_tokens.trl import (  # noqa: E402
+    PrioritizedGRPOConfig,
+    PrioritizedGRPOTrainer,
+    PrioritizedRLOOConfig,
+    PrioritizedRLOOTrainer,
+)
 
 BETA = 0.1  # TRL's KL coefficient
 
@@ -24,7 +32,9 @@ def addition_reward(completions, a, b, **kwargs):
     return [1.0 if addition.is_correct(x, y, text) else -1.0 for x, y, text in zip(a, b, completions)]
 
 
-def make_trainer(pretrained_run, tmp_path, trainer_class, config_class, **options):
+def make_trainer(pretrained_run, tmp_path, trainer_class, config_class, peft_config=None, **options):
+    """A trainer of ``trainer_class`` on the micro model (TRL's ``peft_config`` passed on when given); the
+    config's options are the tests' common ones, plus ``options``."""
     model, tokenizer, n_digits = load_pretrained(pretrained_run)
     pairs = addition.rl_pairs(n_digits, 1, 4, seed=0)
     dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs], "a": [a for a, _ in pairs], "b": [b for _, b in pairs]})
@@ -33,7 +43,8 @@ def make_trainer(pretrained_run, tmp_path, trainer_class, config_class, **option
                         save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
                         dataloader_num_workers=0, **options)
     threads = torch.get_num_threads()
-    trainer = trainer_class(model=model, reward_funcs=addition_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    extra = {} if peft_config is None else {"peft_config": peft_config}
+    trainer = trainer_class(model=model, reward_funcs=addition_reward, args=args, train_dataset=dataset, processing_class=tokenizer, **extra)
     torch.set_num_threads(threads)  # the Trainer resets torch's thread count
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop; _compute_loss reads it
     return trainer, dataset
@@ -121,16 +132,18 @@ def test_config_rejects_bad_options(tmp_path, options, message):
         PrioritizedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
 
 
-def test_the_example_runs_from_another_directory(tmp_path):
-    """examples/trl_grpo_prioritized.py on the shipped regime model, one step of 2 completions at learning
-    rate 0: the model does not move, so its held-out accuracy after equals the one before (the script
-    evaluates in evaluation mode, not in the training mode with gradient checkpointing TRL leaves)."""
+@pytest.mark.parametrize("example", ["trl_grpo_prioritized.py", "trl_rloo_prioritized.py"])
+def test_the_example_runs_from_another_directory(tmp_path, example):
+    """examples/trl_grpo_prioritized.py and trl_rloo_prioritized.py on the shipped regime model, one step of
+    2 completions at learning rate 0: the model does not move, so its held-out accuracy after equals the one
+    before (the script evaluates in evaluation mode, not in the training mode with gradient checkpointing TRL
+    leaves)."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "examples" / "trl_grpo_prioritized.py"
+    script = Path(__file__).parents[1] / "examples" / example
     result = subprocess.run([sys.executable, str(script), "--max-steps", "1", "--num-generations", "2", "--eval-examples", "16",
                              "--lr", "0", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -157,3 +170,216 @@ def test_the_prioritized_penalty_combines_with_trls_high_entropy_mask(pretrained
     expected = BETA * ((inputs["kl_weights"] - 1) * (torch.exp(d) - d - 1))[done].mean()
     assert expected.abs() > 1e-5
     torch.testing.assert_close(ours_loss - plain_loss, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_the_reference_is_the_base_model_and_only_the_adapters_train(pretrained_run, tmp_path):
+    """With a LoRA adapter (TRL's peft_config) TRL keeps no reference model: its reference is the policy
+    with the adapters disabled. The prioritized reference pass runs in that state: with the adapters moved
+    away from 0 (so that the policy is not the base model), the reference log-probs and the weights the
+    trainer computed are the base model's, not the policy's. Then two training steps move the adapters and
+    leave the base weights as they were."""
+    peft = pytest.importorskip("peft")
+    beta = 2.0
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)  # GPT-2's Conv1D
+    trainer, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, peft_config=lora,
+                                    prioritized_beta=beta, loss_type="bnpo")
+    assert trainer.ref_model is None and trainer._tuner_layers
+    base, _, _ = load_pretrained(pretrained_run)  # the base model, separately
+    base.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at 0, where the policy is the base model; move it
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([dataset[0]] * 4)
+    done = inputs["completion_mask"].bool()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    P = inputs["prompt_ids"].shape[1]
+
+    def logits_and_logprobs(model):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
+        return logits, torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+    base_logits, base_logprobs = logits_and_logprobs(base)
+    _, policy_logprobs = logits_and_logprobs(trainer.model)
+    assert (policy_logprobs - base_logprobs)[done].abs().max() > 1e-2  # the adapters change the model
+    torch.testing.assert_close(inputs["ref_per_token_logps"][done], base_logprobs[done], atol=1e-5, rtol=1e-5)
+    c = 1 + torch.log(torch.softmax(base_logits / 4.0, -1).max(-1).values) / math.log(base_logits.shape[-1])
+    torch.testing.assert_close(inputs["kl_weights"][done], (c**beta)[done])
+    assert trainer.model.active_adapter == "default" and not any(layer.disable_adapters for layer in trainer._tuner_layers)
+
+    # The loss is TRL's with beta * k3 replaced by beta * w * k3, against the base model (bnpo: a mean).
+    loss = trainer._compute_loss(trainer.model, inputs)
+    d = inputs["ref_per_token_logps"] - trainer._policy_logprobs.detach()
+    assert (d[done].abs() > 1e-3).any()
+    with torch.no_grad():
+        plain = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    expected = BETA * ((inputs["kl_weights"] - 1) * (torch.exp(d) - d - 1))[done].mean()
+    torch.testing.assert_close(loss.detach() - plain, expected, atol=1e-6, rtol=1e-4)
+
+    # Two steps: the adapters move, the base weights do not.
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("lora_" in k for k in moved), sorted(moved)[:5]
+    assert any("lora_A" in k for k in moved) and any("lora_B" in k for k in moved)
+    logged = [entry for entry in trainer.state.log_history if "kl_weight/mean" in entry]
+    assert len(logged) == 2 and all(0 < e["kl_weight/mean"] < 1 for e in logged)
+
+
+def test_lora_a_given_peft_model_is_its_own_reference(pretrained_run, tmp_path):
+    """A PeftModel passed as the model (a pre-trained adapter): TRL copies its adapter into an adapter
+    "ref" and takes the policy with that one active as the reference. The prioritized reference pass
+    runs with it: at the start the reference log-probs are the policy's, not the base model's."""
+    peft = pytest.importorskip("peft")
+    from trl.trainer.utils import use_adapter
+
+    model, tokenizer, n_digits = load_pretrained(pretrained_run)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a "pre-trained" adapter: not the base model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    pairs = addition.rl_pairs(n_digits, 1, 4, seed=0)
+    dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs], "a": [a for a, _ in pairs], "b": [b for _, b in pairs]})
+    args = PrioritizedGRPOConfig(output_dir=str(tmp_path / "peft"), per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
+                                 beta=BETA, max_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
+                                 disable_tqdm=True, prioritized_beta=2.0)
+    threads = torch.get_num_threads()
+    trainer = PrioritizedGRPOTrainer(model=model, reward_funcs=addition_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    torch.set_num_threads(threads)
+    assert "ref" in trainer.model.peft_config and trainer.ref_model is None
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([dataset[0]] * 4)
+    done = inputs["completion_mask"].bool()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    policy = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, T)[0]
+    with use_adapter(trainer.model, adapter_name=None):  # adapters disabled: the base model
+        base = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, T)[0]
+    torch.testing.assert_close(inputs["ref_per_token_logps"][done], policy[done], atol=1e-5, rtol=1e-5)
+    assert (inputs["ref_per_token_logps"] - base)[done].abs().max() > 1e-2
+    assert trainer.model.active_adapter == "default"
+
+
+
+# --- RLOO: the weighted KL in the reward ---------------------------------------------------------------
+def rloo_pair(pretrained_run, tmp_path, **options):
+    """Our RLOO trainer with ``options`` and TRL's, on the same micro model, their policies perturbed alike;
+    each scores the same 4 completions of one prompt (same seed, same model: the same samples)."""
+    ours, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedRLOOTrainer, PrioritizedRLOOConfig, **options)
+    plain, _ = make_trainer(pretrained_run, tmp_path, RLOOTrainer, RLOOConfig)
+    perturb_policies(ours, plain)
+    outputs = []
+    for trainer in (ours, plain):
+        torch.manual_seed(0)
+        outputs.append(trainer._generate_and_score_completions([dataset[0]] * 4))
+    assert torch.equal(outputs[0]["completion_ids"], outputs[1]["completion_ids"])
+    return ours, plain, *outputs
+
+
+def test_rloo_prioritized_beta_zero_gives_exactly_trls_rewards_and_loss(pretrained_run, tmp_path):
+    ours, plain, inputs, plain_inputs = rloo_pair(pretrained_run, tmp_path, prioritized_beta=0.0)
+    mode = "train" if ours.model.training else "eval"
+    assert ours._metrics[mode]["kl"] == plain._metrics[mode]["kl"] and abs(plain._metrics[mode]["kl"][0]) > 1e-4
+    assert ours._metrics[mode]["kl_unweighted"] == plain._metrics[mode]["kl"]
+    assert torch.equal(inputs["advantages"], plain_inputs["advantages"])
+    assert torch.equal(inputs["old_logps"], plain_inputs["old_logps"])
+    assert torch.equal(ours._compute_loss(ours.model, inputs), plain._compute_loss(plain.model, plain_inputs))
+
+
+def test_rloo_the_weights_reach_the_reward(pretrained_run, tmp_path):
+    """prioritized_beta 2: each completion's reward changes by -beta * sum_t (w_t - 1) k1_t (w = c^2 by
+    hand from the reference's logits), and so its leave-one-out advantage by that change minus the mean
+    of the others' changes."""
+    beta = 2.0
+    ours, plain, inputs, plain_inputs = rloo_pair(pretrained_run, tmp_path, prioritized_beta=beta)
+    done = inputs["completion_mask"].bool()  # (B, T)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    P, T = inputs["prompt_ids"].shape[1], inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = plain.ref_model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
+        ref = RLOOTrainer._get_per_token_logps_and_entropies(plain, plain.ref_model, ids, mask, T)[0]  # TRL's
+        old = RLOOTrainer._get_per_token_logps_and_entropies(plain, plain.model, ids, mask, T)[0]
+    w = (1 + torch.log(torch.softmax(logits / 4.0, -1).max(-1).values) / math.log(logits.shape[-1])) ** beta
+    assert 0 < w[done].min() < w[done].max() < 1
+    change = -BETA * ((w - 1) * (old - ref) * done).sum(-1)  # (B,): our reward minus TRL's
+    assert change.abs().max() > 1e-4
+    expected = change - (change.sum() - change) / (len(change) - 1)  # leave-one-out: one group of 4
+    torch.testing.assert_close(inputs["advantages"] - plain_inputs["advantages"], expected, atol=1e-5, rtol=1e-4)
+    mode = "train" if ours.model.training else "eval"  # TRL's kl metric is the weighted one, kl_unweighted is TRL's
+    torch.testing.assert_close(ours._metrics[mode]["kl_unweighted"][0], plain._metrics[mode]["kl"][0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(ours._metrics[mode]["kl"][0], ((w * (old - ref))[done].mean()).item(), atol=1e-6, rtol=1e-4)
+
+
+def test_rloo_a_short_run_moves_the_policy_not_the_reference(pretrained_run, tmp_path):
+    trainer, _ = make_trainer(pretrained_run, tmp_path, PrioritizedRLOOTrainer, PrioritizedRLOOConfig, prioritized_beta="auto",
+                              kl_estimator="k2")
+    perturb_policies(trainer)  # at step 0 the micro model gets every addition wrong: the KL gives the rewards their spread
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(v, policy_before[k]) for k, v in trainer.model.state_dict().items()), "the policy did not move"
+    for k, v in trainer.ref_model.state_dict().items():
+        assert torch.equal(v, ref_before[k]), f"reference parameter {k} changed"
+    logged = [entry for entry in trainer.state.log_history if "kl_weight/mean" in entry]
+    assert len(logged) == 2 and all(0 <= e["kl_weight/mean"] <= 1 and e["prioritized_beta"] > 0 and "kl_unweighted" in e for e in logged)
+
+
+@pytest.mark.parametrize("options", [{"prioritized_beta": -1}, {"certainty": "entropy"}, {"kl_estimator": "k4"}])
+def test_rloo_config_rejects_bad_options(tmp_path, options):
+    with pytest.raises(ValueError, match=next(iter(options))):
+        PrioritizedRLOOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+    assert PrioritizedRLOOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none").kl_estimator == "k1"  # TRL's RLOO
+
+
+def test_rloo_with_lora_takes_the_kl_to_the_base_model(pretrained_run, tmp_path):
+    """RLOO with a LoRA adapter (peft_config): the certainty and the KL in the reward are against the
+    base model (the policy with its adapters disabled, TRL's reference), not against the policy."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
+    trainer, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedRLOOTrainer, PrioritizedRLOOConfig, peft_config=lora,
+                                    prioritized_beta=2.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move LoRA's B away from 0, so that the policy is not the base model
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([dataset[0]] * 4)
+    done = inputs["completion_mask"].bool()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    P = inputs["prompt_ids"].shape[1]
+    base, _, _ = load_pretrained(pretrained_run)
+    with torch.no_grad():
+        logits = base.eval()(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
+    base_logprobs = torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    c = 1 + torch.log(torch.softmax(logits / 4.0, -1).max(-1).values) / math.log(logits.shape[-1])
+    torch.testing.assert_close(trainer._ref_certainty[done], c[done])
+    k1 = trainer._policy_logprobs - base_logprobs  # the policy pass TRL ran just before the reference pass
+    assert k1[done].abs().max() > 1e-2
+    mode = "train" if trainer.model.training else "eval"
+    torch.testing.assert_close(trainer._metrics[mode]["kl_unweighted"][0], k1[done].mean().item(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(trainer._metrics[mode]["kl"][0], (c**2 * k1)[done].mean().item(), atol=1e-5, rtol=1e-4)
+
+
+def test_another_trl_version_is_refused_at_import_with_the_fix(monkeypatch):
+    """The plug-in overrides TRL's reference pass: under a TRL it was not tested with, importing it
+    fails at once with the version found and the pip command, not deep inside a training step."""
+    import importlib
+    import sys
+
+    import trl as trl_package
+
+    monkeypatch.setattr(trl_package, "__version__", "1.20.0")
+    monkeypatch.delitem(sys.modules, "critical_tokens.trl")
+    with pytest.raises(ImportError, match=r"found TRL 1\.20\.0: pip install 'trl>=1\.16,<1\.17'"):
+        importlib.import_module("critical_tokens.trl")
