@@ -55,6 +55,8 @@ def fake_reproduction(root, h2b=H2B_STRENGTH, h3=H3, with_confirm=True):
             write_json(run / "config.json", {"config": config, "kl_coef_used": coef, "beta": 8.0})
             sampled, comfort = values[arm][i]
             weight = {"weight_mean": 0.2 if arm == "prioritized" else 1.0} if arm != "no-kl" else {}
+            if arm == "prioritized":  # the tokens it frees against the critical ones (selection.py)
+                weight.update({"selection/precision": 0.1, "selection/recall": 0.9, "selection/share": 0.5})
             records = [{"step": 0, "episodes": 0, "eval/accuracy_sampled": 0.25, "eval/comfort_accuracy_greedy": 0.95},
                        {"step": 320, "episodes": 320, "kl": 0.01, "kl_term": 0.05, **weight},
                        {"step": 640, "episodes": 640, "kl": 0.02, "kl_term": 0.1, **{k: v / 2 for k, v in weight.items()},
@@ -111,6 +113,8 @@ def test_complete_study_explained_by_strength(tmp_path):
     assert "| i21 | 101 | 42.0 | 54.0 |" in text  # the per-seed table: standard, then prioritized
     assert "| H1 | +12.0 (n=3) | +8.0 (n=3) | +10.0 (n=6) |" in text
     assert "![confirm](plots/confirm.png)" in text and (tmp_path / "plots" / "confirm.png").exists()
+    assert "| prioritized | 0.075 [0.075, 0.075] | 0.675 [0.675, 0.675] | 0.375 [0.375, 0.375] |" in text  # per run the mean over its collects
+    assert "![selection during RL](plots/confirm_selection.png)" in text and (tmp_path / "plots" / "confirm_selection.png").exists()
     json.dumps(summary(rep, {"confirm": s}))  # summary.json can hold it
 
 

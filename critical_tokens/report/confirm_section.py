@@ -170,6 +170,10 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
             cells = {key: t_interval([x[key] for x in runs[arm].values() if x[key] is not None]) for key in SELECTION}
             per_arm[arm]["selection"] = cells
             lines.append(f"| {arm} | " + " | ".join(num(cells[key]) for key in SELECTION) + " |")
+        over_training = plot_curves(plots, "confirm_selection", "The tokens each arm frees, against the critical tokens, during RL",
+                                    {arm: rep.metrics(arm_jobs[arm]) for arm in selecting},
+                                    [(f"selection/{key}", key) for key in SELECTION], ylabel="fraction")
+        lines += ["", f"![selection during RL]({over_training})"] if over_training else []
 
     # The hypotheses: paired differences, tests, Holm over all of them, the decision.
     pairs = {h["name"]: paired_differences(_values(runs.get(h["arm"], {}), h["metric"]), _values(runs.get(h["versus"], {}), h["metric"]))
