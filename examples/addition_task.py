@@ -16,7 +16,10 @@ from datasets import Dataset
 from transformers.utils import logging as hf_logging
 
 import critical_tokens
+import numpy as np
+
 from critical_tokens import addition
+from critical_tokens.critical.measure import teacher_forced
 from critical_tokens.evaluate import accuracy_on
 from critical_tokens.model import RL_SLACK, load_pretrained
 from critical_tokens.seeding import stream_seed
@@ -79,8 +82,21 @@ def prepare(args) -> dict:
         # the prioritized KL penalty (the paper's estimator k2; certainty: eq. 2 at temperature 4)
         prioritized_beta=args.prioritized_beta, kl_estimator="k2", certainty="max_prob", certainty_temperature=4.0,
     )
+    certainty = [scores.max_prob for scores in teacher_forced(model, tokenizer, eval_pairs)] if eval_pairs else []  # the reference's, T = 4
     return {"model": model, "tokenizer": tokenizer, "n_digits": n_digits, "dataset": dataset, "eval_pairs": eval_pairs,
-            "before": held_out_accuracy(model, tokenizer, eval_pairs), "options": options}
+            "before": held_out_accuracy(model, tokenizer, eval_pairs), "certainty": certainty, "options": options}
+
+
+def weights_on_critical_tokens(run: dict, beta: float) -> tuple[float, float]:
+    """The mean prioritized weight c^beta that the reference gives the critical tokens of the held-out
+    additions' right completions, and the other tokens (docs/method.md section 6)."""
+    critical, other = [], []
+    for (a, b), c in zip(run["eval_pairs"], run["certainty"]):
+        marked = np.zeros(len(c), dtype=bool)
+        marked[[t.offset for t in addition.critical_tokens(a, b, run["n_digits"]) if t.offset < len(c)]] = True
+        critical.append(c[marked] ** beta)
+        other.append(c[~marked] ** beta)
+    return float(np.concatenate(critical).mean()), float(np.concatenate(other).mean())
 
 
 def train_and_report(trainer, run: dict, args, algorithm: str, kl_key: str, weighted_kl_key: str) -> None:
@@ -103,4 +119,8 @@ def train_and_report(trainer, run: dict, args, algorithm: str, kl_key: str, weig
         after = held_out_accuracy(trainer.model, run["tokenizer"], run["eval_pairs"])
         print(f"greedy accuracy on {len(run['eval_pairs'])} held-out {n + 1}-digit additions: "
               f"{100 * run['before']:.1f}% before, {100 * after:.1f}% after")
+        if trainer.prioritized_beta is not None:  # the beta used ('auto': calibrated on the first batch)
+            on_critical, elsewhere = weights_on_critical_tokens(run, trainer.prioritized_beta)
+            print(f"mean KL weight c^{trainer.prioritized_beta:.3g} of the reference on those additions' critical tokens: "
+                  f"{on_critical:.3f}, on the other tokens: {elsewhere:.3f}")
     print(f"fine-tuned model: {out}")

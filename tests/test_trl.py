@@ -16,7 +16,7 @@ pytest.importorskip("datasets")
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
-from critical_tokens import addition  # noqa: E402
+from critical_tokens import addition, kl  # noqa: E402
 from critical_tokens.model import load_pretrained  # noqa: E402
 from critical_tokens.trl import (  # noqa: E402
     PrioritizedGRPOConfig,
@@ -108,6 +108,36 @@ def test_weights_are_c_to_the_beta_and_replace_trls_kl_term(pretrained_run, tmp_
     torch.testing.assert_close(ours_loss - plain_loss, expected, atol=1e-6, rtol=1e-4)
 
 
+def test_the_reference_pass_in_chunks_of_positions_equals_the_whole_logits(pretrained_run, tmp_path):
+    """The reference pass never holds the (B, T, V) logits: it applies the LM head, the temperature, the
+    log-softmax and the certainty to chunks of positions. In chunks of a size below T that does not divide
+    it (and 3 sequences at a time out of 4), it gives the log-probs and the certainty of one chunk, and
+    those of the model's whole logits."""
+    from critical_tokens.rl.a2c import token_logprobs
+    from critical_tokens.trl import REFERENCE_CHUNK_ELEMENTS
+
+    trainer, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, prioritized_beta=2.0)
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([dataset[0]] * 4)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    P, T = inputs["prompt_ids"].shape[1], inputs["completion_ids"].shape[1]
+    V = trainer.ref_model.get_output_embeddings().weight.shape[0]
+    assert T >= 3 and REFERENCE_CHUNK_ELEMENTS // (4 * V) >= T  # by default, one chunk here
+    trainer.temperature = 0.7  # TRL's sampling temperature, which its reference log-probs use
+    whole = trainer._reference_logprobs_and_certainty(trainer.ref_model, ids, mask, T)
+    trainer.reference_chunk_size = T // 2 + 1  # < T, and does not divide T
+    assert T % trainer.reference_chunk_size != 0
+    chunked = trainer._reference_logprobs_and_certainty(trainer.ref_model, ids, mask, T, batch_size=3)
+    for a, b in zip(chunked, whole):
+        assert a.shape == b.shape == (4, T)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # the whole logits, as the model's forward gives them
+        logits = trainer.ref_model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
+    torch.testing.assert_close(chunked[0], token_logprobs(logits / 0.7, inputs["completion_ids"]), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked[1], kl.certainty(logits, "max_prob", 4.0), atol=1e-6, rtol=1e-6)
+
+
 def test_a_short_run_moves_the_policy_not_the_reference(pretrained_run, tmp_path):
     trainer, _ = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, prioritized_beta="auto")
     policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -151,6 +181,8 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     before, after = re.search(r"16 held-out 4-digit additions: ([\d.]+)% before, ([\d.]+)% after", result.stdout).groups()
     assert before == after and float(before) > 0  # the regime model gets some right
+    on_critical, elsewhere = map(float, re.search(r"critical tokens: ([\d.]+), on the other tokens: ([\d.]+)", result.stdout).groups())
+    assert on_critical < elsewhere  # the reference is less certain on the critical tokens: the penalty is lighter there
 
 
 def test_the_prioritized_penalty_combines_with_trls_high_entropy_mask(pretrained_run, tmp_path):
