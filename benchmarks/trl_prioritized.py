@@ -17,12 +17,25 @@ plain TRL's step.
     .venv/bin/python benchmarks/trl_prioritized.py --quick       # 1 round, shorter completions
 
 Target (issue 13): a step with the prioritized KL within 5% of plain TRL's.
+
+`--qwen2`: a real vocabulary. A random-weight model of Qwen2's shape (Qwen2ForCausalLM, V = 151,936, tied
+embeddings, a small hidden size; built here from a Qwen2Config, nothing downloaded) and a word-level
+tokenizer with one word per id, 8 completions of 256 and of 512 forced tokens per step. Each side runs in a
+process of its own (this script with `--child`), so that its peak resident memory (ru_maxrss) is its own;
+the processes alternate in order over the rounds. Prints per length the step-time ratio and the peak-memory
+ratio, prioritized / plain. Targets: step time at most +5%, peak memory at most +10%.
+
+    .venv/bin/python benchmarks/trl_prioritized.py --qwen2 --threads 1     # about 25 minutes on 2 loaded cores
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,12 +70,16 @@ def save_random_model(root: Path, preset: str) -> Path:
     return root
 
 
-def step_seconds(trainer_class, config_class, pretrained: Path, out: Path, args, **options) -> list[float]:
-    """Seconds of each optimizer step after the first, from a fresh trainer's train()."""
-    model, tokenizer, _ = load_pretrained(pretrained)
-    prompts_per_step = args.completions // args.num_generations
-    pairs = addition.eval_pairs(N_DIGITS + 1, "identical", prompts_per_step * args.steps, seed=0)  # equal lengths: no padding
-    dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs]})
+def step_seconds(trainer_class, config_class, pretrained: Path, out: Path, args, loaded=None, **options) -> list[float]:
+    """Seconds of each optimizer step after the first, from a fresh trainer's train(). ``loaded``: the
+    (model, tokenizer, dataset) to train on, if not the addition model saved at ``pretrained``."""
+    if loaded is None:
+        model, tokenizer, _ = load_pretrained(pretrained)
+        prompts_per_step = args.completions // args.num_generations
+        pairs = addition.eval_pairs(N_DIGITS + 1, "identical", prompts_per_step * args.steps, seed=0)  # equal lengths: no padding
+        dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs]})
+    else:
+        model, tokenizer, dataset = loaded
     ends = []
 
     class StepTimes(TrainerCallback):
@@ -125,6 +142,109 @@ def scoring_seconds(pretrained: Path, out: Path, args) -> dict[str, list[float]]
     return seconds
 
 
+# --- --qwen2: a real vocabulary, each side in its own process -------------------------------------------
+QWEN2_VOCAB = 151_936  # Qwen2's vocabulary (embedding rows)
+QWEN2_PROMPT_TOKENS = 32
+
+
+def save_qwen2_model(root: Path, hidden: int, layers: int) -> Path:
+    """A random-weight Qwen2ForCausalLM of Qwen2's vocabulary (tied embeddings, as Qwen2-0.5B and 1.5B) and a
+    word-level tokenizer with one word per id (so that every sampled id decodes), saved in ``root``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), QWEN2_VOCAB)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(root / "tokenizer.json"))
+    config = Qwen2Config(vocab_size=QWEN2_VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128), max_position_embeddings=4096,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(root)
+    return root
+
+
+def load_qwen2(root: Path, n_prompts: int):
+    """The saved model, its tokenizer (through PreTrainedTokenizerFast: AutoTokenizer would read the model's
+    config and build a Qwen2 tokenizer that yields no tokens for these words) and ``n_prompts`` prompts of
+    QWEN2_PROMPT_TOKENS words each (equal lengths: no padding)."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(root)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    generator = torch.Generator().manual_seed(0)
+    words = torch.randint(3, QWEN2_VOCAB, (n_prompts, QWEN2_PROMPT_TOKENS), generator=generator)
+    dataset = Dataset.from_dict({"prompt": [" ".join(f"w{i}" for i in row.tolist()) for row in words]})
+    assert len(tokenizer(dataset[0]["prompt"])["input_ids"]) == QWEN2_PROMPT_TOKENS
+    return model, tokenizer, dataset
+
+
+def child(args) -> None:
+    """One side of --qwen2 in this process: prints its step times and its peak resident memory as JSON."""
+    trainer_class, config_class, options = SIDES[args.child]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = load_qwen2(Path(args.model_dir), (args.completions // args.num_generations) * args.steps)
+    seconds = step_seconds(trainer_class, config_class, Path(args.model_dir), Path(args.out), args, loaded=loaded, **options)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    print("RESULT " + json.dumps({"side": args.child, "seconds": seconds, "peak_bytes": peak, "rss_before_bytes": rss_before}))
+
+
+def run_child(side: str, model_dir: Path, out: Path, args) -> dict:
+    command = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir), "--out", str(out), "--length", str(args.length),
+               "--completions", str(args.completions), "--num-generations", str(args.num_generations), "--steps", str(args.steps)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{side} at {args.length} tokens failed:\n{result.stderr[-3000:]}")
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def qwen2_main(args) -> None:
+    gib = 2**30
+    print(f"TRL {__import__('trl').__version__}: random Qwen2ForCausalLM, V = {QWEN2_VOCAB:,}, hidden {args.hidden}, {args.layers} layers, tied "
+          f"embeddings; {args.completions} completions per step ({args.num_generations} per prompt) of {QWEN2_PROMPT_TOKENS}-token prompts; "
+          f"beta 0.04, prioritized_beta 150; each side in its own process, {args.rounds} round(s) of {args.steps} steps "
+          f"(the first not timed) per side and length")
+    summary = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_qwen2_model(Path(tmp) / "qwen2", args.hidden, args.layers)
+        for length in args.lengths:
+            args.length = length
+            step_ratios, memory_ratios, results = [], [], {name: [] for name in SIDES}
+            for r in range(args.rounds):
+                order = list(SIDES) if r % 2 == 0 else list(reversed(SIDES))
+                got = {name: run_child(name, model_dir, Path(tmp) / f"{name}-{length}-{r}", args) for name in order}
+                for name in SIDES:
+                    results[name].append(got[name])
+                step = {name: median(got[name]["seconds"]) for name in SIDES}
+                peak = {name: got[name]["peak_bytes"] for name in SIDES}
+                step_ratios.append(step["prioritized"] / step["plain"])
+                memory_ratios.append(peak["prioritized"] / peak["plain"])
+                print(f"{length} tokens, round {r + 1}: plain {step['plain']:.2f} s/step, peak {peak['plain'] / gib:.2f} GiB; prioritized "
+                      f"{step['prioritized']:.2f} s/step, peak {peak['prioritized'] / gib:.2f} GiB; step x{step_ratios[-1]:.3f}, "
+                      f"peak memory x{memory_ratios[-1]:.3f}")
+            summary.append((length, results, median(step_ratios), median(memory_ratios), step_ratios, memory_ratios))
+    print()
+    for length, results, step_ratio, memory_ratio, step_ratios, memory_ratios in summary:
+        step = {name: median([median(x["seconds"]) for x in results[name]]) for name in SIDES}
+        peak = {name: median([x["peak_bytes"] for x in results[name]]) / gib for name in SIDES}
+        print(f"{length} tokens: plain TRL {step['plain']:.2f} s/step, {peak['plain']:.2f} GiB peak; prioritized {step['prioritized']:.2f} "
+              f"s/step, {peak['prioritized']:.2f} GiB peak; prioritized / plain: step time {step_ratio:.3f} "
+              f"({', '.join(f'{x:.3f}' for x in step_ratios)}), peak memory {memory_ratio:.3f} ({', '.join(f'{x:.3f}' for x in memory_ratios)})")
+        base = {name: median([x["peak_bytes"] - x["rss_before_bytes"] for x in results[name]]) / gib for name in SIDES}
+        print(f"  above the process after its imports: plain {base['plain']:.2f} GiB, prioritized {base['prioritized']:.2f} GiB "
+              f"(x{base['prioritized'] / base['plain']:.3f})")
+        print(f"  targets: step time at most +5% {'met' if step_ratio <= 1.05 else 'NOT met'} ({100 * (step_ratio - 1):+.1f}%), "
+              f"peak memory at most +10% {'met' if memory_ratio <= 1.10 else 'NOT met'} ({100 * (memory_ratio - 1):+.1f}%)")
+
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, 64-token completions")
@@ -135,8 +255,28 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt")
     parser.add_argument("--length", type=int, default=None, help="completion length, forced (default 128, --quick 64)")
     parser.add_argument("--repeats", type=int, default=20, help="alternating repeats of the reference pass + loss timing")
+    parser.add_argument("--qwen2", action="store_true", help="a random model of Qwen2's shape and vocabulary (151,936), each side in its "
+                        "own process: step time and peak memory at --lengths (defaults then: 8 completions, 3 steps, 2 rounds)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="--qwen2: completion lengths, forced")
+    parser.add_argument("--hidden", type=int, default=128, help="--qwen2: hidden size")
+    parser.add_argument("--layers", type=int, default=2, help="--qwen2: layers")
+    parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     add_thread_argument(parser)
     args = parser.parse_args()
+    if args.child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return child(args)
+    if args.qwen2:
+        if "--completions" not in sys.argv:
+            args.completions = 8
+        if "--steps" not in sys.argv:
+            args.steps = 3
+        args.rounds = args.rounds or 2
+        machine_header(f"benchmarks/trl_prioritized.py --qwen2: step time and peak memory, prioritized KL vs plain TRL", args.threads)
+        return qwen2_main(args)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.length = args.length or (64 if args.quick else 128)
     machine_header(f"benchmarks/trl_prioritized.py: seconds per GRPO step, prioritized KL vs plain TRL ({args.preset})", args.threads)

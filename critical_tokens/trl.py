@@ -22,9 +22,13 @@ and is held to it where the reference was confident. ``prioritized_beta=0`` give
   baseline. :class:`PrioritizedRLOOTrainer` subtracts ``beta * sum_t w_t * k_t`` (k: TRL's k1 by default).
 
 Everything else is TRL's: its reference model, generation, rewards, advantages, loss type and logging.
-Only the reference pass changes: it computes the reference's logits at the completion positions once,
-and takes from them both TRL's reference log-probs and the certainty (no extra forward pass). The
-weight statistics are logged with TRL's metrics (``kl_weight/mean``, ``kl_weight/q05``, ...).
+Only the reference pass changes: it runs the reference once, and from its logits at the completion
+positions takes both TRL's reference log-probs and the certainty (no extra forward pass). Like TRL's fused
+log-prob head it never holds the (B, T, V) logits: it applies the LM head to a chunk of positions at a time
+and keeps only that chunk's log-probs and certainties. The weight statistics are logged with TRL's metrics
+(``kl_weight/mean``, ``kl_weight/q05``, ...). With several processes (``accelerate launch --multi_gpu``,
+``torchrun``; on CPUs too, with gloo) the statistics and the ``'auto'`` beta are over the completion tokens
+of all processes, so every process uses the same beta.
 
 LoRA and other PEFT adapters work as in TRL: pass ``peft_config=LoraConfig(...)`` (or a ``PeftModel``) to
 the trainer. TRL then keeps no reference model: its reference is the policy with the adapters disabled
@@ -58,6 +62,28 @@ from .rl.a2c import token_logprobs
 # TRL's GRPO loss types whose aggregation of per-token terms `token_aggregate` reproduces.
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
 
+# The reference pass holds the reference's logits for one chunk of completion positions at a time: as many
+# positions as make a chunk of about this many logits (2^24: 64 MB in float32; a few such buffers live at
+# once). TRL's fused log-prob head on a CPU holds tiles of up to 4096 tokens x 32768 vocabulary entries.
+REFERENCE_CHUNK_ELEMENTS = 2**24
+
+
+def _logit_transform(config):
+    """(logit_scale, final_logit_softcapping) of a causal LM's logits after its LM head, found in its config
+    as TRL's ``add_fused_lm_head`` finds them (TRL 1.16), so that the reference pass, which applies the LM
+    head itself, gives the logits of the model's own forward."""
+    text_config = config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else scale), softcap
+
 
 # --- the options, shared by both configs -------------------------------------------------------------
 @dataclass
@@ -66,7 +92,7 @@ class PrioritizedKLOptions:
     ``PrioritizedRLOOConfig``) and checked after TRL's own ``__post_init__``. ``beta`` stays TRL's KL
     coefficient (0 disables the KL and the reference model, as in TRL)."""
 
-    prioritized_beta: float | str = field(default=150.0, metadata={"help": "exponent of the KL weights w = c^prioritized_beta (the paper: 150; 0: TRL's standard KL), or 'auto': calibrated on the reference's certainty over the first batch (kl.calibrate_beta)"})
+    prioritized_beta: float | str = field(default=150.0, metadata={"help": "exponent of the KL weights w = c^prioritized_beta (the paper: 150; 0: TRL's standard KL), or 'auto': calibrated on the reference's certainty over the first batch of all processes (kl.calibrate_beta)"})
     certainty: str = field(default="max_prob", metadata={"help": "certainty c(s) of the reference: 'max_prob' (the paper's eq. 2) or 'negentropy' (eq. 1)"})
     certainty_temperature: float = field(default=4.0, metadata={"help": "temperature of the reference distribution in c(s) (the paper: 4)"})
     kl_estimator: str = field(default="k3", metadata={"help": "Schulman's KL estimator weighted by w: 'k3' (TRL's GRPO), 'k2' (the paper's) or 'k1'"})
@@ -120,6 +146,8 @@ class _PrioritizedKLMixin:
     whose ``_get_per_token_logps_and_entropies`` it overrides."""
 
     _config_class: type = PrioritizedKLOptions
+    # Completion positions per chunk of the reference's logits (None: REFERENCE_CHUNK_ELEMENTS logits per chunk).
+    reference_chunk_size: int | None = None
 
     def _setup_prioritized_kl(self):
         """Called at the end of ``__init__``, after TRL's."""
@@ -174,35 +202,89 @@ class _PrioritizedKLMixin:
     def _reference_logprobs_and_certainty(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
         """The reference's log-probs of the completion tokens at TRL's temperature (what TRL computes)
         and its certainty c(s) at ``certainty_temperature``, from one forward pass; (B, T) each. ``model``
-        is in the state TRL put it in for its reference pass (adapters disabled, with PEFT)."""
+        is in the state TRL put it in for its reference pass (adapters disabled, with PEFT).
+
+        Like TRL's fused log-prob head, it never holds the (B, T, V) logits: the backbone runs once per
+        batch of ``batch_size`` sequences, then the LM head, the temperature, the log-softmax and the
+        certainty run on chunks of ``reference_chunk_size`` completion positions, of which only the
+        (b, chunk) results are kept (the same numbers as from the whole logits, up to float rounding)."""
         if any(value is not None for value in kwargs.values()):
             raise NotImplementedError("the prioritized KL penalty supports text-only models")
+        lm = self.accelerator.unwrap_model(model)
+        if is_peft_model(lm):  # LoRA's layers sit inside the base model, in the state TRL set
+            lm = lm.get_base_model()
+        backbone, head = lm.base_model, lm.get_output_embeddings()  # as TRL's fused head finds them
+        head_weight = head.weight
+        vocab_size = head_weight.shape[0]
+        logit_scale, softcap = _logit_transform(lm.config)
+        fp32_head = getattr(self.args, "cast_lm_head_to_fp32", False)
         batch_size = batch_size or input_ids.size(0)
         ref_logprobs, certainty = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             with self.accelerator.autocast():
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1, use_cache=False).logits
-            logits = logits[:, :-1].float()  # (b, T, V): the state before completion token t predicts it
-            ref_logprobs.append(token_logprobs(logits / self.temperature, ids[:, -logits_to_keep:]))
-            certainty.append(kl.certainty(logits, self.args.certainty, self.args.certainty_temperature))
+                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # (b, T, H): the state before completion token t predicts it
+            hidden = hidden[:, -logits_to_keep - 1 : -1].to(head_weight.device)
+            tokens = ids[:, -logits_to_keep:].to(head_weight.device)
+            chunk = self.reference_chunk_size or max(1, REFERENCE_CHUNK_ELEMENTS // (ids.size(0) * vocab_size))
+            logprobs_chunks, certainty_chunks = [], []
+            for t in range(0, logits_to_keep, chunk):
+                h = hidden[:, t : t + chunk]  # (b, chunk, H)
+                if fp32_head:  # TRL's cast_lm_head_to_fp32: the projection in float32, outside autocast
+                    bias = getattr(head, "bias", None)
+                    with torch.autocast(h.device.type, enabled=False):
+                        logits = torch.nn.functional.linear(h.float(), head_weight.float(), None if bias is None else bias.float())
+                else:
+                    with self.accelerator.autocast():
+                        logits = head(h)
+                logits = logits.float() * logit_scale if logit_scale != 1.0 else logits.float()  # (b, chunk, V)
+                if softcap is not None:
+                    logits = softcap * torch.tanh(logits / softcap)
+                logprobs_chunks.append(token_logprobs(logits / self.temperature, tokens[:, t : t + chunk]))  # (b, chunk)
+                certainty_chunks.append(kl.certainty(logits, self.args.certainty, self.args.certainty_temperature))
+                del logits  # free this chunk's logits before the next one's
+            del hidden
+            ref_logprobs.append(torch.cat(logprobs_chunks, 1))  # (b, T)
+            certainty.append(torch.cat(certainty_chunks, 1))
         return torch.cat(ref_logprobs), torch.cat(certainty)
 
     def _kl_weights(self, certainty, mask):
         """w = c^prioritized_beta (B, T) from the certainty (B, T) and the completion mask (B, T) bool;
-        calibrates prioritized_beta on this batch if it is 'auto' and not yet calibrated, and logs the
-        weights' statistics."""
+        calibrates prioritized_beta if it is 'auto' and not yet calibrated, and logs the weights'
+        statistics. With several processes, both are over the completion tokens of all of them (every
+        process calls this at the same point of a step): every process calibrates the same beta."""
+        all_certainty = self._gather_tokens(certainty[mask])  # (N,): every process's completion tokens
         if self.prioritized_beta is None:  # 'auto': calibrated once, on the first batch
-            self.prioritized_beta = kl.calibrate_beta(certainty[mask], self.args.auto_beta_quantile, self.args.auto_beta_weight)
+            self.prioritized_beta = kl.calibrate_beta(all_certainty, self.args.auto_beta_quantile, self.args.auto_beta_weight)
         weights = kl.prioritized_weights(certainty, self.prioritized_beta)  # (B, T)
         mode = "train" if self.model.training else "eval"
-        w = weights[mask]
+        w = kl.prioritized_weights(all_certainty, self.prioritized_beta)  # (N,)
         if w.numel():
             for name, value in (("kl_weight/mean", w.mean()), ("kl_weight/q05", torch.quantile(w, 0.05)),
-                                ("kl_weight/q50", torch.quantile(w, 0.5)), ("certainty/mean", certainty[mask].mean())):
+                                ("kl_weight/q50", torch.quantile(w, 0.5)), ("certainty/mean", all_certainty.mean())):
                 self._metrics[mode][name].append(value.item())
         self._metrics[mode]["prioritized_beta"].append(self.prioritized_beta)
         return weights
+
+    def _gather_tokens(self, values):
+        """The 1-D ``values`` (a varying number per process) of every process, concatenated in process order;
+        ``values`` itself with one process."""
+        if self.accelerator.num_processes == 1:
+            return values
+        values = values.float().contiguous()
+        counts = self.accelerator.gather(torch.tensor([values.numel()], device=values.device)).tolist()  # (P,)
+        padded = self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=0))  # (P * max count,)
+        width = max(counts)
+        return torch.cat([padded[i * width : i * width + n] for i, n in enumerate(counts)])
+
+    def _global_masked_mean(self, values, mask) -> float:
+        """The mean of ``values`` over the positions where ``mask`` is set, over all processes (as TRL's
+        metrics: a sum and a count reduced across processes); 0 when no process has a position."""
+        mask = mask.bool()
+        local = torch.stack([torch.where(mask, values.float(), 0.0).sum(), mask.sum().float()])
+        total = self.accelerator.reduce(local, reduction="sum")
+        return (total[0] / total[1].clamp(min=1.0)).item()
 
 
 # --- GRPO: the weights in the loss --------------------------------------------------------------------
@@ -246,7 +328,7 @@ class PrioritizedGRPOTrainer(_PrioritizedKLMixin, GRPOTrainer):
             change = change * self.importance_ratio(logprobs, inputs, mask)
         loss = loss + self.beta * self.token_aggregate(change, mask, inputs)
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["kl_prioritized"].append(kl.masked_mean(prioritized.detach(), mask).item())
+        self._metrics[mode]["kl_prioritized"].append(self._global_masked_mean(prioritized.detach(), mask))
         return loss
 
     def importance_ratio(self, logprobs, inputs, mask):
@@ -311,12 +393,12 @@ class PrioritizedRLOOTrainer(_PrioritizedKLMixin, RLOOTrainer):
         if self.prioritized_beta == 0 and self.args.kl_estimator == "k1":  # w = 1, k = k1: TRL's RLOO, bit for bit
             ref_logprobs, _, _ = super(_PrioritizedKLMixin, self)._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)  # TRL's own reference pass
-            self._metrics[mode]["kl_unweighted"].append(kl.masked_mean(kl.kl_estimate(old_logprobs, ref_logprobs, "k1"), mask).item())
+            self._metrics[mode]["kl_unweighted"].append(self._global_masked_mean(kl.kl_estimate(old_logprobs, ref_logprobs, "k1"), mask))
             self._metrics[mode]["prioritized_beta"].append(0.0)
             return ref_logprobs, None, None
         ref_logprobs, self._ref_certainty = self._reference_logprobs_and_certainty(
             model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
         weights = self._kl_weights(self._ref_certainty, mask)  # (B, T)
         estimate = kl.kl_estimate(old_logprobs, ref_logprobs, self.args.kl_estimator)  # (B, T)
-        self._metrics[mode]["kl_unweighted"].append(kl.masked_mean(estimate, mask).item())
+        self._metrics[mode]["kl_unweighted"].append(self._global_masked_mean(estimate, mask))
         return old_logprobs.float() - weights * estimate * mask, None, None  # TRL's old - ref is then w * k on the completion

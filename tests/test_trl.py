@@ -2,10 +2,13 @@
 c^beta computed by hand; the loss changes by beta * (w - 1) * k3 and nothing else; a short run moves the
 policy and leaves the reference frozen; with LoRA the reference (and c) is the base model and only the
 adapters train. RLOO: prioritized_beta 0 gives exactly TRL's rewards and loss; the weights change each
-reward by -beta * sum (w - 1) k1; a short run moves the policy only. The two example scripts run. A micro
-model, 12-token completions, 4 per prompt: a few seconds each."""
+reward by -beta * sum (w - 1) k1; a short run moves the policy only. The reference pass, done in chunks of
+positions, gives the numbers of the whole logits (GPT-2, Qwen2, Gemma2's soft-capped logits). The two example
+scripts run. Two processes (accelerate launch, gloo) use one 'auto' beta, calibrated on both processes' tokens.
+A micro model, 12-token completions, 4 per prompt: a few seconds each (the two-process ones about 15 s)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -136,6 +139,45 @@ def test_the_reference_pass_in_chunks_of_positions_equals_the_whole_logits(pretr
         logits = trainer.ref_model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
     torch.testing.assert_close(chunked[0], token_logprobs(logits / 0.7, inputs["completion_ids"]), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(chunked[1], kl.certainty(logits, "max_prob", 4.0), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family, cast_lm_head_to_fp32", [("qwen2", False), ("qwen2", True), ("gemma2", False)])
+def test_the_chunked_reference_pass_gives_the_models_own_logits(family, cast_lm_head_to_fp32):
+    """Other model families, built small with random weights: Qwen2 (tied embeddings; also with TRL's
+    cast_lm_head_to_fp32) and Gemma2, whose forward soft-caps its logits (a cap of 0.5 here, so that it
+    matters). The reference pass, which applies the LM head itself (and the cap, found as TRL finds it), in
+    chunks of 3 of 7 positions, gives the log-probs and certainty of the model's own logits."""
+    from types import SimpleNamespace
+
+    import transformers
+    from accelerate import Accelerator
+
+    from critical_tokens.rl.a2c import token_logprobs
+    from critical_tokens.trl import _PrioritizedKLMixin
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=503, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=8, max_position_embeddings=64)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**small, tie_word_embeddings=True))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, final_logit_softcapping=0.5, sliding_window=16))
+    model.eval()
+    with torch.no_grad():  # larger logits than the initialization's, so that the cap and the temperatures matter
+        model.get_output_embeddings().weight.mul_(20.0)
+    ids = torch.randint(0, 503, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    T = 7
+    trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), temperature=0.7, reference_chunk_size=3,
+                              args=SimpleNamespace(certainty="negentropy", certainty_temperature=4.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32))
+    logprobs, certainty = _PrioritizedKLMixin._reference_logprobs_and_certainty(trainer, model, ids, mask, T, batch_size=2)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -T - 1 : -1]  # (B, T, V)
+    if family == "gemma2":
+        assert logits.abs().max() <= 0.5  # capped
+    torch.testing.assert_close(logprobs, token_logprobs(logits / 0.7, ids[:, -T:]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(certainty, kl.certainty(logits, "negentropy", 4.0), atol=1e-5, rtol=1e-5)
 
 
 def test_a_short_run_moves_the_policy_not_the_reference(pretrained_run, tmp_path):
@@ -299,6 +341,42 @@ def test_lora_a_given_peft_model_is_its_own_reference(pretrained_run, tmp_path):
     assert (inputs["ref_per_token_logps"] - base)[done].abs().max() > 1e-2
     assert trainer.model.active_adapter == "default"
 
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_two_processes_calibrate_one_beta_on_the_tokens_of_both(pretrained_run, tmp_path, algorithm):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (torchrun and gloo; `--cpu` would start a
+    single process), 2 steps of prioritized_beta='auto' (tests/trl_two_processes.py): each process samples
+    its own prompts, yet both use the same beta, calibrated on the certainties of both processes' first
+    batches together, which neither process's own certainties give; the logged weight statistics are the
+    same on both."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from critical_tokens.kl import calibrate_beta
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    helper = Path(__file__).parent / "trl_two_processes.py"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               str(helper), "--pretrained", str(pretrained_run), "--out", str(tmp_path), "--trainer", algorithm, "--steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["beta"] == ranks[1]["beta"] > 0
+    both = torch.tensor(ranks[0]["first_certainty"] + ranks[1]["first_certainty"])
+    assert ranks[0]["beta"] == pytest.approx(calibrate_beta(both, 0.05, 0.5), rel=1e-6)
+    own = [calibrate_beta(torch.tensor(r["first_certainty"]), 0.05, 0.5) for r in ranks]
+    assert abs(own[0] - own[1]) > 1e-3  # the processes' batches differ: each alone would calibrate another beta
+    assert len(ranks[0]["logged"]) == 2 and ranks[0]["logged"] == ranks[1]["logged"]
+    assert all(entry["prioritized_beta"] == ranks[0]["beta"] for entry in ranks[0]["logged"])
 
 
 # --- RLOO: the weighted KL in the reward ---------------------------------------------------------------
