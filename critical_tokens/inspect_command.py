@@ -7,8 +7,8 @@ model's certainty c(s) at the certainty temperature (`kl.certainty`) and the wei
 
 1. `load_causal_lm`: the model and its tokenizer, refusing what is not a causal LM;
 2. `read_prompts`: the JSONL file, one ``{"prompt": ..., "completion": ...}`` per line;
-3. `sample` and `score`: the completions (given, or sampled with ``model.generate``) and one
-   teacher-forced pass each for c(s);
+3. `sample`: the completions (given, or sampled with ``model.generate``), then one teacher-forced
+   pass each for c(s) (`critical.measure.teacher_forced_ids`);
 4. `inspect`: the summary, ``report.json`` and ``report.html`` (tokens shaded by weight, `render_html`).
 """
 
@@ -25,7 +25,9 @@ import torch
 
 from . import kl
 from .config import arg, check_fields, check_range
+from .critical.measure import teacher_forced_ids
 from .critical.pictures import CRITICAL_COLOR
+from .model import model_context, pick_device
 from .runs import UserError, atomic_write_text, check_output, describe_kind, run_kind, write_json
 
 QUANTILES = (5, 25, 50, 75, 95)  # percent
@@ -191,7 +193,7 @@ def check_line(model, number: int, prompt: list[int], completion: list[int] | No
     """One-line errors for a line the model cannot take: no tokens, a token id outside the model's
     vocabulary, or more tokens than its context (a sampled completion counts ``max_new_tokens``)."""
     vocab = model.get_input_embeddings().num_embeddings
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    context = model_context(model.config)
     if not prompt or completion == []:
         raise UserError(f"--prompts, line {number}: the {'prompt' if not prompt else 'completion'} has no tokens")
     if max(prompt + (completion or [])) >= vocab:
@@ -220,15 +222,6 @@ def sample(model, tokenizer, prompt: list[int], config: InspectConfig) -> list[l
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         samples.append(row[:end])
     return samples
-
-
-@torch.no_grad()
-def score(model, prompt: list[int], completion: list[int], method: str, temperature: float) -> list[float]:
-    """c(s) before each completion token: the model's certainty at ``temperature`` from one
-    teacher-forced pass over prompt + completion. Returns (T,) floats."""
-    ids = torch.tensor([prompt + completion], device=model.device)  # (1, P + T)
-    logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0, len(prompt) - 1 : -1]  # (T, V): predicting each completion token
-    return kl.certainty(logits, method, temperature).tolist()
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -317,15 +310,13 @@ def summary_text(report: dict) -> str:
 
 def inspect(config: InspectConfig) -> dict:
     """`critical-tokens inspect MODEL_DIR --prompts FILE.jsonl`: the summary, report.json and report.html in --out."""
-    from .model import pick_device
-
     beta, out = validate(config)
     device = pick_device(config.device)
     rows = read_prompts(config.prompts)
     model, tokenizer = load_causal_lm(config.model, rows[0][1])
     model.to(device)
     torch.manual_seed(config.seed)
-    completions = []  # one dict per completion, with per-token lists (T,)
+    completions, prompts = [], []  # one dict per completion, with per-token lists (T,); its prompt's ids
     for number, prompt_text, completion in rows:
         prompt = encode(tokenizer, prompt_text, number, special=True)
         given = None if completion is None else encode(tokenizer, completion, number, special=False)
@@ -335,8 +326,15 @@ def inspect(config: InspectConfig) -> dict:
             completions.append({
                 "line": number, "source": "sampled" if given is None else "given", "prompt": prompt_text,
                 "completion": "".join(texts), "tokens": texts, "token_ids": ids,
-                "certainty": score(model, prompt, ids, config.certainty, config.certainty_temperature),
+                "certainty": None,
             })
+            prompts.append(prompt)
+    # c(s) before each completion token, from one teacher-forced pass each (one sequence at a time: a
+    # model's (S, V) logits can be large); the pad id never enters a pass of one sequence.
+    scores = teacher_forced_ids(model, prompts, [item["token_ids"] for item in completions], batch_size=1,
+                                pad_token_id=tokenizer.pad_token_id or 0, certainty_temperature=config.certainty_temperature)
+    for item, token_scores in zip(completions, scores):
+        item["certainty"] = token_scores.certainty(config.certainty).tolist()
     certainties = torch.tensor([c for item in completions for c in item["certainty"]])  # (n,)
     stats = summary(certainties, beta)
     for item in completions:

@@ -176,9 +176,16 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_fits(model: GPT2LMHeadModel, length: int) -> None:
-    if length > model.config.n_positions:
+def model_context(config) -> int | None:
+    """The positions a causal LM can take: GPT-2's ``n_positions``, or ``max_position_embeddings`` (Llama,
+    Qwen2, ...); None when its config states neither."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def check_fits(model, length: int) -> None:
+    context = model_context(model.config)
+    if context is not None and length > context:
         raise UserError(
-            f"a sequence of {length} tokens does not fit the model's context of {model.config.n_positions}"
+            f"a sequence of {length} tokens does not fit the model's context of {context}"
             " positions; use fewer digits or a model pre-trained on more"
         )
