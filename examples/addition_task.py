@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)  # transformers 5.2x renames it; TRL sets it
 
 import torch
 from datasets import Dataset
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 
 import critical_tokens
@@ -32,15 +35,23 @@ def addition_reward(completions, a, b, **kwargs):
     return [1.0 if addition.is_correct(x, y, text) else -1.0 for x, y, text in zip(a, b, completions)]
 
 
-def held_out_accuracy(model, tokenizer, pairs) -> float | None:
-    """Greedy accuracy on held-out additions, the model in evaluation mode without gradient checkpointing
-    (as it is saved and reloaded; TRL leaves it in training mode with checkpointing on); None without pairs."""
+SAMPLES_PER_ADDITION = 4  # the sampled accuracy's completions per held-out addition
+
+
+def held_out_accuracy(model, tokenizer, pairs, temperature: float, seed: int) -> tuple[float, float] | None:
+    """The greedy accuracy on held-out additions, and the accuracy of SAMPLES_PER_ADDITION completions per
+    addition sampled at `temperature` (the RL's; the same random numbers before and after), measured with
+    the model in evaluation mode without gradient checkpointing (as it is saved and reloaded; TRL leaves it
+    in training mode with checkpointing on); None without pairs."""
     if not pairs:
         return None
     model.eval()
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
-    return accuracy_on(model, tokenizer, pairs).mean().item()
+    greedy = accuracy_on(model, tokenizer, pairs).mean().item()
+    generator = torch.Generator(device=model.device).manual_seed(stream_seed(seed, "eval_sampling"))
+    sampled = accuracy_on(model, tokenizer, pairs * SAMPLES_PER_ADDITION, temperature=temperature, generator=generator).mean().item()
+    return greedy, sampled
 
 
 def parser(description: str, algorithm: str, kl_coef: float, kl_help: str, lr: float, lr_help: str) -> argparse.ArgumentParser:
@@ -50,11 +61,12 @@ def parser(description: str, algorithm: str, kl_coef: float, kl_help: str, lr: f
     p.add_argument("--out", default=f"runs/trl-{algorithm}-prioritized", help="output directory (TRL's, and the fine-tuned model in OUT/model)")
     p.add_argument("--max-steps", type=int, default=100, help="optimizer steps (one prompt each)")
     p.add_argument("--num-generations", type=int, default=8, help=f"completions per prompt ({algorithm.upper()}'s group)")
-    p.add_argument("--prioritized-beta", default="10", help="w = c^prioritized_beta, or 'auto' (the paper: 150, for a far more confident model)")
+    p.add_argument("--prioritized-beta", default="8", help="w = c^prioritized_beta, or 'auto'. 8: the value of this project's studies on this model "
+                   "(the cpu-regime and cpu-confirm presets); the `rl` command's default is the paper's 150, for a far more confident model")
     p.add_argument("--kl-coef", type=float, default=kl_coef, help=kl_help)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling and log-prob temperature (the cpu preset's 1.0)")
     p.add_argument("--lr", type=float, default=lr, help=lr_help)
-    p.add_argument("--eval-examples", type=int, default=64, help="held-out (N+1)-digit additions for the accuracy before and after (0: skip)")
+    p.add_argument("--eval-examples", type=int, default=200, help="held-out (N+1)-digit additions for the accuracy before and after (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (a tiny model gains little from more, "
                    "and on a shared machine a descheduled thread stalls the others: 4 s per step with 1, a minute with 2 under load)")
@@ -62,7 +74,7 @@ def parser(description: str, algorithm: str, kl_coef: float, kl_help: str, lr: f
 
 
 def prepare(args) -> dict:
-    """The model, its tokenizer and N; the training dataset (one prompt per step) and the held-out
+    """The model, its tokenizer and N; the training dataset (one prompt per step and process) and the held-out
     additions, each from its own random stream, none of them a training prompt; the accuracy before;
     and the TRL options both configs share."""
     hf_logging.set_verbosity_error()
@@ -70,7 +82,8 @@ def prepare(args) -> dict:
         torch.set_num_threads(args.threads)
     model, tokenizer, n_digits = load_pretrained(args.pretrained)
     eval_pairs = addition.rl_pairs(n_digits, 1, args.eval_examples, seed=stream_seed(args.seed, "eval_prompts"))
-    pairs = addition.rl_pairs(n_digits, 1, args.max_steps, seed=stream_seed(args.seed, "train_prompts"), exclude=set(eval_pairs))
+    prompts = args.max_steps * int(os.environ.get("WORLD_SIZE", 1))  # one per step and process (accelerate launch sets WORLD_SIZE)
+    pairs = addition.rl_pairs(n_digits, 1, prompts, seed=stream_seed(args.seed, "train_prompts"), exclude=set(eval_pairs))
     dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs], "a": [a for a, _ in pairs], "b": [b for _, b in pairs]})
     options = dict(
         output_dir=args.out,
@@ -84,7 +97,7 @@ def prepare(args) -> dict:
     )
     certainty = [scores.max_prob for scores in teacher_forced(model, tokenizer, eval_pairs)] if eval_pairs else []  # the reference's, T = 4
     return {"model": model, "tokenizer": tokenizer, "n_digits": n_digits, "dataset": dataset, "eval_pairs": eval_pairs,
-            "before": held_out_accuracy(model, tokenizer, eval_pairs), "certainty": certainty, "options": options}
+            "before": held_out_accuracy(model, tokenizer, eval_pairs, args.temperature, args.seed), "certainty": certainty, "options": options}
 
 
 def weights_on_critical_tokens(run: dict, beta: float) -> tuple[float, float]:
@@ -99,26 +112,46 @@ def weights_on_critical_tokens(run: dict, beta: float) -> tuple[float, float]:
     return float(np.concatenate(critical).mean()), float(np.concatenate(other).mean())
 
 
+class StepLine(TrainerCallback):
+    """Prints one line per optimizer step on the main process: the mean reward, the KL (plain and
+    weighted) and the mean weight, instead of the Trainer's dict of every metric."""
+
+    def __init__(self, kl_key: str, weighted_kl_key: str):
+        self.kl_key, self.weighted_kl_key = kl_key, weighted_kl_key
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "reward" in logs:
+            print(f"step {state.global_step}/{state.max_steps}: reward {logs['reward']:+.3f}, kl {logs.get(self.kl_key, float('nan')):.4f}, "
+                  f"weighted kl {logs.get(self.weighted_kl_key, float('nan')):.4f}, mean weight {logs.get('kl_weight/mean', float('nan')):.3f}",
+                  flush=True)
+
+
 def train_and_report(trainer, run: dict, args, algorithm: str, kl_key: str, weighted_kl_key: str) -> None:
     """Trains, prints each step's reward, KL (plain and weighted) and mean weight, saves the model, and
-    prints the held-out accuracy before and after."""
+    prints the held-out accuracy before and after. Under `accelerate launch` with several processes, every
+    process trains (each on its own prompts of a step) and only the main one prints, saves and evaluates."""
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)  # the Trainer sets its own
     n = run["n_digits"]
-    print(f"{algorithm} with the prioritized KL from {args.pretrained} (N = {n}) on {n + 1}-digit additions: "
-          f"{args.max_steps} steps of {args.num_generations} completions, beta {args.kl_coef}, prioritized_beta {args.prioritized_beta}")
+    main, processes = trainer.accelerator.is_main_process, trainer.accelerator.num_processes
+    if main:
+        print(f"{algorithm} with the prioritized KL from {args.pretrained} (N = {n}) on {n + 1}-digit additions: "
+              f"{args.max_steps} steps of {args.num_generations} completions per process, {processes} process(es), "
+              f"beta {args.kl_coef}, prioritized_beta {args.prioritized_beta}", flush=True)
+    trainer.remove_callback(PrinterCallback)  # TRL's dict of every metric, each step ...
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(StepLine(kl_key, weighted_kl_key))  # ... becomes one line
     trainer.train()
-    for entry in trainer.state.log_history:
-        if "reward" in entry:
-            print(f"step {entry['step']}: reward {entry['reward']:+.3f}, kl {entry.get(kl_key, float('nan')):.4f}, "
-                  f"weighted kl {entry.get(weighted_kl_key, float('nan')):.4f}, mean weight {entry.get('kl_weight/mean', float('nan')):.3f}")
     out = Path(args.out) / "model"
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # on every process: the Trainer writes from the main one
+    if not main:
+        return
     run["tokenizer"].save_pretrained(str(out))
     if run["eval_pairs"]:
-        after = held_out_accuracy(trainer.model, run["tokenizer"], run["eval_pairs"])
-        print(f"greedy accuracy on {len(run['eval_pairs'])} held-out {n + 1}-digit additions: "
-              f"{100 * run['before']:.1f}% before, {100 * after:.1f}% after")
+        (greedy_before, sampled_before), (greedy, sampled) = run["before"], held_out_accuracy(trainer.model, run["tokenizer"], run["eval_pairs"], args.temperature, args.seed)
+        print(f"accuracy on {len(run['eval_pairs'])} held-out {n + 1}-digit additions, before -> after: "
+              f"greedy {100 * greedy_before:.1f}% -> {100 * greedy:.1f}%, sampled at temperature {args.temperature:g} "
+              f"({SAMPLES_PER_ADDITION} per addition) {100 * sampled_before:.1f}% -> {100 * sampled:.1f}%")
         if trainer.prioritized_beta is not None:  # the beta used ('auto': calibrated on the first batch)
             on_critical, elsewhere = weights_on_critical_tokens(run, trainer.prioritized_beta)
             print(f"mean KL weight c^{trainer.prioritized_beta:.3g} of the reference on those additions' critical tokens: "

@@ -209,7 +209,7 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     """examples/trl_grpo_prioritized.py and trl_rloo_prioritized.py on the shipped regime model, one step of
     2 completions at learning rate 0: the model does not move, so its held-out accuracy after equals the one
     before (the script evaluates in evaluation mode, not in the training mode with gradient checkpointing TRL
-    leaves)."""
+    leaves), greedy and sampled (the same random numbers before and after)."""
     import re
     import subprocess
     import sys
@@ -219,10 +219,12 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     result = subprocess.run([sys.executable, str(script), "--max-steps", "1", "--num-generations", "2", "--eval-examples", "16",
                              "--lr", "0", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "step 1: reward" in result.stdout and "mean weight" in result.stdout
+    assert "step 1/1: reward" in result.stdout and "mean weight" in result.stdout
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
-    before, after = re.search(r"16 held-out 4-digit additions: ([\d.]+)% before, ([\d.]+)% after", result.stdout).groups()
-    assert before == after and float(before) > 0  # the regime model gets some right
+    greedy_before, greedy_after, sampled_before, sampled_after = re.search(
+        r"16 held-out 4-digit additions, before -> after: greedy ([\d.]+)% -> ([\d.]+)%, sampled .*\) ([\d.]+)% -> ([\d.]+)%", result.stdout).groups()
+    assert greedy_before == greedy_after and float(greedy_before) > 0  # the regime model gets some right
+    assert sampled_before == sampled_after  # the same random numbers, the same model
     on_critical, elsewhere = map(float, re.search(r"critical tokens: ([\d.]+), on the other tokens: ([\d.]+)", result.stdout).groups())
     assert on_critical < elsewhere  # the reference is less certain on the critical tokens: the penalty is lighter there
 
@@ -343,30 +345,35 @@ def test_lora_a_given_peft_model_is_its_own_reference(pretrained_run, tmp_path):
 
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_two_processes_calibrate_one_beta_on_the_tokens_of_both(pretrained_run, tmp_path, algorithm):
-    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (torchrun and gloo; `--cpu` would start a
-    single process), 2 steps of prioritized_beta='auto' (tests/trl_two_processes.py): each process samples
-    its own prompts, yet both use the same beta, calibrated on the certainties of both processes' first
-    batches together, which neither process's own certainties give; the logged weight statistics are the
-    same on both."""
-    import json
+def launch_two_processes(script, arguments, cwd):
+    """`accelerate launch --multi_gpu --num_processes 2 SCRIPT ARGUMENTS` on the CPU (torchrun and gloo;
+    `--cpu`, or no GPU, would start a single process), one thread each, on a free port."""
     import socket
     import subprocess
     import sys
-    from pathlib import Path
-
-    from critical_tokens.kl import calibrate_beta
 
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    helper = Path(__file__).parent / "trl_two_processes.py"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-               str(helper), "--pretrained", str(pretrained_run), "--out", str(tmp_path), "--trainer", algorithm, "--steps", "2"]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *arguments]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_two_processes_calibrate_one_beta_on_the_tokens_of_both(pretrained_run, tmp_path, algorithm):
+    """Two processes (launch_two_processes), 2 steps of prioritized_beta='auto' (tests/trl_two_processes.py):
+    each process samples its own prompts, yet both use the same beta, calibrated on the certainties of both
+    processes' first batches together, which neither process's own certainties give; the logged weight
+    statistics are the same on both."""
+    import json
+    from pathlib import Path
+
+    from critical_tokens.kl import calibrate_beta
+
+    helper = Path(__file__).parent / "trl_two_processes.py"
+    result = launch_two_processes(helper, ["--pretrained", str(pretrained_run), "--out", str(tmp_path), "--trainer", algorithm, "--steps", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -378,6 +385,21 @@ def test_two_processes_calibrate_one_beta_on_the_tokens_of_both(pretrained_run, 
     assert len(ranks[0]["logged"]) == 2 and ranks[0]["logged"] == ranks[1]["logged"]
     assert all(entry["prioritized_beta"] == ranks[0]["beta"] for entry in ranks[0]["logged"])
 
+
+def test_the_example_under_two_processes_prints_and_saves_once(tmp_path):
+    """examples/trl_grpo_prioritized.py under 2 processes (launch_two_processes), one step at learning rate 0:
+    both train, the main one alone prints, saves the model and its tokenizer, and evaluates; the accuracy is
+    unchanged."""
+    import re
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "trl_grpo_prioritized.py"
+    result = launch_two_processes(script, ["--max-steps", "1", "--num-generations", "2", "--eval-examples", "8", "--lr", "0", "--out", "run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("2 process(es)") == 1 and result.stdout.count("step 1/1: reward") == 1
+    greedy_before, greedy_after = re.search(r"before -> after: greedy ([\d.]+)% -> ([\d.]+)%", result.stdout).groups()
+    assert result.stdout.count("before -> after") == 1 and greedy_before == greedy_after
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists() and (tmp_path / "run" / "model" / "tokenizer.json").exists()
 
 # --- RLOO: the weighted KL in the reward ---------------------------------------------------------------
 def rloo_pair(pretrained_run, tmp_path, **options):
