@@ -1,7 +1,7 @@
 """Fine-tune the shipped regime model (N = 3) on (N+1)-digit additions with TRL's RLOO and the prioritized KL penalty.
 
     pip install -e ".[trl]"      # in a clone of this repository
-    python examples/trl_rloo_prioritized.py --max-steps 2        # a smoke run: about a minute on 2 CPU cores
+    python examples/trl_rloo_prioritized.py --max-steps 2        # a smoke run: a minute or two on 2 CPU cores
     python examples/trl_rloo_prioritized.py                      # 100 steps: 3-4 minutes on 2 CPU cores
 
 The reward is the project's grader (+1 if the result line is the true sum, else -1; docs/method.md section 4).
