@@ -6,6 +6,7 @@ trl_rloo_prioritized.py, which sit next to it; each of them is the part that dif
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from critical_tokens import addition
 from critical_tokens.critical.measure import teacher_forced
 from critical_tokens.evaluate import accuracy_on
 from critical_tokens.model import RL_SLACK, load_pretrained
+from critical_tokens.runs import atomic_write_text, write_json
 from critical_tokens.seeding import stream_seed
 
 SHIPPED = Path(critical_tokens.__file__).parent / "checkpoints" / "tiny-n3-d1-lr3e-4"
@@ -147,13 +149,20 @@ def train_and_report(trainer, run: dict, args, algorithm: str, kl_key: str, weig
     if not main:
         return
     run["tokenizer"].save_pretrained(str(out))
+    summary = {"algorithm": algorithm, "options": vars(args), "processes": processes, "prioritized_beta_used": trainer.prioritized_beta,
+               "held_out_additions": len(run["eval_pairs"]), "samples_per_addition": SAMPLES_PER_ADDITION}
     if run["eval_pairs"]:
         (greedy_before, sampled_before), (greedy, sampled) = run["before"], held_out_accuracy(trainer.model, run["tokenizer"], run["eval_pairs"], args.temperature, args.seed)
+        summary.update(before={"greedy": greedy_before, "sampled": sampled_before}, after={"greedy": greedy, "sampled": sampled})
         print(f"accuracy on {len(run['eval_pairs'])} held-out {n + 1}-digit additions, before -> after: "
               f"greedy {100 * greedy_before:.1f}% -> {100 * greedy:.1f}%, sampled at temperature {args.temperature:g} "
               f"({SAMPLES_PER_ADDITION} per addition) {100 * sampled_before:.1f}% -> {100 * sampled:.1f}%")
         if trainer.prioritized_beta is not None:  # the beta used ('auto': calibrated on the first batch)
             on_critical, elsewhere = weights_on_critical_tokens(run, trainer.prioritized_beta)
+            summary.update(mean_weight_critical=on_critical, mean_weight_other=elsewhere)
             print(f"mean KL weight c^{trainer.prioritized_beta:.3g} of the reference on those additions' critical tokens: "
                   f"{on_critical:.3f}, on the other tokens: {elsewhere:.3f}")
-    print(f"fine-tuned model: {out}")
+    # the run describes itself: TRL's metrics of every step (JSON lines), then the options and the accuracies
+    atomic_write_text(Path(args.out) / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
+    write_json(Path(args.out) / "result.json", summary)
+    print(f"fine-tuned model: {out}; metrics and accuracies: {args.out}/metrics.jsonl, {args.out}/result.json")

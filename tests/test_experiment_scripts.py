@@ -1,6 +1,7 @@
 """The study scripts under scripts/: their configurations are valid and are the ones they claim."""
 
 import dataclasses
+import json
 import importlib.util
 from pathlib import Path
 
@@ -48,3 +49,60 @@ def test_a_probe_is_the_same_run_as_its_presets_kl_comparison_at_seed_0(preset_n
 def test_unfinished_runs_are_not_rows(tmp_path):
     assert not rl_algorithms.finished(tmp_path / "absent")
     assert "Not run yet" in rl_algorithms.render(tmp_path)
+
+
+def fake_trl_study(out: Path, module, gain: dict, seeds) -> None:
+    """result.json files as the example writes them: each arm's sampled accuracy after is 0.2 + its gain
+    + a seed effect shared by every arm (the pairing takes it out), and for the prioritized arm +-0.5 points
+    by seed (even: +, odd: -)."""
+    import json
+
+    for arm in module.ARMS:
+        for seed in seeds:
+            after = 0.2 + gain[arm] + 0.01 * (seed % 3) + (0.005 * (-1) ** seed if arm == "prioritized" else 0.0)
+            (out / f"{arm}-s{seed}").mkdir(parents=True)
+            (out / f"{arm}-s{seed}" / "result.json").write_text(json.dumps(
+                {"before": {"greedy": 0.3, "sampled": 0.2}, "after": {"greedy": after + 0.1, "sampled": after}}))
+
+
+def test_the_trl_study_tests_its_hypotheses_on_paired_seeds_and_decides(tmp_path, monkeypatch):
+    trl_study = script("trl_study")
+    monkeypatch.setattr(trl_study, "MATCHED_PENALTY", 0.03)
+    seeds = list(trl_study.SEEDS)
+    fake_trl_study(tmp_path, trl_study, {"standard": 0.0, "prioritized": 0.2, "matched-weight": 0.1, "matched-penalty": 0.2}, seeds)
+    text = trl_study.report(tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["hypotheses"]["H1"]["rejects"] and result["hypotheses"]["H2a"]["rejects"]
+    assert not result["hypotheses"]["H2b"]["rejects"]  # +-0.5 points: a mean difference of 0
+    assert result["decision"] == "beats standard, explained by strength" and "explained by strength" in text
+    assert result["hypotheses"]["H1"]["differences"] == pytest.approx([0.2 + 0.005 * (-1) ** s for s in seeds])
+
+
+def test_the_trl_study_pairs_only_seeds_both_arms_finished(tmp_path, monkeypatch):
+    import shutil
+
+    trl_study = script("trl_study")
+    monkeypatch.setattr(trl_study, "MATCHED_PENALTY", 0.03)
+    seeds = list(trl_study.SEEDS)
+    fake_trl_study(tmp_path, trl_study, {arm: 0.0 for arm in trl_study.ARMS}, seeds)
+    shutil.rmtree(tmp_path / f"standard-s{seeds[0]}")
+    trl_study.report(tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["hypotheses"]["H1"]["differences"]) == len(seeds) - 1
+    assert len(result["hypotheses"]["H2a"]["differences"]) == len(seeds)
+    assert result["decision"] == "not confirmed"
+
+
+def test_the_trl_study_arms_are_options_of_the_example():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from addition_task import parser
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    trl_study = script("trl_study")
+    for arm, options in trl_study.ARMS.items():
+        args = parser("", "grpo", kl_coef=5.0, kl_help="", lr=5e-5, lr_help="").parse_args(options)
+        assert float(args.prioritized_beta) == (8.0 if arm == "prioritized" else 0.0)
+    assert float(trl_study.ARMS["matched-weight"][-1]) == pytest.approx(5.0 * trl_study.MATCHED_WEIGHT, rel=1e-3)

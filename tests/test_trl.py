@@ -209,7 +209,9 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     """examples/trl_grpo_prioritized.py and trl_rloo_prioritized.py on the shipped regime model, one step of
     2 completions at learning rate 0: the model does not move, so its held-out accuracy after equals the one
     before (the script evaluates in evaluation mode, not in the training mode with gradient checkpointing TRL
-    leaves), greedy and sampled (the same random numbers before and after)."""
+    leaves), greedy and sampled (the same random numbers before and after); the run writes them to
+    result.json and TRL's metrics to metrics.jsonl."""
+    import json
     import re
     import subprocess
     import sys
@@ -225,6 +227,9 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
         r"16 held-out 4-digit additions, before -> after: greedy ([\d.]+)% -> ([\d.]+)%, sampled .*\) ([\d.]+)% -> ([\d.]+)%", result.stdout).groups()
     assert greedy_before == greedy_after and float(greedy_before) > 0  # the regime model gets some right
     assert sampled_before == sampled_after  # the same random numbers, the same model
+    result_json = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result_json["before"] == result_json["after"] and result_json["after"]["greedy"] == pytest.approx(float(greedy_after) / 100, abs=5e-4)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # step 1's metrics, then the Trainer's summary
     on_critical, elsewhere = map(float, re.search(r"critical tokens: ([\d.]+), on the other tokens: ([\d.]+)", result.stdout).groups())
     assert on_critical < elsewhere  # the reference is less certain on the critical tokens: the penalty is lighter there
 
