@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from critical_tokens import addition
 from critical_tokens.critical.measure import teacher_forced
 from critical_tokens.evaluate import accuracy_on
 from critical_tokens.model import RL_SLACK, load_pretrained
-from critical_tokens.runs import atomic_write_text, write_json
+from critical_tokens.runs import UserError, atomic_write_text, write_json
 from critical_tokens.seeding import stream_seed
 
 SHIPPED = Path(critical_tokens.__file__).parent / "checkpoints" / "tiny-n3-d1-lr3e-4"
@@ -73,6 +74,15 @@ def parser(description: str, algorithm: str, kl_coef: float, kl_help: str, lr: f
     p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (a tiny model gains little from more, "
                    "and on a shared machine a descheduled thread stalls the others: 4 s per step with 1, a minute with 2 under load)")
     return p
+
+
+def run_or_exit(main) -> None:
+    """Runs an example's main; a bad option or input (a missing model, a value TRL or the config refuses)
+    ends it with a one-line error and exit status 1 instead of a traceback."""
+    try:
+        main()
+    except (UserError, ValueError) as error:
+        sys.exit(f"error: {error}")
 
 
 def prepare(args) -> dict:

@@ -32,7 +32,7 @@ and evaluates (docs/own-rl.md: on a machine without a GPU, add `--multi_gpu` to 
 
 from __future__ import annotations
 
-from addition_task import addition_reward, parser, prepare, train_and_report  # examples/addition_task.py, beside this script
+from addition_task import addition_reward, parser, prepare, run_or_exit, train_and_report  # examples/addition_task.py, beside this script
 from critical_tokens.trl import PrioritizedRLOOConfig, PrioritizedRLOOTrainer
 
 
@@ -48,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_or_exit(main)

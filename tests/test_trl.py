@@ -234,6 +234,19 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     assert on_critical < elsewhere  # the reference is less certain on the critical tokens: the penalty is lighter there
 
 
+
+@pytest.mark.parametrize("options, message", [(["--pretrained", "no-such-run"], "does not exist"),
+                                              (["--prioritized-beta", "abc"], "prioritized_beta must be")])
+def test_the_example_refuses_bad_input_in_one_line(tmp_path, options, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "trl_grpo_prioritized.py"
+    result = subprocess.run([sys.executable, str(script), "--eval-examples", "0", *options], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+
 def test_the_prioritized_penalty_combines_with_trls_high_entropy_mask(pretrained_run, tmp_path):
     """TRL's top_entropy_quantile (the 80/20 rule) masks the policy-gradient term to the high-entropy
     tokens and leaves its KL term on every token. With it on in both trainers, our loss still differs
