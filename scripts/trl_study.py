@@ -34,7 +34,7 @@ ARMS = {  # name: the example's options
     "standard": ["--prioritized-beta", "0", "--kl-coef", f"{ALPHA:g}"],
     "prioritized": ["--prioritized-beta", "8", "--kl-coef", f"{ALPHA:g}"],
     "matched-weight": ["--prioritized-beta", "0", "--kl-coef", f"{ALPHA * MATCHED_WEIGHT:.4g}"],
-    "matched-penalty": ["--prioritized-beta", "0", "--kl-coef", f"{ALPHA * (MATCHED_PENALTY or 0):.4g}"],
+    "matched-penalty": ["--prioritized-beta", "0", "--kl-coef", f"{ALPHA * MATCHED_PENALTY:.4g}"],
 }
 HYPOTHESES = {  # name: (arm, versus, role); each one-sided, prioritized - versus > 0 on the primary endpoint
     "H1": ("prioritized", "standard", "primary"),
@@ -118,8 +118,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs at once (each one thread)")
     parser.add_argument("--report-only", action="store_true", help="no runs: the report of those done")
     args = parser.parse_args()
-    if MATCHED_PENALTY is None:
-        sys.exit("error: MATCHED_PENALTY is not set (the pre-registration fixes it)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

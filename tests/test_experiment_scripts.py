@@ -1,8 +1,8 @@
 """The study scripts under scripts/: their configurations are valid and are the ones they claim."""
 
 import dataclasses
-import json
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -55,8 +55,6 @@ def fake_trl_study(out: Path, module, gain: dict, seeds) -> None:
     """result.json files as the example writes them: each arm's sampled accuracy after is 0.2 + its gain
     + a seed effect shared by every arm (the pairing takes it out), and for the prioritized arm +-0.5 points
     by seed (even: +, odd: -)."""
-    import json
-
     for arm in module.ARMS:
         for seed in seeds:
             after = 0.2 + gain[arm] + 0.01 * (seed % 3) + (0.005 * (-1) ** seed if arm == "prioritized" else 0.0)
@@ -65,9 +63,8 @@ def fake_trl_study(out: Path, module, gain: dict, seeds) -> None:
                 {"before": {"greedy": 0.3, "sampled": 0.2}, "after": {"greedy": after + 0.1, "sampled": after}}))
 
 
-def test_the_trl_study_tests_its_hypotheses_on_paired_seeds_and_decides(tmp_path, monkeypatch):
+def test_the_trl_study_tests_its_hypotheses_on_paired_seeds_and_decides(tmp_path):
     trl_study = script("trl_study")
-    monkeypatch.setattr(trl_study, "MATCHED_PENALTY", 0.03)
     seeds = list(trl_study.SEEDS)
     fake_trl_study(tmp_path, trl_study, {"standard": 0.0, "prioritized": 0.2, "matched-weight": 0.1, "matched-penalty": 0.2}, seeds)
     text = trl_study.report(tmp_path)
@@ -78,11 +75,10 @@ def test_the_trl_study_tests_its_hypotheses_on_paired_seeds_and_decides(tmp_path
     assert result["hypotheses"]["H1"]["differences"] == pytest.approx([0.2 + 0.005 * (-1) ** s for s in seeds])
 
 
-def test_the_trl_study_pairs_only_seeds_both_arms_finished(tmp_path, monkeypatch):
+def test_the_trl_study_pairs_only_seeds_both_arms_finished(tmp_path):
     import shutil
 
     trl_study = script("trl_study")
-    monkeypatch.setattr(trl_study, "MATCHED_PENALTY", 0.03)
     seeds = list(trl_study.SEEDS)
     fake_trl_study(tmp_path, trl_study, {arm: 0.0 for arm in trl_study.ARMS}, seeds)
     shutil.rmtree(tmp_path / f"standard-s{seeds[0]}")

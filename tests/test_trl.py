@@ -234,7 +234,6 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     assert on_critical < elsewhere  # the reference is less certain on the critical tokens: the penalty is lighter there
 
 
-
 @pytest.mark.parametrize("options, message", [(["--pretrained", "no-such-run"], "does not exist"),
                                               (["--prioritized-beta", "abc"], "prioritized_beta must be")])
 def test_the_example_refuses_bad_input_in_one_line(tmp_path, options, message):
@@ -246,6 +245,7 @@ def test_the_example_refuses_bad_input_in_one_line(tmp_path, options, message):
     result = subprocess.run([sys.executable, str(script), "--eval-examples", "0", *options], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+
 
 def test_the_prioritized_penalty_combines_with_trls_high_entropy_mask(pretrained_run, tmp_path):
     """TRL's top_entropy_quantile (the 80/20 rule) masks the policy-gradient term to the high-entropy
@@ -418,6 +418,7 @@ def test_the_example_under_two_processes_prints_and_saves_once(tmp_path):
     greedy_before, greedy_after = re.search(r"before -> after: greedy ([\d.]+)% -> ([\d.]+)%", result.stdout).groups()
     assert result.stdout.count("before -> after") == 1 and greedy_before == greedy_after
     assert (tmp_path / "run" / "model" / "model.safetensors").exists() and (tmp_path / "run" / "model" / "tokenizer.json").exists()
+
 
 # --- RLOO: the weighted KL in the reward ---------------------------------------------------------------
 def rloo_pair(pretrained_run, tmp_path, **options):
