@@ -59,7 +59,11 @@ def completions(model, tokenizer, pairs, *, batch_size: int = 250, temperature: 
 
 def accuracy_on(model, tokenizer, pairs, **kwargs) -> torch.Tensor:
     """(len(pairs),) float 0/1: whether each generated result is right."""
-    texts = completions(model, tokenizer, pairs, **kwargs)
+    return right_answers(pairs, completions(model, tokenizer, pairs, **kwargs))
+
+
+def right_answers(pairs, texts: list[str]) -> torch.Tensor:
+    """(len(pairs),) float 0/1: whether each completion in ``texts`` has the right result."""
     return torch.tensor([addition.is_correct(a, b, t) for (a, b), t in zip(pairs, texts)], dtype=torch.float)
 
 

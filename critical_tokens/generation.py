@@ -139,15 +139,18 @@ def generate(
     drawn up to ``GPU_CHECK_EVERY - 1`` more blocks).
 
     ``decoder``: "hf" runs ``model(...)`` with the pre-allocated cache; "static" runs a GPT-2 through
-    :class:`static_decode.StaticDecoder` (on CUDA each token is one CUDA-graph replay); "auto" is
-    "static" on a GPU for a GPT-2 and "hf" otherwise (the CPU's numbers are those of "hf").
+    :class:`static_decode.StaticDecoder` (on CUDA each token is one CUDA-graph replay; on a CPU each
+    step attends over the written slots only, and the rows that have finished leave the batch as
+    soon as an eighth of it has); "auto" is "static" for a GPT-2 and "hf" for any other model.
+    Leaving rows out changes no row's tokens: each row's noise is its own row of the (B, V) block
+    drawn at every step, whatever else is still running.
     """
     device = next(model.parameters()).device
     gpu = device.type == "cuda"
     check_every = GPU_CHECK_EVERY if gpu and noise_rows is None else 1
     if decoder not in ("auto", "hf", "static"):
         raise ValueError(f"decoder must be auto, hf or static, got {decoder!r}")
-    static = decoder == "static" or (decoder == "auto" and gpu and static_decode.supports(model))
+    static = decoder == "static" or (decoder == "auto" and static_decode.supports(model))
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # (B, P)
     B, P = input_ids.shape
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # (B, T)
@@ -160,9 +163,14 @@ def generate(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
 
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    if static:  # one cache length per 64 tokens, so that a run's calls share a captured graph
+    rows = None  # CPU static path: the batch rows still in the decoder (None: all of them)
+    if static and gpu:  # one cache length per 64 tokens, so that a run's calls share a captured graph
         step_decoder = static_decode.decoder_for(model, B, 64 * -(-(P + max_new_tokens) // 64))
         logits = step_decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
+    elif static:  # a CPU has no graph to reuse: a decoder of this call's size, whose rows can leave
+        step_decoder = static_decode.StaticDecoder(model, B, P + max_new_tokens)
+        logits = step_decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
+        rows = torch.arange(B)
     else:  # model(...) calls: the cache, the attention mask and the next positions are kept here
         attention_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], 1)
         cache_arg = _cache_argument(model)
@@ -175,21 +183,27 @@ def generate(
         if not static:
             logits = out.logits[:, -1].float()  # (B, V)
         if temperature > 0:
-            logp = torch.log_softmax(logits / temperature, dim=-1)
+            logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, V), or (R, V) for the R rows left
             if noise_rows is None:
-                u = torch.rand(logp.shape, generator=generator, device="cpu")
+                u = torch.rand((B, logp.shape[1]), generator=generator, device="cpu")
             else:
                 u = torch.rand((noise_rows[0], logp.shape[1]), generator=generator, device="cpu")[noise_rows[1]]
             u = u.pin_memory().to(device, non_blocking=True) if gpu else u
+            u = u if rows is None else u[rows]
             token = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # Gumbel-max sampling
         else:
             logp = torch.log_softmax(logits, dim=-1)
             token = logp.argmax(-1)
+        step_logprobs = logp.gather(-1, token[:, None])[:, 0]
+        step_certainty = None if certainty is None else kl.certainty(logits, certainty_method, certainty_temperature)
+        if rows is not None:  # back to the whole batch: the rows that left are done (padding)
+            token, step_logprobs, step_certainty = (
+                None if x is None else torch.zeros(B, dtype=x.dtype).index_copy_(0, rows, x) for x in (token, step_logprobs, step_certainty))
         token = torch.where(done, pad_token_id, token)  # (B,)
         tokens[:, t] = token
-        logprobs[:, t] = logp.gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0)
+        logprobs[:, t] = step_logprobs.masked_fill(done, 0.0)
         if certainty is not None:
-            certainty[:, t] = kl.certainty(logits, certainty_method, certainty_temperature).masked_fill(done, 0.0)
+            certainty[:, t] = step_certainty.masked_fill(done, 0.0)
         lengths += (~done).long()
 
         stop = token == eos_token_id
@@ -201,8 +215,12 @@ def generate(
         done |= stop
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
             break
+        if rows is not None and int(done[rows].sum()) >= max(1, len(rows) // 8):  # an eighth has finished: they leave
+            running = (~done[rows]).nonzero()[:, 0]
+            step_decoder.keep(running)
+            rows = rows[running]
         if static:
-            logits = step_decoder.step(token)
+            logits = step_decoder.step(token if rows is None else token[rows])
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
             out = model(

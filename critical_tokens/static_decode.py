@@ -11,8 +11,11 @@ about 1 ms. A :class:`StaticDecoder` keeps every shape of a step fixed:
 - the step reads its token, position and slot from buffers and advances them itself.
 
 So on a GPU the step is captured once per (batch, length) as a ``torch.cuda.CUDAGraph`` and each
-token costs one graph replay; on a CPU it runs as plain eager code (the tests check it against
-transformers' logits). The transformer's own modules (``ln_1``, ``c_attn``, ``c_proj``, ``mlp``,
+token costs one graph replay. On a CPU it runs as plain eager code (the tests check it against
+transformers' logits) with two savings that a graph's fixed shapes forbid: a step attends over the
+slots written so far only (not all L), and :meth:`StaticDecoder.keep` drops the rows that have
+finished. Reading the KV cache is most of a CPU decoding step (4 KB per row, layer pair and slot
+for ``tiny``, read at memory speed), so the work then follows the rows still generating. The transformer's own modules (``ln_1``, ``c_attn``, ``c_proj``, ``mlp``,
 ``ln_f``, ``lm_head``) do the work; only the attention over the static cache and the residual wiring
 are written here (GPT-2's pre-LayerNorm block; Radford et al. 2019).
 """
@@ -57,6 +60,7 @@ class StaticDecoder:
         self.token = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) the step's input token
         self.position = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) its position id
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # the cache slot it is written to
+        self.filled = 0  # slots written (kept on the host for the CPU's span; a graph reads self.slot)
         self.logits = None  # (B, V) the step's output (a graph's static output on CUDA)
         self.graph: torch.cuda.CUDAGraph | None | bool = None  # False: the capture failed, steps run eager
 
@@ -96,18 +100,36 @@ class StaticDecoder:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
             logits = self._blocks(self._embed(input_ids, position_ids), torch.arange(P, device=self.device), mask)
         self.slot.fill_(P)
+        self.filled = P
         self.position.copy_(position_ids[:, -1] + 1)
         return logits[:, -1].float()
 
     def _step(self) -> torch.Tensor:
-        """One token per row at slot ``self.slot``; advances slot and positions. No host synchronisation."""
+        """One token per row at slot ``self.slot``; advances slot and positions. No host synchronisation
+        on a GPU (all L slots attended, the unwritten ones masked); on a CPU only the written span."""
         self.key_mask.index_fill_(1, self.slot, True)
+        span = self.length if self.gpu else self.filled + 1
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
             logits = self._blocks(self._embed(self.token[:, None], self.position[:, None]), self.slot,
-                                  self.key_mask[:, None, None, :])  # (B, 1, V)
+                                  self.key_mask[:, None, None, :span])  # (B, 1, V)
         self.slot += 1
+        self.filled += 1
         self.position += 1
         return logits[:, 0].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only ``rows`` (indices into the current batch) for the next steps: the CPU path's way of
+        dropping finished rows. Copies the kept rows' written slots once; not for a captured graph."""
+        if self.graph not in (None, False):
+            raise RuntimeError("a decoder with a captured CUDA graph keeps its batch")
+        written = slice(0, self.filled)
+        keys = self.keys.new_empty((self.keys.shape[0], len(rows), *self.keys.shape[2:]))  # (layers, B', H, L, D)
+        values = torch.empty_like(keys)
+        keys[:, :, :, written] = self.keys[:, rows, :, written]
+        values[:, :, :, written] = self.values[:, rows, :, written]
+        self.keys, self.values = keys, values
+        self.key_mask, self.token, self.position = self.key_mask[rows], self.token[rows], self.position[rows]
+        self.batch = len(rows)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:

@@ -241,3 +241,29 @@ def test_a_model_and_its_decoders_are_freed_together(tokenizer):
         assert decoder() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_that_finish_leave_the_cpu_batch_without_changing_any_row(tokenizer, temperature, monkeypatch):
+    """The CPU's static path drops finished rows (StaticDecoder.keep) and attends over the written
+    slots only: every row's tokens, log-probs and stop flag are still those of ``model(...)``. The
+    shipped model finishes additions of 1 to 4 digits at different lengths, so rows do leave."""
+    from critical_tokens import addition
+    from critical_tokens.model import load_pretrained
+    from critical_tokens.static_decode import StaticDecoder
+
+    model, tok, _ = load_pretrained("critical_tokens/checkpoints/tiny-n3-d1-lr3e-4")
+    model.eval()
+    pairs = [(7, 5), (31, 4), (123, 45), (999, 999), (4821, 77), (5, 6012), (66, 66), (1, 1)]
+    prompts = [encode(tok, addition.prompt(a, b)) for a, b in pairs]
+    kept = []
+    original = StaticDecoder.keep
+    monkeypatch.setattr(StaticDecoder, "keep", lambda self, rows: (kept.append(len(rows)), original(self, rows))[1])
+    stop = addition_stop_rule(tok)
+    plain, static = (generate(model, prompts, max_new_tokens=addition.max_completion_length(4) + 20, temperature=temperature, decoder=d,
+                              generator=torch.Generator().manual_seed(5), **stop) for d in ("hf", "static"))
+    assert kept and kept == sorted(kept, reverse=True) and kept[-1] < len(pairs)  # rows left, in steps
+    assert torch.equal(static.sequences, plain.sequences)
+    assert torch.equal(static.completion_mask, plain.completion_mask) and torch.equal(static.finished, plain.finished)
+    torch.testing.assert_close(static.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
+    assert len(set(static.completion_mask.sum(-1).tolist())) > 2  # not vacuous: the rows did stop at different lengths

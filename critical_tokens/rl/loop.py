@@ -37,13 +37,14 @@ from .. import addition, distributed, kl
 from .. import token_weights as tw
 from ..seeding import stream_seed
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
-from ..evaluate import accuracy_on
+from ..evaluate import accuracy_on, completions, right_answers
+from .endpoints import final_endpoints
 from ..generation import addition_stop_rule, concatenate, generate
 from ..model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
 from .config import CRITIC_ALGORITHMS, RLConfig, validate
 from ..selection import SelectionCounts, template_masks
-from ..runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, save_config, write_json
+from ..runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, read_metrics, save_config, write_json
 from ..tokenizer import encode
 
 
@@ -250,10 +251,13 @@ def training_prompts(n_digits: int, config: RLConfig, iteration: int, held_out: 
 
 
 @torch.no_grad()
-def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: HeldOut, final: bool = False) -> dict:
+def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: HeldOut, final: bool = False,
+                    ref_lm=None, records: list[dict] | None = None, kl_coef: float | None = None) -> dict:
     """Accuracy (binary reward) on the RL task, greedy and sampled, and in the comfort zone, plus the
     policy's probability of the right token at the tracked critical tokens. Keys "eval/..." and
-    "p_correct/..."; ``final``: on the larger final sets, every key under "final/"."""
+    "p_correct/..."; ``final``: on the larger final sets, every key under "final/", and with
+    ``ref_lm`` the continuous endpoints of endpoints.py (``records``: the run's metrics lines, for
+    its realized penalty ratio; None for a run without a KL term)."""
     from ..critical.measure import tracked_probabilities
 
     was_training = lm.training
@@ -262,12 +266,18 @@ def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: He
         (config.eval_episodes, config.eval_comfort_episodes, config.probe_examples)
     task_pairs, comfort_pairs, probe_pairs = (pairs[:n] for pairs, n in zip((held_out.task, held_out.comfort, held_out.probe), sizes))
     sampler = torch.Generator().manual_seed(stream_seed(config.seed, "eval_sampling"))
+    task_texts = completions(lm, tokenizer, task_pairs)  # greedy
+    comfort_texts = completions(lm, tokenizer, comfort_pairs)
     record = {
-        "eval/accuracy_greedy": accuracy_on(lm, tokenizer, task_pairs).mean().item(),
+        "eval/accuracy_greedy": right_answers(task_pairs, task_texts).mean().item(),
         "eval/accuracy_sampled": accuracy_on(lm, tokenizer, task_pairs, temperature=config.temperature, generator=sampler).mean().item(),
-        "eval/comfort_accuracy_greedy": accuracy_on(lm, tokenizer, comfort_pairs).mean().item(),
+        "eval/comfort_accuracy_greedy": right_answers(comfort_pairs, comfort_texts).mean().item(),
     }
     record.update(tracked_probabilities(lm, tokenizer, probe_pairs, n_digits, temperature=config.temperature))
+    if final and ref_lm is not None:
+        endpoints = final_endpoints(lm, ref_lm, tokenizer, task_pairs, task_texts, comfort_pairs, comfort_texts,
+                                    config.temperature, records or [], kl_coef)
+        record.update({f"eval/{k}": v for k, v in endpoints.items()})
     lm.train(was_training)
     if final:
         record = {"final/" + k.removeprefix("eval/"): v for k, v in record.items()}
@@ -479,7 +489,10 @@ def train(config: RLConfig) -> Path:
             with timer("evaluation"):
                 record.update(evaluate_policy(policy.lm, tokenizer, n_digits, config, held_out))
                 if iteration == iterations:  # the final evaluation, on the larger held-out sets
-                    final = evaluate_policy(policy.lm, tokenizer, n_digits, config, held_out, final=True)
+                    penalized = b_weights is not None and not config.kl_as_reward  # a run with a KL term in its loss
+                    final = evaluate_policy(policy.lm, tokenizer, n_digits, config, held_out, final=True, ref_lm=ref_lm,
+                                            records=read_metrics(run_dir) + [record] if penalized else None,
+                                            kl_coef=kl_coef if penalized else None)
                     record.update(final)
                     write_json(run_dir / "final_eval.json", {"episodes": episodes, **final, "prompts": {
                         "task": config.final_eval_episodes, "comfort": config.final_eval_comfort_episodes, "probe": config.final_probe_examples}})
