@@ -355,3 +355,15 @@ def placement_share(prioritized: Mapping[K, float], matched: Mapping[K, float], 
                                 rng=np.random.default_rng(seed)).confidence_interval
     bounded = math.isfinite(low) and math.isfinite(high)  # not where a resample's P - S means 0
     return Share(n, share, float(low) if bounded else None, float(high) if bounded else None, resamples, seed)
+
+
+def decision_summary(verdicts: Mapping[str, str], results: Mapping[str, HypothesisResult], alpha: float) -> str:
+    """A rule's verdicts (per arm or per group) in one line: the names of each verdict, then the
+    comparisons that reject."""
+    by_verdict = {v: [name for name, x in verdicts.items() if x == v] for v in dict.fromkeys(verdicts.values())}
+    parts = [f"{verdict}: {', '.join(names)}" for verdict, names in by_verdict.items()]
+    comparisons = [h for h, r in results.items() if r.role == "comparison"]
+    if comparisons:
+        shown = [h for h in comparisons if results[h].rejects(alpha)]
+        parts.append(f"comparisons rejected: {', '.join(shown) or 'none'} of {', '.join(comparisons)}")
+    return "; ".join(parts) or "not run"
