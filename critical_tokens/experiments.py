@@ -22,10 +22,21 @@ A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes eve
     "hypotheses", "alpha", "preregistration", "decision", "title"}``: the arms from each model
     instance at the seeds ``first_seed .. first_seed + seeds - 1``, the same seeds in every arm
     (paired), and the hypotheses the report tests on them (`report.paired`): each ``{"name", "arm",
-    "versus", "metric", "margin", "role"}``, role "primary", "control", "safety" or "comparison".
+    "versus", "metric", "margin", "role"}`` and optionally ``"direction"`` ("higher", the default,
+    or "lower": the arm is better where the metric, e.g. a KL, is lower; the test is then on
+    versus - arm) and ``"group"``. ``metric`` is a ``final/...`` key; ``margin`` is in its units
+    (0.03: 3 points of accuracy). Roles: "primary", "control", "safety", "comparison",
+    "superiority" (one-sided paired t-test of difference > margin, margin >= 0) and "equivalence"
+    (TOST: |difference| < margin, margin > 0); Holm's correction runs over all of them.
     ``decision`` is the rule: "confirm" (one primary hypothesis, its controls and safety:
-    `paired.decide`) or "per-arm" (a verdict for each arm with a primary hypothesis, from it and
-    that arm's safety hypothesis: `paired.decide_per_arm`); ``title`` heads its report section. Its runs are
+    `paired.decide`), "per-arm" (a verdict for each arm with a primary hypothesis, from it and
+    that arm's safety hypothesis: `paired.decide_per_arm`) or "placement" (a verdict per group of
+    "superiority", "equivalence" and "comparison" hypotheses: `paired.decide_placement`), which
+    needs ``"placement": {"baseline": arm, "metric": "final/...", "groups": [{"name", "prioritized",
+    "matched"}]}`` (each hypothesis's ``group`` names one, and compares its two arms; the share
+    (P - M) / (P - baseline) on ``metric`` is reported per group). ``analysis`` is the one the
+    decision reads: "pooled" (default: the (instance, seed) units) or "instances" (the per-instance
+    means); both are reported. ``title`` heads its report section. Its runs are
     ``OUT/confirm/<model>/<arm>/seed<k>/``; ``preregistration`` is the path (in the repository) of
     the document that fixed the study before it ran.
   Every experiment may carry a ``"notes"`` string; so may the preset.
@@ -153,6 +164,8 @@ def _check_hypotheses(spec: dict, where: str) -> None:
     decision = spec.get("decision", "confirm")
     if decision not in DECISIONS:
         raise UserError(f"{where}: 'decision' is one of {', '.join(DECISIONS)}, got {decision!r}")
+    if (decision == "placement") != ("placement" in spec):
+        raise UserError(f"{where}: 'placement' (baseline, metric, groups) goes with, and only with, \"decision\": \"placement\"")
     names = []
     for h in spec["hypotheses"]:
         _check_hypothesis(h, arms, ROLES_OF[decision], f"{where}: hypothesis")
@@ -164,8 +177,6 @@ def _check_hypotheses(spec: dict, where: str) -> None:
         raise UserError(f"{where}: exactly one hypothesis has the role 'primary'")
     if decision == "per-arm" and (not primaries or len(set(primaries)) != len(primaries)):
         raise UserError(f"{where}: decision per-arm: each arm it judges has exactly one 'primary' hypothesis (and at least one arm)")
-    if (decision == "placement") != ("placement" in spec):
-        raise UserError(f"{where}: 'placement' (baseline, metric, groups) goes with, and only with, \"decision\": \"placement\"")
     if decision == "placement":
         _check_placement(spec, arms, where)
     elif any("group" in h for h in spec["hypotheses"]):

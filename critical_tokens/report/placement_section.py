@@ -88,7 +88,8 @@ def strength_points(arm_names: list[str], configs: dict[str, dict], runs: dict[s
         coef = sum(coefs) / len(coefs) if coefs else 0.0
         plain = config.get("method", "kl") == "kl" and rest(config) == rest(reference)
         kind = "other" if not plain else "prioritized" if config["kl"] == "prioritized" else "uniform"
-        label = f"{arm} (beta {config['beta']})" if kind == "prioritized" else f"{arm} (alpha {coef:.3g})" if kind == "uniform" else arm
+        strength = {"prioritized": f" (beta {config['beta']})", "uniform": f" (alpha {coef:.3g})" if config["kl"] != "none" else " (no KL)"}
+        label = arm + strength.get(kind, "")
         points.append({"arm": arm, "kind": kind, "label": label, "kl_coef": coef, "x": x, "y": y})
     return points
 
