@@ -195,3 +195,16 @@ def test_the_instance_level_analysis_can_be_the_pre_registered_one(tmp_path):
     assert s.numbers["analysis"] == "instances"
     assert "Decision (the pre-registered rule, on the instance-level analysis as pre-registered)" in "\n".join(s.lines)
     assert "over 4 instances" in s.summary[0][2]
+
+
+def test_an_instance_level_analysis_needs_two_instances(tmp_path):
+    rep = fake_study(tmp_path / "rep")
+    for model in MODELS[1:]:  # matched-b4 finished on i1 only
+        for seed in SEEDS:
+            (rep.root / f"confirm/{model}/matched-b4/seed{seed}/DONE.json").unlink()
+    s = section_confirm(rep, Plots(tmp_path / "plots"))
+    h = s.numbers["hypotheses"]["S-acc-b4"]
+    assert h["n"] == 3 and h["by_instance"] == {"n": 1, "p_holm": None, "rejects": False}
+    row = next(line for line in s.lines if line.startswith("| S-acc-b4 | +"))
+    assert "| fewer than 2 instances (1) | - | - | - |" in row
+    assert s.numbers["hypotheses"]["S-acc-b8"]["by_instance"]["n"] == 4

@@ -85,8 +85,8 @@ def lines(hypotheses: list[dict], a: Analysis, alpha: float, instances: list[str
     equivalence = [h for h in hypotheses if h["role"] == "equivalence"]
     out = []
     if one_sided:
-        out += ["", f"Each hypothesis tests mean(difference) > margin over the (instance, seed) units both arms have; differences in "
-                f"points for accuracies; one-sided paired t-test, Holm's correction over the {len(hypotheses)} hypotheses, "
+        out += ["", f"Each hypothesis tests mean(arm - versus) > margin (versus - arm where lower is better) over the (instance, seed) "
+                f"units both arms have; differences in points for accuracies; one-sided paired t-test, Holm's correction over the {len(hypotheses)} hypotheses, "
                 f"Wilcoxon signed-rank test (zeros dropped) as a check; rejects: Holm p < {alpha:g}.", "",
                 "| hypothesis | role | arm - versus | metric | margin | pairs | mean difference [95%] | t-test p | Holm p | Wilcoxon p | rejects |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
