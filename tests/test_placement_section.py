@@ -10,6 +10,8 @@ from scipy import stats
 
 from critical_tokens.experiments import check_preset, load_preset
 from critical_tokens.report.confirm_section import section_confirm
+from critical_tokens.report.hypotheses_section import equivalence_text
+from critical_tokens.report.paired import HypothesisResult, tost
 from critical_tokens.report.plots import Plots
 from critical_tokens.report.reproduction import Reproduction
 from critical_tokens.report.summary import summary
@@ -51,7 +53,7 @@ def hypothesis(name, group, metric, role, margin, **extra):
 
 HYPOTHESES = [h for b in ("b4", "b8") for h in (
     hypothesis(f"S-acc-{b}", b, ACC, "superiority", 0.0), hypothesis(f"E-acc-{b}", b, ACC, "equivalence", 0.03),
-    hypothesis(f"S-kl-{b}", b, KL, "superiority", 0.0, direction="lower"), hypothesis(f"E-kl-{b}", b, KL, "equivalence", 0.01))]
+    hypothesis(f"S-kl-{b}", b, KL, "superiority", 0.0, direction="lower"), hypothesis(f"E-kl-{b}", b, KL, "equivalence", 0.01, direction="lower"))]
 PLACEMENT = {"baseline": "standard", "metric": ACC,
              "groups": [{"name": "beta 4", "prioritized": "prio-b4", "matched": "matched-b4"},
                         {"name": "beta 8", "prioritized": "prio-b8", "matched": "matched-b8"}]}
@@ -208,3 +210,19 @@ def test_an_instance_level_analysis_needs_two_instances(tmp_path):
     row = next(line for line in s.lines if line.startswith("| S-acc-b4 | +"))
     assert "| fewer than 2 instances (1) | - | - | - |" in row
     assert s.numbers["hypotheses"]["S-acc-b8"]["by_instance"]["n"] == 4
+
+
+# The 90% intervals by hand: mean ± t_{0.95,3} sd / 2, t_{0.95,3} = 2.353363.
+# [0.01, -0.01, 0.0, 0.005]: mean 0.00125, squared deviations sum 2.1875e-4, sd 0.0085391: ± 0.0100478 -> [-0.9, +1.1] points;
+# [0.04, 0.01, 0.02, 0.05]: mean 0.03, squared deviations sum 1e-3, sd 0.018257: ± 0.021483 -> [+0.9, +5.1];
+# [0.04, -0.06, 0.02, -0.05]: mean -0.0125, squared deviations sum 7.475e-3, sd 0.049917: ± 0.058735 -> [-7.1, +4.6].
+@pytest.mark.parametrize("differences, p_holm, text", [
+    ([0.01, -0.01, 0.0, 0.005], 0.001, "equivalent within ±3.0 points (the 90% interval [-0.9, +1.1] lies inside)"),
+    ([0.01, -0.01, 0.0, 0.005], 0.2, "not shown equivalent within ±3.0 points: the 90% interval [-0.9, +1.1] excludes ±3.0, "
+                                     "but Holm's correction over the 12 hypotheses leaves p = 0.2000"),
+    ([0.04, 0.01, 0.02, 0.05], 0.3, "not shown equivalent within ±3.0 points: the 90% interval [+0.9, +5.1] does not exclude +3.0"),
+    ([0.04, -0.06, 0.02, -0.05], 0.9, "not shown equivalent within ±3.0 points: the 90% interval [-7.1, +4.6] does not exclude -3.0 or +3.0"),
+])
+def test_what_an_equivalence_test_shows_in_words(differences, p_holm, text):
+    r = HypothesisResult("E", "equivalence", 0.03, tost(differences, 0.03), p_holm)  # p_holm as Holm would give it among 12
+    assert equivalence_text({"metric": ACC, "margin": 0.03}, r, 0.05, 12) == text

@@ -26,7 +26,7 @@ def placement_study() -> dict:
         hypotheses += [{"name": f"S-acc-b{b}", **common, "metric": ACC, "margin": 0.0, "role": "superiority"},
                        {"name": f"E-acc-b{b}", **common, "metric": ACC, "margin": 0.03, "role": "equivalence"},
                        {"name": f"S-kl-b{b}", **common, "metric": KL, "margin": 0.0, "role": "superiority", "direction": "lower"},
-                       {"name": f"E-kl-b{b}", **common, "metric": KL, "margin": 0.01, "role": "equivalence"}]
+                       {"name": f"E-kl-b{b}", **common, "metric": KL, "margin": 0.01, "role": "equivalence", "direction": "lower"}]
     return {"models": ["n2", "n2-d10"], "seeds": 2, "first_seed": 100, "rl": {"task": "plus1", "kl_coef": 5.0}, "arms": arms,
             "hypotheses": hypotheses, "alpha": 0.05, "decision": "placement",
             "placement": {"baseline": "standard", "metric": ACC, "groups": groups}}

@@ -75,8 +75,8 @@ def equivalence_text(h: dict, r: HypothesisResult, alpha: float, family: int) ->
     outside = [value_text(metric, m) for m, beyond in ((-h["margin"], t.low_tost <= -h["margin"]), (h["margin"], t.high_tost >= h["margin"])) if beyond]
     if outside:
         return f"not shown equivalent within {within}: {interval} does not exclude {' or '.join(outside)}"
-    return (f"not shown equivalent within {within}: {interval} excludes both, but after Holm's correction over the {family} "
-            f"hypotheses p = {p_text(r.p_holm)}")
+    return (f"not shown equivalent within {within}: {interval} excludes ±{value_text(metric, h['margin'], sign=False)}, but Holm's "
+            f"correction over the {family} hypotheses leaves p = {p_text(r.p_holm)}")
 
 
 def lines(hypotheses: list[dict], a: Analysis, alpha: float, instances: list[str]) -> list[str]:

@@ -218,6 +218,7 @@ def plot_strength_curve(plots: Plots, points: list[dict]) -> str:
     ax.set_xlabel("in-distribution KL(policy || reference) per token (final/comfort_kl)")
     ax.set_ylabel("sampled N+1 accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.set_title("N+1 accuracy against distance from the reference\n(mean over runs, 95% intervals)", fontsize=9)
     return plots.save(fig, "confirm_strength")
