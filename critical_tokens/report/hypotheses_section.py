@@ -79,50 +79,59 @@ def equivalence_text(h: dict, r: HypothesisResult, alpha: float, family: int) ->
             f"correction over the {family} hypotheses leaves p = {p_text(r.p_holm)}")
 
 
+def _table(text: str, columns: list[str], rows: list[str]) -> list[str]:
+    return ["", text, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows]
+
+
+def _one_sided_row(h: dict, a: Analysis, alpha: float) -> str:
+    r, t, m = a.pooled[h["name"]], a.pooled[h["name"]].test, h["metric"]
+    shown = "-" if t is None else _interval(m, t.mean, t.low, t.high)
+    return (f"| {h['name']} | {h['role']} | {compared(h)} | `{m}` | {value_text(m, h['margin'])} | {t.n if t else 0} | "
+            f"{shown} | {p_text(t and t.p_t)} | {p_text(r.p_holm)} | {p_text(t and t.p_wilcoxon)} | {'yes' if r.rejects(alpha) else 'no'} |")
+
+
+def _equivalence_row(h: dict, a: Analysis, alpha: float, family: int) -> str:
+    r, t, m = a.pooled[h["name"]], a.pooled[h["name"]].test, h["metric"]
+    ts = "-" if t is None or t.t_lower is None else f"{t.t_lower:+.2f}, {t.t_upper:+.2f}"
+    return (f"| {h['name']} | {compared(h)} | `{m}` | {margin_text(m, h['margin'], True)} | {t.n if t else 0} | "
+            f"{'-' if t is None else _interval(m, t.mean, t.low, t.high)} | {ts} | {p_text(t and t.p_t)} | {p_text(r.p_holm)} | "
+            f"{p_text(t and t.p_wilcoxon)} | {equivalence_text(h, r, alpha, family)} |")
+
+
+def _instance_row(h: dict, a: Analysis, alpha: float, instances: list[str]) -> str:
+    name, m = h["name"], h["metric"]
+    counts = {i: sum(1 for (x, _), _ in a.pairs[name] if x == i) for i in instances}
+    cells = [f"{value_text(m, a.means[name].get(i))} (n={counts[i]})" for i in instances]
+    pooled, r = a.pooled[name].test, a.instances[name]
+    by = (f"fewer than 2 instances ({len(a.means[name])})" if r.test is None
+          else f"{_interval(m, r.test.mean, r.test.low, r.test.high)} (k={r.test.n})")
+    return (f"| {name} | " + " | ".join(cells) + f" | {value_text(m, pooled.mean) if pooled else '-'} (n={pooled.n if pooled else 0}) | "
+            f"{by} | {p_text(r.test and r.test.p_t)} | {p_text(r.p_holm)} | {'-' if r.test is None else 'yes' if r.rejects(alpha) else 'no'} |")
+
+
 def lines(hypotheses: list[dict], a: Analysis, alpha: float, instances: list[str]) -> list[str]:
-    """The tables: one-sided tests, equivalence tests, by instance, units left out."""
+    """The tables: one-sided tests, equivalence tests, by instance; then the units left out."""
     one_sided = [h for h in hypotheses if h["role"] != "equivalence"]
     equivalence = [h for h in hypotheses if h["role"] == "equivalence"]
-    out = []
+    family, out = len(hypotheses), []
     if one_sided:
-        out += ["", f"Each hypothesis tests mean(arm - versus) > margin (versus - arm where lower is better) over the (instance, seed) "
-                f"units both arms have; differences in points for accuracies; one-sided paired t-test, Holm's correction over the {len(hypotheses)} hypotheses, "
-                f"Wilcoxon signed-rank test (zeros dropped) as a check; rejects: Holm p < {alpha:g}.", "",
-                "| hypothesis | role | arm - versus | metric | margin | pairs | mean difference [95%] | t-test p | Holm p | Wilcoxon p | rejects |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for h in one_sided:
-            r, t, m = a.pooled[h["name"]], a.pooled[h["name"]].test, h["metric"]
-            shown = "-" if t is None else _interval(m, t.mean, t.low, t.high)
-            out.append(f"| {h['name']} | {h['role']} | {compared(h)} | `{m}` | {value_text(m, h['margin'])} | {t.n if t else 0} | "
-                       f"{shown} | {p_text(t and t.p_t)} | {p_text(r.p_holm)} | {p_text(t and t.p_wilcoxon)} | {'yes' if r.rejects(alpha) else 'no'} |")
+        out += _table(f"Each hypothesis tests mean(arm - versus) > margin (versus - arm where lower is better) over the (instance, seed) "
+                      f"units both arms have; differences in points for accuracies; one-sided paired t-test, Holm's correction over the "
+                      f"{family} hypotheses, Wilcoxon signed-rank test (zeros dropped) as a check; rejects: Holm p < {alpha:g}.",
+                      ["hypothesis", "role", "arm - versus", "metric", "margin", "pairs", "mean difference [95%]", "t-test p", "Holm p",
+                       "Wilcoxon p", "rejects"], [_one_sided_row(h, a, alpha) for h in one_sided])
     if equivalence:
-        out += ["", f"Equivalence (TOST): two one-sided paired t-tests of H0 d <= -margin and H0 d >= +margin, p the larger; "
-                f"equivalence holds when its Holm p (over all {len(hypotheses)} hypotheses) < {alpha:g}, as when the "
-                f"{100 * (1 - 2 * alpha):g}% interval lies inside ±margin (before Holm).", "",
-                "| hypothesis | difference | metric | margin | pairs | mean [95%] | t lower, upper | TOST p | Holm p | Wilcoxon p | result |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for h in equivalence:
-            r, t, m = a.pooled[h["name"]], a.pooled[h["name"]].test, h["metric"]
-            ts = "-" if t is None or t.t_lower is None else f"{t.t_lower:+.2f}, {t.t_upper:+.2f}"
-            out.append(f"| {h['name']} | {compared(h)} | `{m}` | {margin_text(m, h['margin'], True)} | {t.n if t else 0} | "
-                       f"{'-' if t is None else _interval(m, t.mean, t.low, t.high)} | {ts} | {p_text(t and t.p_t)} | {p_text(r.p_holm)} | "
-                       f"{p_text(t and t.p_wilcoxon)} | {equivalence_text(h, r, alpha, len(hypotheses))} |")
-    out += ["", "By instance: the mean difference over each instance's seeds (n: its pairs), pooled; then the instance-level "
-            "analysis, the same test on the instance means (k instances, k - 1 degrees of freedom), Holm over the "
-            f"{len(hypotheses)} hypotheses (a hypothesis holds or rejects at Holm p < {alpha:g}):", "",
-            "| hypothesis | " + " | ".join(instances) + " | pooled | by instance: mean [95%] (k) | p | Holm p | rejects |",
-            "|---" * (len(instances) + 6) + "|"]
-    for h in hypotheses:
-        name, m = h["name"], h["metric"]
-        counts = {i: sum(1 for (x, _), _ in a.pairs[name] if x == i) for i in instances}
-        cells = [f"{value_text(m, a.means[name].get(i))} (n={counts[i]})" for i in instances]
-        pooled, r = a.pooled[name].test, a.instances[name]
-        by = (f"fewer than 2 instances ({len(a.means[name])})" if r.test is None
-              else f"{_interval(m, r.test.mean, r.test.low, r.test.high)} (k={r.test.n})")
-        out.append(f"| {name} | " + " | ".join(cells) + f" | {value_text(m, pooled.mean) if pooled else '-'} (n={pooled.n if pooled else 0}) | "
-                   f"{by} | {p_text(r.test and r.test.p_t)} | {p_text(r.p_holm)} | {'-' if r.test is None else 'yes' if r.rejects(alpha) else 'no'} |")
-    out += ["", *left_out_lines(hypotheses, a, instances)]
-    return out
+        out += _table(f"Equivalence (TOST): two one-sided paired t-tests of H0 d <= -margin and H0 d >= +margin, p the larger; "
+                      f"equivalence holds when its Holm p (over all {family} hypotheses) < {alpha:g}, as when the "
+                      f"{100 * (1 - 2 * alpha):g}% interval lies inside ±margin (before Holm).",
+                      ["hypothesis", "difference", "metric", "margin", "pairs", "mean [95%]", "t lower, upper", "TOST p", "Holm p",
+                       "Wilcoxon p", "result"], [_equivalence_row(h, a, alpha, family) for h in equivalence])
+    out += _table("By instance: the mean difference over each instance's seeds (n: its pairs), pooled; then the instance-level "
+                  "analysis, the same test on the instance means (k instances, k - 1 degrees of freedom), Holm over the "
+                  f"{family} hypotheses (a hypothesis holds or rejects at Holm p < {alpha:g}):",
+                  ["hypothesis", *instances, "pooled", "by instance: mean [95%] (k)", "p", "Holm p", "rejects"],
+                  [_instance_row(h, a, alpha, instances) for h in hypotheses])
+    return out + ["", *left_out_lines(hypotheses, a, instances)]
 
 
 def left_out_lines(hypotheses: list[dict], a: Analysis, instances: list[str]) -> list[str]:

@@ -30,14 +30,10 @@ DECIMALS = 12
 
 
 @dataclass(frozen=True)
-class PairedResult:
-    """The one-sided paired tests of H0: mean difference <= margin against H1: mean difference > margin.
-
-    ``mean``, ``sd``, ``low``, ``high``: the mean difference, its standard deviation (ddof 1) and its
-    two-sided 95% t interval, in the units of the differences (None from one difference);
-    ``t``: (mean - margin) / (sd / sqrt(n)) with n - 1 degrees of freedom (None when sd = 0);
-    ``p_t``, ``p_wilcoxon``: the one-sided p-values (None from fewer than two differences).
-    """
+class Differences:
+    """What every paired test reports of its differences: their number ``n``, ``mean``, standard
+    deviation ``sd`` (ddof 1) and two-sided 95% t interval ``low``, ``high``, in the units of the
+    differences (None from one difference), and the test's ``margin``."""
 
     n: int
     mean: float
@@ -45,30 +41,33 @@ class PairedResult:
     low: float | None
     high: float | None
     margin: float
+
+
+@dataclass(frozen=True)
+class PairedResult(Differences):
+    """The one-sided paired tests of H0: mean difference <= margin against H1: mean difference > margin.
+
+    ``t``: (mean - margin) / (sd / sqrt(n)) with n - 1 degrees of freedom (None when sd = 0);
+    ``p_t``, ``p_wilcoxon``: the one-sided p-values (None from fewer than two differences).
+    """
+
     t: float | None
     p_t: float | None
     p_wilcoxon: float | None
 
 
 @dataclass(frozen=True)
-class EquivalenceResult:
+class EquivalenceResult(Differences):
     """The two one-sided paired tests (TOST) of H0: |mean difference| >= margin against H1: it is
     inside (-margin, +margin).
 
-    ``mean``, ``sd``, ``low``, ``high``: as in `PairedResult` (the two-sided 95% interval);
-    ``low_tost``, ``high_tost``: the (1 - 2 alpha) interval (90% at alpha 0.05), inside the margins
-    exactly when both tests reject at alpha; ``t_lower`` = (mean + margin) / se tests H0 d <= -margin
-    (p ``p_lower``), ``t_upper`` = (mean - margin) / se tests H0 d >= +margin (p ``p_upper``);
-    ``p_t`` = max(p_lower, p_upper), the TOST p-value; ``p_wilcoxon``: the same max of two one-sided
-    Wilcoxon tests. None where a single difference gives none, t's None when sd = 0.
+    ``low_tost``, ``high_tost``: the (1 - 2 alpha) interval (``level``: 90% at alpha 0.05), inside the
+    margins exactly when both tests reject at alpha; ``t_lower`` = (mean + margin) / se tests
+    H0 d <= -margin (p ``p_lower``), ``t_upper`` = (mean - margin) / se tests H0 d >= +margin
+    (p ``p_upper``); ``p_t`` = max(p_lower, p_upper), the TOST p-value; ``p_wilcoxon``: the same max of
+    two one-sided Wilcoxon tests. None where a single difference gives none, t's None when sd = 0.
     """
 
-    n: int
-    mean: float
-    sd: float | None
-    low: float | None
-    high: float | None
-    margin: float
     level: float
     low_tost: float | None
     high_tost: float | None
@@ -103,6 +102,13 @@ def paired_differences(a: Mapping[K, float], b: Mapping[K, float]) -> list[tuple
     return [(k, a[k] - b[k]) for k in sorted(set(a) & set(b))]
 
 
+def _nonempty(differences: Sequence[float], test: str) -> np.ndarray:
+    d = np.asarray(differences, dtype=float)
+    if len(d) == 0:
+        raise ValueError(f"{test} needs at least one difference")
+    return d
+
+
 def paired_test(differences: Sequence[float], margin: float = 0.0) -> PairedResult:
     """The paired t-test and the Wilcoxon signed-rank test of H1: mean difference > ``margin``.
 
@@ -114,11 +120,8 @@ def paired_test(differences: Sequence[float], margin: float = 0.0) -> PairedResu
     to the margin are dropped before ranking (zero_method "wilcox", scipy's default); when all are,
     p = 1 (no evidence of either sign). A negative margin makes it a non-inferiority test.
     """
-    d = np.asarray(differences, dtype=float)
-    n = len(d)
-    if n == 0:
-        raise ValueError("paired_test needs at least one difference")
-    mean = float(d.mean())
+    d = _nonempty(differences, "paired_test")
+    n, mean = len(d), float(d.mean())
     if n == 1:
         return PairedResult(1, mean, None, None, None, margin, None, None, None)
     x = np.round(d - margin, DECIMALS)
@@ -150,23 +153,19 @@ def tost(differences: Sequence[float], margin: float, alpha: float = 0.05) -> Eq
     """
     if not margin > 0:
         raise ValueError(f"an equivalence margin must be > 0, got {margin}")
-    d = np.asarray(differences, dtype=float)
-    n = len(d)
-    if n == 0:
-        raise ValueError("tost needs at least one difference")
-    mean = float(d.mean())
+    d = _nonempty(differences, "tost")
+    n, mean = len(d), float(d.mean())
     if n == 1:
         return EquivalenceResult(1, mean, None, None, None, margin, 1 - 2 * alpha, *[None] * 8)
     above, below = np.round(d + margin, DECIMALS), np.round(d - margin, DECIMALS)  # > 0 and < 0 inside the margins
-    sd = float(d.std(ddof=1))
-    if np.ptp(above) == 0:  # every difference the same
-        sd, t_lower, t_upper = 0.0, None, None
+    sd = 0.0 if np.ptp(above) == 0 else float(d.std(ddof=1))  # every difference the same: no spread to scale t by
+    se = sd / math.sqrt(n)
+    if sd == 0:
+        t_lower, t_upper = None, None
         p_lower, p_upper = (0.0 if above[0] > 0 else 1.0), (0.0 if below[0] < 0 else 1.0)
     else:
-        se = sd / math.sqrt(n)
         t_lower, t_upper = float(above.mean() / se), float(below.mean() / se)
         p_lower, p_upper = float(stats.t.sf(t_lower, n - 1)), float(stats.t.cdf(t_upper, n - 1))
-    se = sd / math.sqrt(n)
     half95, half_tost = float(stats.t.ppf(0.975, n - 1)) * se, float(stats.t.ppf(1 - alpha, n - 1)) * se
     p_w = max(_wilcoxon(above, "greater"), _wilcoxon(below, "less"))
     return EquivalenceResult(n, mean, sd, mean - half95, mean + half95, margin, 1 - 2 * alpha, mean - half_tost, mean + half_tost,
