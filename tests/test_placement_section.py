@@ -175,7 +175,10 @@ def test_units_left_out_are_named_with_their_reason(tmp_path):
     assert h["S-kl-b4"]["left_out"] == {"i3/seed102": "prio-b4: final evaluation has no `final/comfort_kl`"}
     assert h["S-acc-b4"]["n"] == 12 and h["S-acc-b4"]["left_out"] == {}
     assert "- S-acc-b8: 10 pairs used, 2 left out: (i1, 100): matched-b8: run not finished; (i2, 101): prio-b8: final evaluation" in text
-    assert "1 finished run(s) without a readable final evaluation: prio-b8 (i2, seed 101)" in s.numbers["state"]
+    # Not "complete": 72 runs planned, 71 finished, 70 with a final evaluation.
+    assert s.numbers["state"] == "incomplete: 70 of 72 runs have a readable final evaluation (prio-b8 (i2, seed 101) finished without one)"
+    assert (s.numbers["runs"], s.numbers["of"]) == (70, 72) and s.numbers["arms"]["prio-b8"]["runs"] == 11
+    assert "| prio-b8 | prioritized (beta 8) | 11/12 |" in text
 
 
 def test_a_study_without_the_continuous_endpoints_says_why_there_is_no_curve(tmp_path):

@@ -67,15 +67,16 @@ def _arm_table(arm_names: list[str], arm_jobs: dict[str, list[dict]], runs: dict
     per_arm = {}
     for arm in arm_names:
         config, r = arm_jobs[arm][0]["config"], finished(runs.get(arm, {}))
+        complete = sum(1 for x in r.values() if x["final"])  # finished with a readable final evaluation
         final = {name: proportion_interval(list(values(r, key).values()), config.get(field) if field else None)
                  for name, (key, field) in ENDPOINTS.items()}
         extra = {key: t_interval(list(values(r, CONTINUOUS[key][0]).values())) for key in CONTINUOUS}
         coefs = _coef_range([x["kl_coef"] for x in r.values() if x["kl_coef"] is not None])
         weight = t_interval([x["weight"] for x in r.values() if x["weight"] is not None])
-        per_arm[arm] = {"kl": _kl(config), "runs": len(r), "of": len(arm_jobs[arm]), "final": final, "kl_coef_used": coefs,
+        per_arm[arm] = {"kl": _kl(config), "runs": complete, "of": len(arm_jobs[arm]), "final": final, "kl_coef_used": coefs,
                         "mean_kl_weight": weight, "continuous": extra}
         coef_text = "-" if coefs is None else f"{coefs[0]:.4g}" + (f"..{coefs[1]:.4g}" if coefs[1] != coefs[0] else "")
-        lines.append(f"| {arm} | {_kl(config)} | {len(r)}/{len(arm_jobs[arm])} | {pct(final['sampled'])} | {pct(final['greedy'])} | "
+        lines.append(f"| {arm} | {_kl(config)} | {complete}/{len(arm_jobs[arm])} | {pct(final['sampled'])} | {pct(final['greedy'])} | "
                      f"{pct(final['comfort_greedy'])} | {num(final['p_correct_critical'])} | {coef_text} | {weight_text(None if weight is None else weight.mean)} |"
                      + "".join(f" {_significant(extra[key])} |" for key in continuous))
     return lines, per_arm
@@ -107,9 +108,12 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
         arm_jobs.setdefault(key.split("/", 1)[1], []).extend(jobs)
     arm_names = [a["name"] for a in spec["arms"] if a["name"] in arm_jobs]
     runs = study_runs(rep)
+    jobs = rep.experiment_jobs("confirm")
     unreadable = _unreadable(runs)
+    complete = len(rep.finished(jobs)) - len(unreadable)
     if unreadable:  # a finished run without its final evaluation is not a complete run
-        state += f"; {len(unreadable)} finished run(s) without a readable final evaluation: {', '.join(unreadable)}"
+        state = (f"incomplete: {complete} of {len(jobs)} runs have a readable final evaluation ({', '.join(unreadable)} "
+                 f"finished without one)")
     commit = rep.meta.get("preregistration_commit") or "not recorded"
     lines = [f"## {title}", "",
              f"State: {state}. Pre-registration: `{spec.get('preregistration', 'none')}` (first committed in `{commit}`); "
@@ -179,11 +183,10 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
                + (f" [{value_text(headline['metric'], t.low)}, {value_text(headline['metric'], t.high)}]" if t.low is not None else "")
                + f" over {t.n} {'pairs' if results is analysis.pooled else 'instances'}, Holm p {hypotheses_section.p_text(results[headline['name']].p_holm)}"
                if t else "no paired runs") + f"; decision: {decision}")
-    jobs = rep.experiment_jobs("confirm")
     per_instance = {h["name"]: {m: {"mean": analysis.means[h["name"]].get(m), "n": sum(1 for (x, _), _ in analysis.pairs[h["name"]] if x == m)}
                                 for m in instances} for h in hypotheses}
     numbers = {"state": state, "decision": decision, "rule": rule, "verdicts": verdicts, "alpha": alpha, "analysis": spec.get("analysis", "pooled"),
-               "runs": len(rep.finished(jobs)), "of": len(jobs), "compute_s": rep.compute_s("confirm"), "git_commit": rep.meta.get("git_commit"),
+               "runs": complete, "of": len(jobs), "compute_s": rep.compute_s("confirm"), "git_commit": rep.meta.get("git_commit"),
                "preregistration": {"path": spec.get("preregistration"), "commit": rep.meta.get("preregistration_commit")},
                "arms": per_arm, "hypotheses": {h["name"]: hypotheses_section.numbers(h, analysis, alpha) for h in hypotheses},
                "per_instance": per_instance, **({"groups": groups} if groups else {}), **({"strength_curve": point_numbers(points)} if points else {})}
