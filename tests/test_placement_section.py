@@ -112,6 +112,8 @@ def test_the_synthetic_study_decides_each_strength(study):
     assert min(x["p_holm"] for x in h.values()) == pytest.approx(8 * p[0])
     assert n["verdicts"] == {"beta 4": "strength explains it, within the margins", "beta 8": "placement adds"}
     assert n["decision"] == "strength explains it, within the margins: beta 4; placement adds: beta 8"
+    assert s.summary[0][2].startswith("beta 4: strength explains it, within the margins (placement share 0.00 [-0.")
+    assert s.summary[0][2].endswith("beta 8: placement adds (placement share 0.60 [0.60, 0.60])")
     assert "| beta 4 | prio-b4 | matched-b4 | strength explains it, within ±3.0 points on `final/accuracy_sampled`, ±0.01 on `final/comfort_kl` |" in text
     e4, e8 = h["E-acc-b4"], h["E-acc-b8"]
     assert f"| equivalent within ±3.0 points (the 90% interval [{100 * e4['low_tost']:+.1f}, {100 * e4['high_tost']:+.1f}] lies inside) |" in text
@@ -197,9 +199,12 @@ def test_the_instance_level_analysis_can_be_the_pre_registered_one(tmp_path):
     meta["preset"]["experiments"]["confirm"]["analysis"] = "instances"
     (rep.root / "reproduce.json").write_text(json.dumps(meta))
     s = section_confirm(Reproduction(rep.root), Plots(tmp_path / "plots"))
+    h = s.numbers["hypotheses"]
     assert s.numbers["analysis"] == "instances"
-    assert "Decision (the pre-registered rule, on the instance-level analysis as pre-registered)" in "\n".join(s.lines)
-    assert "over 4 instances" in s.summary[0][2]
+    held = ", ".join(name for name, x in h.items() if x["by_instance"]["rejects"])
+    assert h["E-acc-b4"]["by_instance"]["p_holm"] != h["E-acc-b4"]["p_holm"]  # the decision reads the other analysis
+    assert f"Decision (the pre-registered rule, on the instance-level analysis as pre-registered): **" in "\n".join(s.lines)
+    assert f"after Holm: {held};" in "\n".join(s.lines)
 
 
 def test_an_instance_level_analysis_needs_two_instances(tmp_path):

@@ -176,13 +176,7 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
               "evaluation above), mean over instances and seeds with 95% intervals.", "", f"![confirm curves]({curves})", ""] if curves else []
     lines += ["### Deviations from the pre-registration", "", *_deviations(spec), ""]
 
-    headline = next((h for h in hypotheses if h["role"] == "primary"), hypotheses[0])
-    t = results[headline["name"]].test
-    ours = (f"{headline['name']} ({hypotheses_section.compared(headline)}): "
-            + (f"{value_text(headline['metric'], t.mean)}{' points' if 'accuracy' in headline['metric'] else ''}"
-               + (f" [{value_text(headline['metric'], t.low)}, {value_text(headline['metric'], t.high)}]" if t.low is not None else "")
-               + f" over {t.n} {'pairs' if results is analysis.pooled else 'instances'}, Holm p {hypotheses_section.p_text(results[headline['name']].p_holm)}"
-               if t else "no paired runs") + f"; decision: {decision}")
+    ours = _placement_headline(groups) if groups else _headline(hypotheses, results, results is analysis.pooled, decision)
     per_instance = {h["name"]: {m: {"mean": analysis.means[h["name"]].get(m), "n": sum(1 for (x, _), _ in analysis.pairs[h["name"]] if x == m)}
                                 for m in instances} for h in hypotheses}
     numbers = {"state": state, "decision": decision, "rule": rule, "verdicts": verdicts, "alpha": alpha, "analysis": spec.get("analysis", "pooled"),
@@ -191,3 +185,21 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
                "arms": per_arm, "hypotheses": {h["name"]: hypotheses_section.numbers(h, analysis, alpha) for h in hypotheses},
                "per_instance": per_instance, **({"groups": groups} if groups else {}), **({"strength_curve": point_numbers(points)} if points else {})}
     return Section(lines, [(finding, PAPER_CLAIMS["kl_comparison"], ours, decision)], numbers)
+
+
+def _headline(hypotheses: list[dict], results: dict, pooled: bool, decision: str) -> str:
+    """The summary table's "ours" for a study: its primary hypothesis's difference and Holm p, and the decision."""
+    h = next((h for h in hypotheses if h["role"] == "primary"), hypotheses[0])
+    t, metric = results[h["name"]].test, h["metric"]
+    if t is None:
+        return f"{h['name']} ({hypotheses_section.compared(h)}): no paired runs; decision: {decision}"
+    interval = f" [{value_text(metric, t.low)}, {value_text(metric, t.high)}]" if t.low is not None else ""
+    return (f"{h['name']} ({hypotheses_section.compared(h)}): {value_text(metric, t.mean)}{' points' if 'accuracy' in metric else ''}{interval} "
+            f"over {t.n} {'pairs' if pooled else 'instances'}, Holm p {hypotheses_section.p_text(results[h['name']].p_holm)}; decision: {decision}")
+
+
+def _placement_headline(groups: dict) -> str:
+    """The summary table's "ours" for the placement rule: each group's verdict and placement share."""
+    def share(s: dict) -> str:
+        return "-" if s["mean"] is None else f"{s['mean']:.2f}" + (f" [{s['low']:.2f}, {s['high']:.2f}]" if s["low"] is not None else "")
+    return "; ".join(f"{g}: {x['verdict']} (placement share {share(x['share'])})" for g, x in groups.items())
