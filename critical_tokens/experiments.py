@@ -21,7 +21,8 @@ A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes eve
   - ``confirm`` (a pre-registered study): ``{"models", "seeds", "first_seed", "rl", "arms",
     "hypotheses", "alpha", "preregistration", "decision", "title"}``: the arms from each model
     instance at the seeds ``first_seed .. first_seed + seeds - 1``, the same seeds in every arm
-    (paired), and the hypotheses the report tests on them (`report.paired`): each ``{"name", "arm",
+    (paired), and the hypotheses the report tests on them (checked by `hypotheses`, tested by
+    `report.paired`): each ``{"name", "arm",
     "versus", "metric", "margin", "role"}`` and optionally ``"direction"`` ("higher", the default,
     or "lower": the arm is better where the metric, e.g. a KL, is lower; the test is then on
     versus - arm) and ``"group"``. ``metric`` is a ``final/...`` key; ``margin`` is in its units
@@ -54,7 +55,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +65,8 @@ from . import evaluate, pretrain as pretraining
 from .rl import config as rl_config
 from .critical.command import CriticalConfig
 from .evaluate import EvaluateConfig
-from .preset_fields import SECTIONS, section_fields, typed_fields
+from .hypotheses import analysed_arms, check_study
+from .preset_fields import SECTIONS, check_keys, section_fields, typed_fields
 from .pretrain import PretrainConfig
 from .rl.config import RLConfig
 from .runs import UserError, read_json
@@ -87,18 +88,6 @@ EXPERIMENT_KEYS = {
                 "analysis", "placement"},
 }
 OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration", "decision", "title", "analysis", "placement"}
-HYPOTHESIS_KEYS = {"name", "arm", "versus", "metric", "margin", "role"}
-HYPOTHESIS_OPTIONAL = {"direction", "group"}
-DIRECTIONS = ("higher", "lower")  # where the metric is better: an accuracy higher, a KL to the reference lower
-DECISIONS = ("confirm", "per-arm", "placement")  # report.paired.decide, decide_per_arm and decide_placement
-# The roles each rule reads; "comparison" and, outside placement, "equivalence" are tested (and in
-# Holm's family) but enter no verdict.
-ROLES_OF = {"confirm": ("primary", "control", "safety", "comparison", "equivalence"),
-            "per-arm": ("primary", "control", "safety", "comparison", "equivalence"),
-            "placement": ("superiority", "equivalence", "comparison")}
-ANALYSES = ("pooled", "instances")  # the decision's units: (instance, seed) pairs, or per-instance means
-PLACEMENT_KEYS = {"baseline", "metric", "groups"}
-GROUP_KEYS = {"name", "prioritized", "matched"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -125,7 +114,7 @@ def load_preset(name_or_path: str) -> tuple[dict, str]:
 def check_preset(preset: dict, where: str) -> None:
     if not isinstance(preset, dict):
         raise UserError(f"{where}: a preset is a JSON object")
-    _check_keys(preset, {"name", "description", "notes", *SECTIONS, "experiments"}, where)
+    check_keys(preset, {"name", "description", "notes", *SECTIONS, "experiments"}, where)
     for key in ("models", "experiments"):
         if not isinstance(preset.get(key), dict) or not preset[key]:
             raise UserError(f"{where}: '{key}' must be a non-empty object")
@@ -138,7 +127,7 @@ def check_preset(preset: dict, where: str) -> None:
         if experiment not in EXPERIMENT_KEYS:
             raise UserError(f"{where}: unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
         here = f"{where}: experiments.{experiment}"
-        _check_keys(spec, EXPERIMENT_KEYS[experiment] | {"notes"}, here)
+        check_keys(spec, EXPERIMENT_KEYS[experiment] | {"notes"}, here)
         for model in spec.get("models", []) + ([spec["model"]] if "model" in spec else []):
             if model not in preset["models"]:
                 raise UserError(f"{here}: no model {model!r} in 'models' ({', '.join(preset['models'])})")
@@ -150,113 +139,10 @@ def check_preset(preset: dict, where: str) -> None:
         if "first_seed" in spec and (not isinstance(spec["first_seed"], int) or spec["first_seed"] < 0):
             raise UserError(f"{here}: 'first_seed' must be an integer >= 0")
         if experiment == "confirm":
-            _check_hypotheses(spec, here)
+            check_study(spec, here)
     if "tracked_tokens" in preset["experiments"] and "kl_comparison" not in preset["experiments"]:
         raise UserError(f"{where}: tracked_tokens reads the kl_comparison runs; add a kl_comparison experiment")
     plan(preset, where)  # builds every config: a bad value fails here, not an hour into the run
-
-
-def _check_hypotheses(spec: dict, where: str) -> None:
-    """A study's hypotheses, its decision rule and what the rule needs, each checked once (one line per error)."""
-    arms = {arm.get("name") for arm in spec["arms"] if isinstance(arm, dict)}
-    if not isinstance(spec["hypotheses"], list) or not spec["hypotheses"]:
-        raise UserError(f"{where}: 'hypotheses' must be a non-empty list")
-    decision = spec.get("decision", "confirm")
-    if decision not in DECISIONS:
-        raise UserError(f"{where}: 'decision' is one of {', '.join(DECISIONS)}, got {decision!r}")
-    if (decision == "placement") != ("placement" in spec):
-        raise UserError(f"{where}: 'placement' (baseline, metric, groups) goes with, and only with, \"decision\": \"placement\"")
-    names = []
-    for h in spec["hypotheses"]:
-        _check_hypothesis(h, arms, ROLES_OF[decision], f"{where}: hypothesis")
-        if h["name"] in names:
-            raise UserError(f"{where}: two hypotheses are named {h['name']!r}")
-        names.append(h["name"])
-    primaries = [h["arm"] for h in spec["hypotheses"] if h["role"] == "primary"]
-    if decision == "confirm" and len(primaries) != 1:
-        raise UserError(f"{where}: exactly one hypothesis has the role 'primary'")
-    if decision == "per-arm" and (not primaries or len(set(primaries)) != len(primaries)):
-        raise UserError(f"{where}: decision per-arm: each arm it judges has exactly one 'primary' hypothesis (and at least one arm)")
-    if decision == "placement":
-        _check_placement(spec, arms, where)
-    elif any("group" in h for h in spec["hypotheses"]):
-        raise UserError(f"{where}: a hypothesis's 'group' names a group of \"decision\": \"placement\"; this study's decision is {decision}")
-    if not isinstance(spec.get("title", ""), str):
-        raise UserError(f"{where}: 'title' must be a string")
-    alpha = spec.get("alpha", 0.05)
-    if not isinstance(alpha, float) or not 0 < alpha < 1:
-        raise UserError(f"{where}: 'alpha' must be a number in (0, 1)")
-    if spec.get("analysis", "pooled") not in ANALYSES:
-        raise UserError(f"{where}: 'analysis' (the one the decision reads) is one of {', '.join(ANALYSES)}, got {spec['analysis']!r}")
-
-
-def _check_hypothesis(h: Any, arms: set, roles: tuple[str, ...], where: str) -> None:
-    """One hypothesis: its keys, arms, metric, role (among the decision's ``roles``), margin and direction."""
-    _check_keys(h, HYPOTHESIS_KEYS | HYPOTHESIS_OPTIONAL, where)
-    if not HYPOTHESIS_KEYS <= set(h):
-        raise UserError(f"{where} {h.get('name')!r} needs {', '.join(sorted(HYPOTHESIS_KEYS))}")
-    name = h["name"]
-    if not isinstance(name, str) or not name:
-        raise UserError(f"{where}: 'name' must be a non-empty string, got {name!r}")
-    if h["arm"] not in arms or h["versus"] not in arms or h["arm"] == h["versus"]:
-        raise UserError(f"{where} {name!r} compares arms {h['arm']!r} and {h['versus']!r}; it needs two different arms of {', '.join(sorted(arms))}")
-    if not isinstance(h["metric"], str) or not h["metric"].startswith("final/"):
-        raise UserError(f"{where} {name!r}: 'metric' is a key of the runs' final evaluation, 'final/...', got {h['metric']!r}")
-    if h["role"] not in roles:
-        raise UserError(f"{where} {name!r}: role is one of {', '.join(roles)} (with this decision rule), got {h['role']!r}")
-    margin = h["margin"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise UserError(f"{where} {name!r}: 'margin' must be a finite number (in the metric's units), got {margin!r}")
-    if h["role"] == "equivalence" and not margin > 0:
-        raise UserError(f"{where} {name!r}: an equivalence hypothesis's margin is the ± bound, > 0; got {margin}")
-    if h["role"] == "superiority" and margin < 0:
-        raise UserError(f"{where} {name!r}: a superiority hypothesis's margin is >= 0 (below 0 it is non-inferiority); got {margin}")
-    if h.get("direction", "higher") not in DIRECTIONS:
-        raise UserError(f"{where} {name!r}: 'direction' (where the metric is better) is one of {', '.join(DIRECTIONS)}, got {h['direction']!r}")
-
-
-def _check_placement(spec: dict, arms: set, where: str) -> None:
-    """The ``placement`` object of a study decided by `report.paired.decide_placement`: its baseline
-    arm, the metric of the placement share, and the groups, each a prioritized arm and its matched
-    uniform arm; every hypothesis belongs to a group and compares that group's two arms."""
-    placement, here = spec["placement"], f"{where}: placement"
-    _check_keys(placement, PLACEMENT_KEYS, here)
-    if set(placement) != PLACEMENT_KEYS:
-        raise UserError(f"{here} needs {', '.join(sorted(PLACEMENT_KEYS))}")
-    if placement["baseline"] not in arms:
-        raise UserError(f"{here}: 'baseline' must be an arm ({', '.join(sorted(arms))}), got {placement['baseline']!r}")
-    if not isinstance(placement["metric"], str) or not placement["metric"].startswith("final/"):
-        raise UserError(f"{here}: 'metric' (of the placement share) is a key of the final evaluation, 'final/...', got {placement['metric']!r}")
-    groups = placement["groups"]
-    if not isinstance(groups, list) or not groups:
-        raise UserError(f"{here}: 'groups' must be a non-empty list of {{\"name\", \"prioritized\", \"matched\"}}")
-    pairs = {}
-    for g in groups:
-        _check_keys(g, GROUP_KEYS, f"{here}: group")
-        if set(g) != GROUP_KEYS or not isinstance(g["name"], str) or not g["name"] or g["name"] in pairs:
-            raise UserError(f"{here}: each group has a distinct non-empty 'name', a 'prioritized' and a 'matched' arm; got {g}")
-        if g["prioritized"] not in arms or g["matched"] not in arms or len({g["prioritized"], g["matched"], placement["baseline"]}) < 3:
-            raise UserError(f"{here}: group {g['name']!r}: 'prioritized' and 'matched' are two arms other than the baseline, got "
-                            f"{g['prioritized']!r} and {g['matched']!r}")
-        pairs[g["name"]] = {g["prioritized"], g["matched"]}
-    for h in spec["hypotheses"]:
-        if h.get("group") not in pairs:
-            raise UserError(f"{where}: hypothesis {h['name']!r}: 'group' must name a group ({', '.join(pairs)}), got {h.get('group')!r}")
-        if h["role"] != "comparison" and {h["arm"], h["versus"]} != pairs[h["group"]]:
-            raise UserError(f"{where}: hypothesis {h['name']!r} ({h['role']}) compares {h['arm']} and {h['versus']}; "
-                            f"group {h['group']!r} compares {' and '.join(sorted(pairs[h['group']]))}")
-    for group in pairs:
-        if not any(h["group"] == group and h["role"] != "comparison" for h in spec["hypotheses"]):
-            raise UserError(f"{here}: group {group!r} has no superiority or equivalence hypothesis to decide it")
-
-
-def analysed_arms(spec: dict) -> set[str]:
-    """The arms a study's analysis reads: those its hypotheses compare, and its placement groups' and baseline."""
-    named = {h[key] for h in spec.get("hypotheses", []) for key in ("arm", "versus")}
-    placement = spec.get("placement")
-    if not placement:
-        return named
-    return named | {placement["baseline"]} | {g[key] for g in placement["groups"] for key in ("prioritized", "matched")}
 
 
 def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
@@ -265,14 +151,6 @@ def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
     if shipped is not None and not (isinstance(shipped, str) and NAME.match(shipped)):
         raise UserError(f"{where}: models.{name}.shipped must be the name of a directory in {CHECKPOINTS_DIR}")
     return typed_fields(PretrainConfig, fields, SECTIONS["models"][1], f"{where}: models.{name}")
-
-
-def _check_keys(obj: Any, allowed: set, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise UserError(f"{where} must be a JSON object")
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; expected {', '.join(sorted(allowed))}")
 
 
 def _check_name(name: Any, where: str) -> None:
