@@ -21,11 +21,23 @@ A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes eve
   - ``confirm`` (a pre-registered study): ``{"models", "seeds", "first_seed", "rl", "arms",
     "hypotheses", "alpha", "preregistration", "decision", "title"}``: the arms from each model
     instance at the seeds ``first_seed .. first_seed + seeds - 1``, the same seeds in every arm
-    (paired), and the hypotheses the report tests on them (`report.paired`): each ``{"name", "arm",
-    "versus", "metric", "margin", "role"}``, role "primary", "control", "safety" or "comparison".
+    (paired), and the hypotheses the report tests on them (checked by `hypotheses`, tested by
+    `report.paired`): each ``{"name", "arm",
+    "versus", "metric", "margin", "role"}`` and optionally ``"direction"`` ("higher", the default,
+    or "lower": the arm is better where the metric, e.g. a KL, is lower; the test is then on
+    versus - arm) and ``"group"``. ``metric`` is a ``final/...`` key; ``margin`` is in its units
+    (0.03: 3 points of accuracy). Roles: "primary", "control", "safety", "comparison",
+    "superiority" (one-sided paired t-test of difference > margin, margin >= 0) and "equivalence"
+    (TOST: |difference| < margin, margin > 0); Holm's correction runs over all of them.
     ``decision`` is the rule: "confirm" (one primary hypothesis, its controls and safety:
-    `paired.decide`) or "per-arm" (a verdict for each arm with a primary hypothesis, from it and
-    that arm's safety hypothesis: `paired.decide_per_arm`); ``title`` heads its report section. Its runs are
+    `paired.decide`), "per-arm" (a verdict for each arm with a primary hypothesis, from it and
+    that arm's safety hypothesis: `paired.decide_per_arm`) or "placement" (a verdict per group of
+    "superiority", "equivalence" and "comparison" hypotheses: `paired.decide_placement`), which
+    needs ``"placement": {"baseline": arm, "metric": "final/...", "groups": [{"name", "prioritized",
+    "matched"}]}`` (each hypothesis's ``group`` names one, and compares its two arms; the share
+    (P - M) / (P - baseline) on ``metric`` is reported per group). ``analysis`` is the one the
+    decision reads: "pooled" (default: the (instance, seed) units) or "instances" (the per-instance
+    means); both are reported. ``title`` heads its report section. Its runs are
     ``OUT/confirm/<model>/<arm>/seed<k>/``; ``preregistration`` is the path (in the repository) of
     the document that fixed the study before it ran.
   Every experiment may carry a ``"notes"`` string; so may the preset.
@@ -53,7 +65,8 @@ from . import evaluate, pretrain as pretraining
 from .rl import config as rl_config
 from .critical.command import CriticalConfig
 from .evaluate import EvaluateConfig
-from .preset_fields import SECTIONS, section_fields, typed_fields
+from .hypotheses import analysed_arms, check_study
+from .preset_fields import SECTIONS, check_keys, section_fields, typed_fields
 from .pretrain import PretrainConfig
 from .rl.config import RLConfig
 from .runs import UserError, read_json
@@ -71,12 +84,10 @@ EXPERIMENT_KEYS = {
     "rl_levels": {"models", "seeds", "rl"},
     "tracked_tokens": set(),
     "kl_by_model": {"models", "seeds", "rl", "arms"},
-    "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration", "decision", "title"},
+    "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration", "decision", "title",
+                "analysis", "placement"},
 }
-OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration", "decision", "title"}
-HYPOTHESIS_KEYS = {"name", "arm", "versus", "metric", "margin", "role"}
-ROLES = ("primary", "control", "safety", "comparison")
-DECISIONS = ("confirm", "per-arm")  # report.paired.decide and decide_per_arm
+OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration", "decision", "title", "analysis", "placement"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -103,7 +114,7 @@ def load_preset(name_or_path: str) -> tuple[dict, str]:
 def check_preset(preset: dict, where: str) -> None:
     if not isinstance(preset, dict):
         raise UserError(f"{where}: a preset is a JSON object")
-    _check_keys(preset, {"name", "description", "notes", *SECTIONS, "experiments"}, where)
+    check_keys(preset, {"name", "description", "notes", *SECTIONS, "experiments"}, where)
     for key in ("models", "experiments"):
         if not isinstance(preset.get(key), dict) or not preset[key]:
             raise UserError(f"{where}: '{key}' must be a non-empty object")
@@ -116,7 +127,7 @@ def check_preset(preset: dict, where: str) -> None:
         if experiment not in EXPERIMENT_KEYS:
             raise UserError(f"{where}: unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
         here = f"{where}: experiments.{experiment}"
-        _check_keys(spec, EXPERIMENT_KEYS[experiment] | {"notes"}, here)
+        check_keys(spec, EXPERIMENT_KEYS[experiment] | {"notes"}, here)
         for model in spec.get("models", []) + ([spec["model"]] if "model" in spec else []):
             if model not in preset["models"]:
                 raise UserError(f"{here}: no model {model!r} in 'models' ({', '.join(preset['models'])})")
@@ -128,37 +139,10 @@ def check_preset(preset: dict, where: str) -> None:
         if "first_seed" in spec and (not isinstance(spec["first_seed"], int) or spec["first_seed"] < 0):
             raise UserError(f"{here}: 'first_seed' must be an integer >= 0")
         if experiment == "confirm":
-            _check_hypotheses(spec, here)
+            check_study(spec, here)
     if "tracked_tokens" in preset["experiments"] and "kl_comparison" not in preset["experiments"]:
         raise UserError(f"{where}: tracked_tokens reads the kl_comparison runs; add a kl_comparison experiment")
     plan(preset, where)  # builds every config: a bad value fails here, not an hour into the run
-
-
-def _check_hypotheses(spec: dict, where: str) -> None:
-    arms = {arm.get("name") for arm in spec["arms"] if isinstance(arm, dict)}
-    if not isinstance(spec["hypotheses"], list) or not spec["hypotheses"]:
-        raise UserError(f"{where}: 'hypotheses' must be a non-empty list")
-    for h in spec["hypotheses"]:
-        _check_keys(h, HYPOTHESIS_KEYS, f"{where}: hypothesis")
-        if set(h) != HYPOTHESIS_KEYS:
-            raise UserError(f"{where}: hypothesis {h.get('name')!r} needs {', '.join(sorted(HYPOTHESIS_KEYS))}")
-        if h["arm"] not in arms or h["versus"] not in arms:
-            raise UserError(f"{where}: hypothesis {h['name']!r} compares arms {h['arm']!r} and {h['versus']!r}; the arms are {', '.join(sorted(arms))}")
-        if h["role"] not in ROLES or not isinstance(h["margin"], (int, float)):
-            raise UserError(f"{where}: hypothesis {h['name']!r}: role is one of {', '.join(ROLES)} and margin a number")
-    decision = spec.get("decision", "confirm")
-    if decision not in DECISIONS:
-        raise UserError(f"{where}: 'decision' is one of {', '.join(DECISIONS)}, got {decision!r}")
-    primaries = [h["arm"] for h in spec["hypotheses"] if h["role"] == "primary"]
-    if decision == "confirm" and len(primaries) != 1:
-        raise UserError(f"{where}: exactly one hypothesis has the role 'primary'")
-    if decision == "per-arm" and (not primaries or len(set(primaries)) != len(primaries)):
-        raise UserError(f"{where}: decision per-arm: each arm it judges has exactly one 'primary' hypothesis (and at least one arm)")
-    if not isinstance(spec.get("title", ""), str):
-        raise UserError(f"{where}: 'title' must be a string")
-    alpha = spec.get("alpha", 0.05)
-    if not isinstance(alpha, float) or not 0 < alpha < 1:
-        raise UserError(f"{where}: 'alpha' must be a number in (0, 1)")
 
 
 def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
@@ -167,14 +151,6 @@ def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
     if shipped is not None and not (isinstance(shipped, str) and NAME.match(shipped)):
         raise UserError(f"{where}: models.{name}.shipped must be the name of a directory in {CHECKPOINTS_DIR}")
     return typed_fields(PretrainConfig, fields, SECTIONS["models"][1], f"{where}: models.{name}")
-
-
-def _check_keys(obj: Any, allowed: set, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise UserError(f"{where} must be a JSON object")
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; expected {', '.join(sorted(allowed))}")
 
 
 def _check_name(name: Any, where: str) -> None:
@@ -268,7 +244,7 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
         first = spec.get("first_seed", 0)
         # A study's arms that no hypothesis names (context, e.g. no KL) run after all the others: a
         # study stopped by the clock has its hypotheses' pairs complete at as many seeds as it could.
-        tested = {h[key] for h in spec.get("hypotheses", []) for key in ("arm", "versus")}
+        tested = analysed_arms(spec)
         passes = [[a for a in arms if a[0].split("/")[-1] in tested], [a for a in arms if a[0].split("/")[-1] not in tested]] if tested else [arms]
         order = [(*a, seed) for part in passes for seed in range(first, first + spec["seeds"]) for a in part]  # seed-major: a
         # reproduction stopped early has every arm at (about) the same seeds

@@ -66,3 +66,11 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     if get_origin(kind) is tuple and isinstance(value, list):
         return tuple(value)
     raise UserError(f"{where}: {value!r} is not of type {getattr(kind, '__name__', kind)}")
+
+
+def check_keys(obj: Any, allowed: set, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} must be a JSON object")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; expected {', '.join(sorted(allowed))}")

@@ -5,7 +5,9 @@ import math
 import pytest
 from scipy import stats
 
-from critical_tokens.report.paired import HypothesisResult, PairedResult, decide, decide_per_arm, holm, hypothesis_results, paired_differences, paired_test
+from critical_tokens.report.paired import (EquivalenceResult, HypothesisResult, PairedResult, decide, decide_per_arm, decide_placement,
+                                          decision_summary, holm, hypothesis_results, instance_means, paired_differences, paired_test,
+                                          placement_share, tost)
 
 
 def t3_sf(t: float) -> float:
@@ -140,3 +142,100 @@ def test_decide_per_arm_gives_each_arm_its_verdict_from_its_own_gain_and_safety(
     assert decide_per_arm(r, METHOD_ARMS, alpha=0.015)["a"] == "gains, loses the comfort zone"  # S-a at 0.02 no longer holds
     r["S-c"] = HypothesisResult("S-c", "safety", -0.02, None, None)
     assert decide_per_arm(r, METHOD_ARMS)["c"] == "not run"  # a hypothesis without two pairs: no verdict yet
+
+
+def test_tost_by_hand():
+    r = tost([0.5, -0.5, 1.0, 0.0], margin=2.0)
+    # mean 1.0 / 4 = 0.25; deviations 0.25, -0.75, 0.75, -0.25: sd² = (0.0625 + 0.5625 + 0.5625 + 0.0625) / 3 = 5/12;
+    # se = sd / 2 = sqrt(5/48) = 0.322749.
+    # H0 d <= -2: t_lower = (0.25 + 2) / se = 2.25 sqrt(48/5) = 6.971370, p_lower = P(T_3 >= 6.971370);
+    # H0 d >= +2: t_upper = (0.25 - 2) / se = -1.75 sqrt(48/5) = -5.422177, p_upper = P(T_3 <= -5.422177) = P(T_3 >= 5.422177).
+    # The TOST p is the larger: t_upper is nearer 0, so p = p_upper.
+    assert (r.n, r.mean, r.margin) == (4, 0.25, 2.0)
+    assert r.sd == pytest.approx(math.sqrt(5 / 12))
+    assert (r.t_lower, r.t_upper) == (pytest.approx(2.25 * math.sqrt(48 / 5)), pytest.approx(-1.75 * math.sqrt(48 / 5)))
+    assert r.p_lower == pytest.approx(t3_sf(2.25 * math.sqrt(48 / 5)), rel=1e-9)
+    assert r.p_upper == pytest.approx(t3_sf(1.75 * math.sqrt(48 / 5)), rel=1e-9)
+    assert r.p_t == r.p_upper > r.p_lower
+    # 90% interval: 0.25 ± t_{0.95,3} se = 0.25 ± 2.353363 x 0.322749 = 0.25 ± 0.759545, inside ±2.
+    assert r.level == pytest.approx(0.90)
+    assert (r.low_tost, r.high_tost) == (pytest.approx(0.25 - 0.759545, abs=1e-6), pytest.approx(0.25 + 0.759545, abs=1e-6))
+    # Wilcoxon: d + 2 = [2.5, 1.5, 3, 2] all positive, p = 1/16; d - 2 = [-1.5, -2.5, -1, -2] all negative, p = 1/16.
+    assert r.p_wilcoxon == pytest.approx(1 / 16)
+
+
+def test_tost_fails_where_the_interval_reaches_the_margin():
+    # The same differences at margin 1: t_upper = (0.25 - 1) / se = -0.75 sqrt(48/5) = -2.323790: p = P(T_3 >= 2.323790) = 0.051...
+    r = tost([0.5, -0.5, 1.0, 0.0], margin=1.0)
+    assert r.p_t == pytest.approx(t3_sf(0.75 * math.sqrt(48 / 5)), rel=1e-9) and r.p_t > 0.05
+    assert r.high_tost > 1.0  # the 90% interval does not exclude +1
+    # At alpha 0.1 the interval is 80%: 0.25 + t_{0.9,3} se = 0.25 + 1.637744 x 0.322749 = 0.778580 < 1, and p < 0.1.
+    wide = tost([0.5, -0.5, 1.0, 0.0], margin=1.0, alpha=0.1)
+    assert wide.level == pytest.approx(0.8) and wide.high_tost == pytest.approx(0.778580, abs=1e-6) and wide.p_t < 0.1
+
+
+def test_tost_of_equal_and_single_differences():
+    inside, edge = tost([0.5] * 3, margin=1.0), tost([1.0] * 3, margin=1.0)
+    assert (inside.p_t, inside.t_lower, inside.low_tost, inside.high_tost) == (0.0, None, 0.5, 0.5)
+    assert edge.p_t == 1.0  # at the margin is not inside it
+    one = tost([0.3], margin=1.0)
+    assert (one.n, one.p_t, one.low_tost) == (1, None, None)
+    with pytest.raises(ValueError):
+        tost([0.1, 0.2], margin=0.0)
+
+
+def test_holm_runs_over_superiority_and_equivalence_together():
+    d = [0.5, -0.5, 1.0, 0.0]
+    r = hypothesis_results({"S": [1, 2, 3, 4], "E": d}, {"S": 0.0, "E": 2.0}, {"S": "superiority", "E": "equivalence"})
+    assert isinstance(r["E"].test, EquivalenceResult) and isinstance(r["S"].test, PairedResult)
+    p_s, p_e = 0.015233, t3_sf(1.75 * math.sqrt(48 / 5))  # the two tests by hand above; p_e < p_s
+    assert r["E"].p_holm == pytest.approx(2 * p_e, rel=1e-6)
+    assert r["S"].p_holm == pytest.approx(max(2 * p_e, p_s), abs=1e-6)
+    assert r["E"].rejects() and r["S"].rejects()
+
+
+def test_instance_means_are_each_instances_mean_over_its_seeds():
+    pairs = [(("i2", 100), 0.3), (("i1", 100), 0.1), (("i1", 101), 0.2), (("i2", 101), 0.5)]
+    assert instance_means(pairs) == {"i2": pytest.approx(0.4), "i1": pytest.approx(0.15)}
+
+
+PLACEMENT_ROLES = {"S-acc": "superiority", "E-acc": "equivalence", "S-kl": "superiority", "E-kl": "equivalence", "C": "comparison"}
+
+
+@pytest.mark.parametrize("p, verdict", [
+    ({"S-acc": 0.01, "E-acc": 0.50, "S-kl": 0.60, "E-kl": 0.70}, "placement adds"),
+    ({"S-acc": 0.60, "E-acc": 0.50, "S-kl": 0.01, "E-kl": 0.01}, "placement adds"),  # on the comfort endpoint; superiority first
+    ({"S-acc": 0.60, "E-acc": 0.01, "S-kl": 0.60, "E-kl": 0.02}, "strength explains it, within the margins"),
+    ({"S-acc": 0.60, "E-acc": 0.01, "S-kl": 0.60, "E-kl": 0.20}, "undecided"),  # one equivalence not shown
+    ({"S-acc": 0.60, "E-acc": 0.01, "S-kl": None, "E-kl": 0.01}, "not run"),
+])
+def test_decide_placement_each_branch(p, verdict):
+    r = {h: HypothesisResult(h, PLACEMENT_ROLES[h], 0.0, None, x) for h, x in {**p, "C": 0.001}.items()}
+    groups = {h: "beta 8" for h in r} | {"C": "beta 4"}  # a group with only a comparison decides nothing either way
+    assert decide_placement(r, groups) == {"beta 8": verdict, "beta 4": "undecided"}
+
+
+def test_decision_summary_lists_each_verdicts_names_and_the_comparisons():
+    r = {h: HypothesisResult(h, PLACEMENT_ROLES[h], 0.0, None, 0.01) for h in ("S-acc", "C")}
+    verdicts = {"beta 4": "placement adds", "beta 8": "undecided", "beta 16": "placement adds"}
+    assert decision_summary(verdicts, r, 0.05) == "placement adds: beta 4, beta 16; undecided: beta 8; comparisons rejected: C of C"
+    assert decision_summary({}, {}, 0.05) == "not run"
+
+
+def test_placement_share_by_hand():
+    # Units a..d: P - S = 4, 2, 6, 4 (mean 4); P - M = 1, 1, 2, 0 (mean 1): share 1 / 4 = 0.25.
+    standard = {"a": 10, "b": 10, "c": 10, "d": 10, "e": 9}
+    prioritized = {"a": 14, "b": 12, "c": 16, "d": 14}
+    matched = {"a": 13, "b": 11, "c": 14, "d": 14, "f": 3}  # e and f: not in all three arms
+    s = placement_share(prioritized, matched, standard)
+    assert (s.n, s.share, s.resamples, s.seed) == (4, 0.25, 10_000, 0)
+    # A resample's ratio sum(P - M) / sum(P - S) is a mean of the units' own ratios (a 1/4, b 1/2, c 1/3, d 0)
+    # weighted by P - S > 0, so it lies in [0, 1/2]: all d gives 0, all b gives 1/2.
+    assert 0.0 <= s.low < 0.25 < s.high <= 0.5
+    assert placement_share(prioritized, matched, standard) == s  # the fixed seed: the same interval
+    assert placement_share(prioritized, matched, standard, seed=1) != s
+    # Strength explains it exactly where P - M = 0 at every unit; a share of 1 where M gains nothing over S.
+    assert placement_share(prioritized, prioritized, standard).share == 0.0
+    assert placement_share(prioritized, standard, standard).share == 1.0
+    assert placement_share({"a": 1}, {"a": 1}, {"a": 1}).share is None  # P - S = 0: no share
+    assert placement_share({"a": 2}, {"a": 1}, {"a": 0}).low is None  # one unit: no interval

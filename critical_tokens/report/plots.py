@@ -188,3 +188,37 @@ def plot_kl_by_model(plots: Plots, runs: dict[str, dict[str, Runs]], start: dict
         ax.legend(fontsize=7)
     fig.suptitle("KL penalties from several starting models (mean over seeds, 95% interval)", fontsize=10)
     return plots.save(fig, "kl_by_model")
+
+
+def plot_strength_curve(plots: Plots, points: list[dict]) -> str:
+    """Each arm's mean sampled N+1 accuracy (y) against its mean in-distribution KL to the reference
+    (x), with 95% intervals on both axes. ``points``: {"kind", "label", "kl_coef", "x", "y"} (x, y:
+    `Estimate`). The "uniform" arms (no KL counts as coefficient 0) are joined in order of their KL
+    coefficient, strongest first: the strength curve; "prioritized" arms are diamonds, "other" arms
+    squares, each labelled."""
+    fig, axes = plots.figure(1, width=5.6, height=4.2)
+    ax = axes[0]
+
+    def draw(p: dict, style: dict) -> None:
+        x, y = p["x"], p["y"]
+        xerr = None if x.low is None else [[x.mean - x.low], [x.high - x.mean]]
+        yerr = None if y.low is None else [[100 * (y.mean - y.low)], [100 * (y.high - y.mean)]]
+        ax.errorbar([x.mean], [100 * y.mean], xerr=xerr, yerr=yerr, capsize=3, **style)
+        ax.annotate(p["label"], (x.mean, 100 * y.mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
+
+    curve = sorted((p for p in points if p["kind"] == "uniform"), key=lambda p: -p["kl_coef"])
+    if curve:
+        ax.plot([p["x"].mean for p in curve], [100 * p["y"].mean for p in curve], "-", color="grey", linewidth=1.2, label="strength curve (uniform)")
+    for p in curve:
+        draw(p, {"fmt": "o", "color": "grey"})
+    for i, p in enumerate(p for p in points if p["kind"] == "prioritized"):
+        draw(p, {"fmt": "D", "color": _color(i), "label": p["label"]})
+    for p in (p for p in points if p["kind"] == "other"):
+        draw(p, {"fmt": "s", "color": "black", "mfc": "none"})
+    ax.set_xlabel("in-distribution KL(policy || reference) per token (final/comfort_kl)")
+    ax.set_ylabel("sampled N+1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.set_title("N+1 accuracy against distance from the reference\n(mean over runs, 95% intervals)", fontsize=9)
+    return plots.save(fig, "confirm_strength")

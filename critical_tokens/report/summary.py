@@ -25,9 +25,17 @@ agree. Its fields:
   ``of``, ``compute_s``, ``git_commit``, ``preregistration`` (``path``, ``commit``), per arm ``kl``,
   ``runs``, ``final`` (``sampled``, ``greedy``, ``comfort_greedy``, ``p_correct_critical``),
   ``kl_coef_used`` (``[lowest, highest]``) and ``mean_kl_weight``; per hypothesis ``arm``,
-  ``versus``, ``metric``, ``margin``, ``role``, ``n`` (paired units), ``mean``, ``sd``, ``low``,
-  ``high`` (of the paired differences), ``t``, ``p_t``, ``p_wilcoxon``, ``p_holm``, ``rejects``;
-  ``per_instance``: per hypothesis and instance the mean difference and its ``n``.
+  ``versus``, ``metric``, ``margin``, ``role``, ``direction``, ``group`` (placement), ``n`` (paired
+  units), ``mean``, ``sd``, ``low``, ``high`` (of the paired differences, 95%), ``t``, ``p_t``,
+  ``p_wilcoxon``, ``p_holm``, ``rejects`` (an equivalence: holds), an equivalence's ``level``,
+  ``low_tost``, ``high_tost``, ``t_lower``, ``t_upper``, ``p_lower``, ``p_upper``; ``left_out``
+  (``"<instance>/seed<k>"``: why) and ``by_instance`` (the same test on the instance means);
+  ``per_instance``: per hypothesis and instance the mean difference and its ``n``; per arm also
+  ``continuous`` (``penalty_ratio``, ``comfort_kl``, ``comfort_logprob``, ``n_plus_1_kl``, null
+  where the runs lack them); ``analysis`` ("pooled" or "instances": the one the decision reads);
+  under the "placement" rule ``groups`` (per group its arms, ``verdict`` and placement ``share``);
+  where the runs have ``final/comfort_kl``, ``strength_curve`` (per arm its kind, KL coefficient,
+  ``comfort_kl`` and ``accuracy_sampled``).
 """
 
 from __future__ import annotations
