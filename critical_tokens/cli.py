@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .config import add_arguments, from_namespace
@@ -10,6 +11,10 @@ from .runs import UserError, no_half_made_run
 
 DESCRIPTION = "RL fine-tuning with a prioritized KL penalty, and the study of critical tokens: one command per stage."
 EPILOG = "Each command has its own help: critical-tokens COMMAND --help."
+# OS errors that are the user's to fix (a full disk, a read-only or forbidden place, a file where a
+# directory is needed): one line. Any other exception is a bug, and keeps its traceback.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENAMETOOLONG, errno.EFBIG}
 
 
 def _commands():
@@ -54,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             run(config)
     except UserError as e:
         print(f"critical-tokens {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        print(f"critical-tokens {ns.command}: error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"critical-tokens {ns.command}: interrupted", file=sys.stderr)

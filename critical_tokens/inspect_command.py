@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from . import kl
+from . import checks, kl
 from .config import arg, check_fields, check_range
 from .critical.measure import teacher_forced_ids
 from .critical.pictures import CRITICAL_COLOR
 from .model import model_context, pick_device
-from .runs import UserError, atomic_write_text, check_output, describe_kind, run_kind, write_json
+from .runs import UserError, atomic_write_text, check_output, describe_kind, read_text, run_kind, write_json
 
 QUANTILES = (5, 25, 50, 75, 95)  # percent
 FREED = 0.5  # the penalty frees the tokens of weight below this (as criteria.py and selection.py count them)
@@ -61,14 +60,7 @@ def validate(config: InspectConfig) -> tuple[float | None, Path]:
     check_fields(config)
     check_range(config, ("sample", "max_new_tokens"), 1)
     check_range(config, ("temperature", "certainty_temperature"), 0, low_open=True)
-    beta = None
-    if config.beta != "auto":
-        try:
-            beta = float(config.beta)
-        except ValueError:
-            raise UserError(f"--beta must be a number or 'auto', got {config.beta!r}") from None
-        if not 0 <= beta < math.inf:
-            raise UserError(f"--beta must be >= 0 and finite, got {config.beta}")
+    beta = checks.parse_beta("--beta", config.beta)
     out = config.out if config.out is not None else str(Path("runs") / "inspect" / model_name(config.model))
     check_output(out, "--out", directory=True)
     return beta, Path(out)
@@ -156,10 +148,12 @@ def load_causal_lm(model_dir: str | Path, probe: str):
 def read_prompts(path: str | Path) -> list[tuple[int, str, str | None]]:
     """(line number, prompt, completion or None) per non-blank line of a JSONL file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--prompts {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"--prompts {path} is not a file (a JSONL file, one prompt per line)")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
