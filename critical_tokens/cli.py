@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from .config import add_arguments, from_namespace
-from .runs import UserError, no_half_made_run
+from .runs import USER_OS_ERRORS, UserError, no_half_made_run
 
 DESCRIPTION = "RL fine-tuning with a prioritized KL penalty, and the study of critical tokens: one command per stage."
 EPILOG = "Each command has its own help: critical-tokens COMMAND --help."
-# OS errors that are the user's to fix (a full disk, a read-only or forbidden place, a file where a
-# directory is needed): one line. Any other exception is a bug, and keeps its traceback.
-USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                  errno.ENAMETOOLONG, errno.EFBIG}
 
 
 def _commands():
@@ -60,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"critical-tokens {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except OSError as e:  # the user's to fix (a full disk, no permission): one line; any other is a bug, with its traceback
         if e.errno not in USER_OS_ERRORS:
             raise
         print(f"critical-tokens {ns.command}: error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)

@@ -7,6 +7,7 @@ crash never leaves a half-written file or checkpoint behind.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -24,6 +25,12 @@ CHECKPOINT = Path("model") / "trainer_state.pt"  # in a run directory: the last 
 
 class UserError(Exception):
     """A problem with the user's input: the command line prints it as one line and exits 2."""
+
+
+# OS errors that are the user's to fix (a full disk, a read-only or forbidden place, a file where a
+# directory is needed): the command line prints them as one line. Any other exception is a bug.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENAMETOOLONG, errno.EFBIG}
 
 
 def _umask() -> int:
