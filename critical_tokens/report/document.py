@@ -108,7 +108,7 @@ def _runs_table(rep: Reproduction) -> list[str]:
     lines = ["## Runs", "", "| run | state | wall time | directory |", "|---|---|---|---|"]
     for job in rep.jobs:
         done = rep.done(job)
-        state = "done" if done else "not finished"
+        state = ("incomplete: " + rep.unreadable(job)) if rep.unreadable(job) else "done" if done else "not finished"
         where = f"`{job['dir']}`" if not job.get("same_as") else f"shares `{job['same_as_dir']}`"
         wall = duration(done["wall_s"]) + (" (resumed)" if done.get("resumed") else "") if done and not job.get("same_as") else "-"
         lines.append(f"| {job['name']} | {state} | {wall} | {where} |")
