@@ -28,7 +28,7 @@ def _commands():
         "evaluate": (EvaluateConfig, evaluate, "accuracy on identical and varying digits for N..N+3 (tables 4 and 5)"),
         "critical": (CriticalConfig, critical, "critical tokens: certainty gap (table 1), where failures start, discovery, pictures"),
         "rl": (RLConfig, train, "RL fine-tuning (A2C, PPO, GRPO or RLOO) with no, the standard, or the prioritized KL penalty"),
-        "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (smoke, cpu, paper): runs, plots, REPORT.md"),
+        "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (reproduce --help lists them): runs, plots, REPORT.md"),
         "report": (ReportConfig, report, "rebuild REPORT.md, summary.json and plots/ of a reproduction from its files"),
         # which criterion (certainty, entropy, covariance) singles out the critical tokens: critical_tokens/criteria.py
         "criteria": (CriteriaConfig, criteria, "which criterion (certainty, entropy, covariance) best separates the critical tokens on a model's own N+1 rollouts"),
