@@ -210,6 +210,29 @@ def test_bad_paths_and_values_are_one_line_before_any_work(pretrained_run, tmp_p
     assert sorted(tmp_path.rglob("*")) == before
 
 
+OUTPUT_FLAGS = {"pretrain": ["--preset", "micro", "--out"], "evaluate": ["PRE", "--out"], "critical": ["PRE", "--out"],
+                "rl": ["PRE", "--out"], "reproduce": ["--preset", "smoke", "--out"], "report": ["REPRO", "--to"],
+                "criteria": ["PRE", "--out"], "inspect": [str(SHIPPED), "--prompts", "prompts.jsonl", "--out"]}
+
+
+def test_every_command_has_an_output_flag_here():
+    assert set(OUTPUT_FLAGS) == set(cli._commands())
+
+
+@pytest.mark.parametrize("path, message", [("/proc/x", "cannot write in /proc"), ("/proc/x/y", "cannot write in /proc"),
+                                           ("afile/sub", "afile is a file, not a directory"), ("afile/sub/deeper", "afile is a file")])
+@pytest.mark.parametrize("name", sorted(OUTPUT_FLAGS))
+def test_every_command_refuses_an_output_it_cannot_write(pretrained_run, tmp_path, monkeypatch, capsys, name, path, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1+1="}\n')
+    (tmp_path / "REPRO").mkdir()
+    (tmp_path / "REPRO" / "reproduce.json").write_text("{}")
+    args = [str(pretrained_run) if a == "PRE" else a for a in OUTPUT_FLAGS[name]]
+    assert message in command(capsys, name, *args, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["REPRO", "afile", "prompts.jsonl"]
+
+
 def test_a_preset_error_names_the_file_and_the_arm(tmp_path):  # row 14
     preset = json.loads((PRESETS_DIR / "smoke.json").read_text())
     preset["experiments"]["kl_comparison"]["arms"][0].update(method="entropy80", algorithm="grpo", group_size=2, entropy_quantile=1.5)
