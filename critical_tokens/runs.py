@@ -275,10 +275,15 @@ def start_over(run_dir: Path) -> None:
     """Empties the directory of a run that stopped before its first checkpoint."""
     print(f"{run_dir}: a run that stopped before its first checkpoint (nothing to resume); starting it over", flush=True)
     for child in run_dir.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+        _remove(child)
+
+
+def _remove(path: Path) -> None:
+    """Removes a file, a link or a directory tree (a link to a directory: the link only)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def inside_package(path: str | Path) -> bool:
@@ -345,10 +350,7 @@ def no_half_made_run(config):
     except BaseException:
         if fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT).exists():
             for child in run_dir.iterdir() if existed else [created]:  # an empty --out that was there stays
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+                _remove(child)
         raise
 
 
