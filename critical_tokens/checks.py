@@ -20,9 +20,10 @@ class BadValue(UserError, ValueError):
 
 def number(name: str, value, integer: bool = False) -> float:
     """``value`` if it is a finite real number (an int with ``integer``); argparse's float() takes "nan"
-    and "inf", and a NaN passes every comparison-based range check, so finiteness is checked first."""
+    and "inf", and a NaN passes every comparison-based range check, so finiteness is checked first (an
+    int is finite however large: math.isfinite would overflow converting it)."""
     kind = "an integer" if integer else "a finite number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int if integer else Real) or (not isinstance(value, int) and not math.isfinite(value)):
         raise BadValue(f"{name} must be {kind}, got {value!r}")
     return value
 

@@ -311,6 +311,11 @@ def test_parse_beta_refuses_with_a_value_error_that_is_a_user_error(value):
     assert isinstance(e.value, ValueError) and isinstance(e.value, UserError) and str(e.value).startswith("--beta must be")
 
 
+def test_a_huge_integer_is_a_range_error_not_an_overflow(pretrained_run, tmp_path, capsys):
+    assert "--seed must be in [0, " in command(capsys, "rl", str(pretrained_run), "--out", str(tmp_path / "x"), "--seed", "9" * 400)
+    assert checks.in_range("--n", 10**400, 0) == 10**400
+
+
 @pytest.mark.parametrize("value, low, high, low_open, integer", [
     (float("nan"), 0, None, False, False), (float("inf"), 0, None, False, False), (0, 0, None, True, False),
     (1.0, 0, 1, False, True), (True, 0, None, False, True), (2, 0, 1, False, False), (1, 0, 1, True, False),
