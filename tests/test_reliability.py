@@ -73,7 +73,7 @@ def example(monkeypatch, tmp_path, capsys):
     ("grpo", ["--threads", "0"], "--threads must be >= 1"),  # row 8
     ("grpo", ["--max-steps", "0"], "--max-steps must be >= 1"),  # row 10: TRL's error after 65 s of evaluation
     ("grpo", ["--max-steps", "-1"], "--max-steps must be >= 1"),
-    ("grpo", ["--lr", "-1"], "--lr must be > 0"),
+    ("grpo", ["--lr", "-1"], "--lr must be >= 0"),
     ("grpo", ["--temperature", "0"], "--temperature must be > 0"),
     ("grpo", ["--eval-examples", "-5"], "--eval-examples must be >= 0"),  # row 11: silently 0
     ("grpo", ["--out", "/proc/x"], "--out /proc/x: cannot write"),
@@ -85,11 +85,11 @@ def test_the_examples_check_their_options_before_any_work(example, name, args, m
 
 EXAMPLE_BAD = {  # flag -> values it must refuse
     "--kl-coef": ("nan", "inf", "-inf", "-1", "1e400"), "--prioritized-beta": ("nan", "inf", "-1", "x", "1e400", ""),
-    "--temperature": ("nan", "inf", "0", "-1"), "--lr": ("nan", "inf", "0", "-1e-5"), "--max-steps": ("0", "-1"),
+    "--temperature": ("nan", "inf", "0", "-1"), "--lr": ("nan", "inf", "-1", "-1e-5"), "--max-steps": ("0", "-1"),
     "--num-generations": ("0", "1", "-3"), "--eval-examples": ("-1", "-5"), "--seed": ("-1", str(2**40)), "--threads": ("0", "-2"),
     "--out": ("/proc/x", "afile", "afile/sub", str(PACKAGE_DIR / "x")),
 }
-EXAMPLE_GOOD = {"--kl-coef": ("0", "5"), "--prioritized-beta": ("0", "8", "auto"), "--temperature": ("1", "0.5"), "--lr": ("1e-5",),
+EXAMPLE_GOOD = {"--kl-coef": ("0", "5"), "--prioritized-beta": ("0", "8", "auto"), "--temperature": ("1", "0.5"), "--lr": ("1e-5", "0"),
                 "--max-steps": ("1", "3"), "--num-generations": ("2", "8"), "--eval-examples": ("0", "10"), "--seed": ("0", "7"),
                 "--threads": ("1",), "--out": ("new/dir",)}
 

@@ -259,7 +259,8 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
 
 
 @pytest.mark.parametrize("options, message", [(["--pretrained", "no-such-run"], "does not exist"),
-                                              (["--prioritized-beta", "abc"], "prioritized_beta must be")])
+                                              (["--prioritized-beta", "abc"], "--prioritized-beta must be"),
+                                              (["--kl-coef", "nan"], "--kl-coef must be a finite number")])
 def test_the_example_refuses_bad_input_in_one_line(tmp_path, options, message):
     import subprocess
     import sys
