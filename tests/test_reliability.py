@@ -296,6 +296,27 @@ def test_a_run_whose_final_evaluation_is_cut_is_incomplete(tmp_path):
     assert any(jobs[0]["name"] in line and "incomplete" in line for line in _runs_table(rep))
 
 
+def test_the_report_header_names_what_a_model_continues_and_lists_no_answered_finding_as_not_run(tmp_path):
+    """cpu-confirm's header called its continued instances "scratch", and listed "Prioritized KL beats standard
+    KL (figure 4)" as not run under the pre-registered row that answers it."""
+    from test_confirm_section import fake_reproduction
+
+    from critical_tokens.report.document import Section, _header, markdown, not_run
+    from critical_tokens.report.paper import PAPER_CLAIMS
+
+    rep = fake_reproduction(tmp_path / "rep")
+    for name, model in rep.models.items():
+        model.update(dir=f"pretrain/{name}", config={**model["config"], "init_from": None})
+    rep.models["i22"]["config"]["init_from"] = "pretrain/i21"  # as the plan records it: the parent's directory
+    assert "i21: scratch, i22: continued from i21" in "\n".join(_header(rep))
+    answered = Section(["## Study", ""], [("Prioritized beats standard (pre-registered)", PAPER_CLAIMS["kl_comparison"], "+1", "beats")])
+    figure4 = not_run("KL comparison", "not in the preset", [("Prioritized KL beats standard KL (figure 4)", "kl_comparison")])
+    table1 = not_run("Table 1", "not in the preset", [("Critical tokens are uncertain (table 1)", "table1")])
+    text = markdown(rep, [figure4, table1, answered])
+    skipped = next(line for line in text.splitlines() if line.startswith("Not run in this reproduction"))
+    assert "table 1" in skipped and "figure 4" not in skipped
+
+
 # --- the shared checks ----------------------------------------------------------------------------------
 
 
