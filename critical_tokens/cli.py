@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .config import add_arguments, from_namespace
-from .runs import UserError, no_half_made_run
+from .runs import USER_OS_ERRORS, UserError, no_half_made_run
 
 DESCRIPTION = "RL fine-tuning with a prioritized KL penalty, and the study of critical tokens: one command per stage."
 EPILOG = "Each command has its own help: critical-tokens COMMAND --help."
@@ -28,7 +28,7 @@ def _commands():
         "evaluate": (EvaluateConfig, evaluate, "accuracy on identical and varying digits for N..N+3 (tables 4 and 5)"),
         "critical": (CriticalConfig, critical, "critical tokens: certainty gap (table 1), where failures start, discovery, pictures"),
         "rl": (RLConfig, train, "RL fine-tuning (A2C, PPO, GRPO or RLOO) with no, the standard, or the prioritized KL penalty"),
-        "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (smoke, cpu, paper): runs, plots, REPORT.md"),
+        "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (reproduce --help lists them): runs, plots, REPORT.md"),
         "report": (ReportConfig, report, "rebuild REPORT.md, summary.json and plots/ of a reproduction from its files"),
         # which criterion (certainty, entropy, covariance) singles out the critical tokens: critical_tokens/criteria.py
         "criteria": (CriteriaConfig, criteria, "which criterion (certainty, entropy, covariance) best separates the critical tokens on a model's own N+1 rollouts"),
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             run(config)
     except UserError as e:
         print(f"critical-tokens {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the user's to fix (a full disk, no permission): one line; any other is a bug, with its traceback
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        print(f"critical-tokens {ns.command}: error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"critical-tokens {ns.command}: interrupted", file=sys.stderr)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 import typing
 from typing import Any, Literal, get_args, get_origin
 
+from . import checks
 from .addition import MAX_DIGITS
 from .runs import UserError
 
@@ -114,8 +114,7 @@ def check_types(config) -> None:
             if not isinstance(value, tuple) or not all(isinstance(v, get_args(kind)[0]) for v in value):
                 raise UserError(f"{name} must be a list of {get_args(kind)[0].__name__}, got {value!r}")
         elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserError(f"{name} must be a finite number, got {value!r}")
+            checks.number(name, value)
         elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise UserError(f"{name} must be an integer, got {value!r}")
         elif kind in (str, bool) and not isinstance(value, kind):
@@ -128,15 +127,5 @@ def check_range(config, names: tuple[str, ...], low: float | None = None, high: 
     is None and excluded where asked (``low=0, low_open=True``: positive). None values are skipped."""
     for name in names:
         value = getattr(config, name)
-        if value is None:
-            continue
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            if high is None:
-                span = f"{'>' if low_open else '>='} {low}"
-            elif low is None:
-                span = f"{'<' if high_open else '<='} {high}"
-            else:
-                span = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise UserError(f"{flag(type(config), name)} must be {span}, got {value}")
+        if value is not None:
+            checks.in_range(flag(type(config), name), value, low, high, low_open=low_open, high_open=high_open)

@@ -167,7 +167,7 @@ def measure(stats: TokenStats, beta: float) -> dict[str, dict[str, float | None]
 
 @dataclass(frozen=True)
 class CriteriaConfig:
-    run: str = arg(None, "pre-training run directory (or any directory holding a critical-tokens model)", positional=True, metavar="RUN_DIR")
+    run: str = arg(None, "pre-training run directory (the --out of critical-tokens pretrain, or a checkpoint shipped in critical_tokens/checkpoints/); not an RL run, whose policy has left the pre-trained model", positional=True, metavar="RUN_DIR")
     prompts: int = arg(64, "N+1-digit prompts to sample")
     group_size: int = arg(8, "episodes per prompt (RLOO advantages within each group; at least 2)")
     seed: int = arg(0, "seed of the prompts and of the sampling")

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .critical import command as critical_command
-from . import evaluate, pretrain as pretraining
+from . import checks, evaluate, pretrain as pretraining
 from .rl import config as rl_config
 from .critical.command import CriticalConfig
 from .evaluate import EvaluateConfig
@@ -104,8 +104,10 @@ def load_preset(name_or_path: str) -> tuple[dict, str]:
     path = PRESETS_DIR / f"{name_or_path}.json"
     if not path.exists():
         path = Path(name_or_path)
-        if path.suffix != ".json" or not path.is_file():
+        if path.suffix != ".json" and path.parent == Path("."):  # a name, not a path
             raise UserError(f"unknown preset {name_or_path!r}: choose {', '.join(preset_names())}, or give the path of a preset JSON file")
+        if not path.is_file():
+            raise UserError(f"preset file {path} {'is not a file' if path.exists() else 'does not exist'}")
     preset = read_json(path)
     check_preset(preset, str(path))
     return preset, str(path)
@@ -206,7 +208,7 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
     models, model_jobs = {}, {}
     for name, spec in preset["models"].items():
         model_config = PretrainConfig(**model_fields(preset, name, where))
-        pretraining.validate(model_config)
+        _checked(pretraining.validate, model_config, f"{where}: models.{name}")
         fields = asdict(model_config)
         for key in ("out", "device", "resume"):
             fields.pop(key)
@@ -233,11 +235,11 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
     jobs: list[Job] = []
     for m in experiments.get("levels", {}).get("models", []):
         config = EvaluateConfig(run=models[m]["dir"], **section_fields(preset, "evaluate", {}, where))
-        evaluate.validate(config)
+        _checked(evaluate.validate, config, f"{where}: evaluate")
         jobs.append(Job(f"levels/{m}", "evaluate", "levels", f"levels/{m}", asdict(config), needs=f"pretrain/{m}", arm=m))
     for m in experiments.get("table1", {}).get("models", []):
         config = CriticalConfig(run=models[m]["dir"], **section_fields(preset, "critical", {}, where))
-        critical_command.validate(config)
+        _checked(critical_command.validate, config, f"{where}: critical")
         jobs.append(Job(f"table1/{m}", "critical", "table1", f"table1/{m}", asdict(config), needs=f"pretrain/{m}", arm=m))
     for experiment, arms in _rl_arms(experiments, where):
         spec = experiments[experiment]
@@ -252,7 +254,7 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
             directory = f"{experiment}/{arm}/seed{seed}"
             fields = section_fields(preset, "rl", {**spec.get("rl", {}), **overrides}, f"{where}: experiments.{experiment}")
             config = RLConfig(**fields, pretrained=models[model]["dir"], out=directory, seed=seed)
-            rl_config.validate(config)
+            _checked(rl_config.validate, config, f"{where}: experiments.{experiment}, arm {arm}")
             jobs.append(Job(f"{experiment}/{arm}/seed{seed}", "rl", experiment, directory, asdict(config),
                             needs=f"pretrain/{model}", arm=arm, seed=seed))
     names = [j.name for j in jobs]
@@ -260,6 +262,14 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
         if names.count(name) > 1:
             raise UserError(f"{where}: two runs of the preset would both be {name} (the same arm or beta twice)")
     return list(model_jobs.values()) + _share_identical(jobs), models
+
+
+def _checked(validate, config, where: str) -> None:
+    """A command's own validation of a config the preset builds; its error says where in the preset."""
+    try:
+        validate(config)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _rl_arms(experiments: dict, where: str):
@@ -303,12 +313,9 @@ def _kl_arms(spec: dict, experiment: str, where: str) -> list[tuple[str, dict]]:
 
 def _beta_text(beta: Any, where: str) -> str:
     try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: experiments.beta_sweep: beta {beta!r} is not a number or 'auto'") from None
-    if value < 0:
-        raise UserError(f"{where}: experiments.beta_sweep: beta must be >= 0, got {beta}")
-    return format(value, "g")
+        return format(checks.parse_beta("beta", beta), "g")
+    except UserError as e:
+        raise UserError(f"{where}: experiments.beta_sweep: {e}") from None
 
 
 def comparable(config: dict) -> dict:

@@ -16,22 +16,23 @@ from __future__ import annotations
 
 import html
 import json
-import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from . import kl
+from . import checks, kl
 from .config import arg, check_fields, check_range
 from .critical.measure import teacher_forced_ids
 from .critical.pictures import CRITICAL_COLOR
 from .model import model_context, pick_device
-from .runs import UserError, atomic_write_text, check_output, describe_kind, run_kind, write_json
+from .runs import UserError, atomic_write_text, check_output, describe_kind, read_text, run_kind, write_json
 
 QUANTILES = (5, 25, 50, 75, 95)  # percent
 FREED = 0.5  # the penalty frees the tokens of weight below this (as criteria.py and selection.py count them)
+NEW_TOKENS_CAP = 1024  # the default --max-new-tokens of a model whose context is longer, or unknown
 
 
 # --- 1. The options and the model --------------------------------------------------------------------
@@ -43,7 +44,7 @@ class InspectConfig:
     prompts: str = arg(None, 'JSONL file, one {"prompt": ..., "completion": ...} per line; lines without "completion" are sampled', metavar="FILE.jsonl")
     sample: int = arg(4, "completions sampled per prompt that has no completion")
     temperature: float = arg(1.0, "sampling temperature")
-    max_new_tokens: int = arg(64, "longest sampled completion, in tokens")
+    max_new_tokens: int | None = arg(None, f"longest sampled completion, in tokens (default: what the model's context leaves after the prompt, at most {NEW_TOKENS_CAP}; a completion cut there is reported)")
     certainty: Literal["max_prob", "negentropy"] = arg("max_prob", "certainty c(s): eq. 2 (max_prob, the paper's) or eq. 1 (negentropy)")
     certainty_temperature: float = arg(4.0, "temperature T of the certainty (the paper: 4)")
     beta: str = arg("auto", "exponent of the weights w = c^beta, or 'auto': the weight is 0.5 at the 0.05 quantile of these certainties (kl.calibrate_beta)")
@@ -61,14 +62,7 @@ def validate(config: InspectConfig) -> tuple[float | None, Path]:
     check_fields(config)
     check_range(config, ("sample", "max_new_tokens"), 1)
     check_range(config, ("temperature", "certainty_temperature"), 0, low_open=True)
-    beta = None
-    if config.beta != "auto":
-        try:
-            beta = float(config.beta)
-        except ValueError:
-            raise UserError(f"--beta must be a number or 'auto', got {config.beta!r}") from None
-        if not 0 <= beta < math.inf:
-            raise UserError(f"--beta must be >= 0 and finite, got {config.beta}")
+    beta = checks.parse_beta("--beta", config.beta)
     out = config.out if config.out is not None else str(Path("runs") / "inspect" / model_name(config.model))
     check_output(out, "--out", directory=True)
     return beta, Path(out)
@@ -156,10 +150,12 @@ def load_causal_lm(model_dir: str | Path, probe: str):
 def read_prompts(path: str | Path) -> list[tuple[int, str, str | None]]:
     """(line number, prompt, completion or None) per non-blank line of a JSONL file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--prompts {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"--prompts {path} is not a file (a JSONL file, one prompt per line)")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -189,6 +185,16 @@ def encode(tokenizer, text: str, number: int, special: bool) -> list[int]:
         raise UserError(f"--prompts, line {number}: the tokenizer cannot encode it ({str(e).splitlines()[0]})") from None
 
 
+def new_tokens(model, prompt: list[int], max_new_tokens: int | None) -> int:
+    """The longest completion to sample after ``prompt``: ``max_new_tokens`` if given, otherwise what the
+    model's context leaves after the prompt (the shipped models' scratchpads are long: a fixed small
+    number would cut them), at most NEW_TOKENS_CAP."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    context = model_context(model.config)
+    return NEW_TOKENS_CAP if context is None else max(1, min(NEW_TOKENS_CAP, context - len(prompt)))
+
+
 def check_line(model, number: int, prompt: list[int], completion: list[int] | None, max_new_tokens: int) -> None:
     """One-line errors for a line the model cannot take: no tokens, a token id outside the model's
     vocabulary, or more tokens than its context (a sampled completion counts ``max_new_tokens``)."""
@@ -205,9 +211,10 @@ def check_line(model, number: int, prompt: list[int], completion: list[int] | No
                         "(shorten the line or lower --max-new-tokens)")
 
 
-def sample(model, tokenizer, prompt: list[int], config: InspectConfig) -> list[list[int]]:
+def sample(model, tokenizer, prompt: list[int], config: InspectConfig, max_new_tokens: int) -> tuple[list[list[int]], int]:
     """``config.sample`` completions of ``prompt`` (``model.generate`` at ``config.temperature``, no
-    top-k or top-p), each cut after its first end-of-text token."""
+    top-k or top-p), each cut after its first end-of-text token; and how many reached ``max_new_tokens``
+    without one (cut short)."""
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     # What follows a finished sequence is cut: pad it with end-of-text, which the model takes as input
@@ -215,13 +222,14 @@ def sample(model, tokenizer, prompt: list[int], config: InspectConfig) -> list[l
     pad = min(eos) if eos else tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([prompt], device=model.device)  # (1, P)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=config.temperature,
-                         top_k=0, top_p=1.0, max_new_tokens=config.max_new_tokens,
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                          num_return_sequences=config.sample, pad_token_id=pad)  # (N, P + T)
-    samples = []
+    samples, cut = [], 0
     for row in out[:, len(prompt) :].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+        cut += end is None and len(row) == max_new_tokens
         samples.append(row[:end])
-    return samples
+    return samples, cut
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -316,12 +324,15 @@ def inspect(config: InspectConfig) -> dict:
     model, tokenizer = load_causal_lm(config.model, rows[0][1])
     model.to(device)
     torch.manual_seed(config.seed)
-    completions, prompts = [], []  # one dict per completion, with per-token lists (T,); its prompt's ids
+    completions, prompts, cut = [], [], {}  # one dict per completion, with per-token lists (T,); its prompt's ids
     for number, prompt_text, completion in rows:
         prompt = encode(tokenizer, prompt_text, number, special=True)
         given = None if completion is None else encode(tokenizer, completion, number, special=False)
-        check_line(model, number, prompt, given, config.max_new_tokens)
-        for ids in [given] if given is not None else sample(model, tokenizer, prompt, config):
+        max_new = new_tokens(model, prompt, config.max_new_tokens)
+        check_line(model, number, prompt, given, max_new)
+        if given is None:
+            sampled, cut[number] = sample(model, tokenizer, prompt, config, max_new)
+        for ids in [given] if given is not None else sampled:
             texts = token_texts(tokenizer, ids)
             completions.append({
                 "line": number, "source": "sampled" if given is None else "given", "prompt": prompt_text,
@@ -342,8 +353,13 @@ def inspect(config: InspectConfig) -> dict:
     report = {"config": asdict(config), "model": model_name(config.model), "model_class": type(model).__name__,
               "certainty_method": config.certainty, "certainty_temperature": config.certainty_temperature,
               "summary": stats, "completions": completions}
+    report["sampled_cut_short"] = sum(cut.values())
     write_json(out / "report.json", report)
     render_html(report, out / "report.html")
     print(summary_text(report))
+    if sum(cut.values()):
+        print(f"warning: {sum(cut.values())} of {sum(c['source'] == 'sampled' for c in completions)} sampled completions stopped at the "
+              f"--max-new-tokens limit before an end-of-text token (lines {', '.join(str(n) for n, k in cut.items() if k)}): their "
+              "certainties, and an 'auto' beta, cover fragments; raise --max-new-tokens", file=sys.stderr)
     print(f"wrote {out / 'report.json'}\nwrote {out / 'report.html'}")
     return report

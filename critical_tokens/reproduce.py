@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import arg, check_range, check_types
-from .experiments import CHECKPOINTS_DIR, EXPERIMENTS, Job, jobs_to_run, load_preset, plan, selected, with_seeds
+from .experiments import CHECKPOINTS_DIR, EXPERIMENTS, PRESETS_DIR, Job, jobs_to_run, load_preset, plan, preset_names, selected, with_seeds
 from .jobs import execute, job_status, log_path, now
 from .launchers import LocalLauncher, RayLauncher, SlurmLauncher, check_installed
 from .runs import UserError, check_output, describe_kind, git_commit, read_json, run_kind, write_json
@@ -30,10 +30,8 @@ from .runs import UserError, check_output, describe_kind, git_commit, read_json,
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    preset: str = arg("cpu", "smoke (tests, a minute), cpu (2 cores, `make demo`), cpu-full and cpu-rloo (the KL comparison at 10 seeds on "
-                      "2 cores, by A2C and by RLOO: hours), cpu-rloo-long (cpu-rloo's comparison at 1,280 episodes), cpu-confirm (the pre-registered "
-                      "confirmatory study: 3 model instances x 5 arms x 10 paired seeds, about 2 hours on 2 cores), gpu (the paper's "
-                      "scale cut to 9 minutes on one H100), paper (one GPU, the paper's scale), or the path of a preset JSON file")
+    preset: str = arg("cpu", f"a preset of the package ({', '.join(preset_names())}: each file of {PRESETS_DIR} says what it runs in its "
+                      "description; smoke is for tests, cpu is `make demo`), or the path of a preset JSON file")
     out: str = arg("runs/reproduce", "directory of the reproduction: every run, REPORT.md, plots/")
     only: tuple[str, ...] = arg((), "run only these experiments (names or a comma list): " + ", ".join(EXPERIMENTS), metavar="EXPERIMENT")
     jobs: int = arg(0, "runs in parallel (0: one per GPU, or one per CPU core without a GPU)")

@@ -7,9 +7,11 @@ crash never leaves a half-written file or checkpoint behind.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -17,10 +19,18 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # the installed package: nothing is ever written inside it
+PROCESS = "process.json"  # in a run directory: the host and process id that write it (a run's state marker)
+CHECKPOINT = Path("model") / "trainer_state.pt"  # in a run directory: the last checkpoint, what --resume continues
 
 
 class UserError(Exception):
     """A problem with the user's input: the command line prints it as one line and exits 2."""
+
+
+# OS errors that are the user's to fix (a full disk, a read-only or forbidden place, a file where a
+# directory is needed): the command line prints them as one line. Any other exception is a bug.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENAMETOOLONG, errno.EFBIG}
 
 
 def _umask() -> int:
@@ -59,14 +69,25 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_text(path: str | Path) -> str:
+    """A file the user gives or a run wrote, as UTF-8 text; a UserError when it is not text."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a file") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"{path} is not valid JSON: {e.msg}: line {e.lineno} column {e.colno}") from None
 
 
 def atomic_dir(final: str | Path):
@@ -134,7 +155,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         path = path / "metrics.jsonl"
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines):
         try:
@@ -152,6 +173,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def save_config(run_dir: str | Path, config: Any, **derived: Any) -> dict[str, Any]:
     """Saves the command's frozen dataclass and the values derived from it, once, at start-up."""
     record = {"config": dataclasses.asdict(config), **derived}
+    write_json(Path(run_dir) / PROCESS, {"host": socket.gethostname(), "pid": os.getpid()})  # who writes the run: see `stopped_before_checkpoint`
     write_json(Path(run_dir) / "config.json", record)
     return record
 
@@ -193,7 +215,9 @@ def start_or_resume(config):
     """The config a training command runs with. On ``--resume``: the run's saved config (with this
     invocation's device and directory), after checking that it is a run of the same command with a
     checkpoint to resume from. Otherwise: ``config`` itself, refusing to write into an existing
-    non-empty directory."""
+    non-empty directory. A run of this command that stopped before its first checkpoint, whatever
+    stopped it (an error, SIGTERM, SIGKILL, a power cut), holds nothing to resume: it starts over,
+    with or without ``--resume``."""
     run_dir = Path(config.out)
     if config.resume:
         record = load_run_config(run_dir)
@@ -202,13 +226,64 @@ def start_or_resume(config):
         if unknown:  # another command's run (or another version's): its config is not this command's
             raise UserError(f"cannot resume {run_dir}: it is {describe_kind(record['kind'])}, not a run of this command "
                             f"(its config.json has {', '.join(unknown[:3])})")
-        if not (run_dir / "model" / "trainer_state.pt").exists():
+        saved = dataclasses.replace(type(config)(**record["config"]), resume=True, device=config.device, out=str(run_dir))
+        if (run_dir / CHECKPOINT).exists():
+            return saved
+        if not stopped_before_checkpoint(run_dir, config):
             raise UserError(f"{run_dir} holds no checkpoint to resume from")
-        return dataclasses.replace(type(config)(**record["config"]), resume=True, device=config.device, out=str(run_dir))
+        start_over(run_dir)
+        return dataclasses.replace(saved, resume=False)
     check_output(config.out, "--out", directory=True)
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
+        if not stopped_before_checkpoint(run_dir, config):
+            raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --out")
+        start_over(run_dir)
     return config
+
+
+def stopped_before_checkpoint(run_dir: Path, config) -> bool:
+    """Whether ``run_dir`` is what a run of ``config``'s command leaves when it stops before its first
+    checkpoint: no checkpoint; its config.json one of this command (or none yet, and only the files
+    written before it); and the process that wrote it (``process.json``) no longer running. Under
+    torchrun (several ranks, each checking the directory) such a run is refused as before."""
+    if (run_dir / CHECKPOINT).exists() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    if (run_dir / "config.json").is_file():
+        saved = read_json(run_dir / "config.json")
+        fields = {f.name for f in dataclasses.fields(config)}
+        if run_kind(run_dir) not in ("pretrain", "rl") or not set(saved["config"]) <= fields:
+            return False
+    elif any(p.name != PROCESS and not p.name.startswith(".") for p in run_dir.iterdir()):  # only temporaries and the marker
+        return False
+    process = read_json(run_dir / PROCESS) if (run_dir / PROCESS).is_file() else {}
+    return not (isinstance(process, dict) and process.get("host") == socket.gethostname() and _alive(process.get("pid")))
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        return True
+    return True
+
+
+def start_over(run_dir: Path) -> None:
+    """Empties the directory of a run that stopped before its first checkpoint."""
+    print(f"{run_dir}: a run that stopped before its first checkpoint (nothing to resume); starting it over", flush=True)
+    for child in run_dir.iterdir():
+        _remove(child)
+
+
+def _remove(path: Path) -> None:
+    """Removes a file, a link or a directory tree (a link to a directory: the link only)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def inside_package(path: str | Path) -> bool:
@@ -228,7 +303,9 @@ def output_dir(out: str | None, run: str, name: str) -> Path:
 
 
 def check_output(path: str | None, flag: str, directory: bool = False) -> None:
-    """A UserError for an output path inside the installed package, or of the wrong sort."""
+    """A UserError for an output path inside the installed package, of the wrong sort, or where
+    nothing can be written (a file in its way, a read-only or virtual file system such as /proc, no
+    permission), checked by creating and removing a temporary directory where the output will go."""
     if path is None:
         return
     if inside_package(path):
@@ -237,6 +314,20 @@ def check_output(path: str | None, flag: str, directory: bool = False) -> None:
         raise UserError(f"{flag} {path} is a file, not a directory")
     if not directory and Path(path).is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file name")
+    writable(path if directory else Path(path).parent, flag, path)
+
+
+def writable(directory: str | Path, flag: str, path: str | Path) -> None:
+    """A UserError unless a directory can be created at the first existing level of ``directory``."""
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test."))
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({e.strerror})") from None
 
 
 @contextmanager
@@ -257,12 +348,9 @@ def no_half_made_run(config):
     try:
         yield
     except BaseException:
-        if fresh and run_dir.is_dir() and not (run_dir / "model" / "trainer_state.pt").exists():
+        if fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT).exists():
             for child in run_dir.iterdir() if existed else [created]:  # an empty --out that was there stays
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+                _remove(child)
         raise
 
 

@@ -56,7 +56,7 @@ if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
     raise ImportError(f"critical_tokens.trl is written and tested against TRL {TESTED_TRL}.x (it overrides TRL's reference pass); "
                       f"found TRL {trl.__version__}: pip install 'trl>={TESTED_TRL},<1.17'")
 
-from . import kl
+from . import checks, kl
 from .rl.a2c import token_logprobs
 
 # TRL's GRPO loss types whose aggregation of per-token terms `token_aggregate` reproduces.
@@ -101,21 +101,15 @@ class PrioritizedKLOptions:
 
     def __post_init__(self):
         super().__post_init__()
-        if self.prioritized_beta != "auto":
-            try:
-                self.prioritized_beta = float(self.prioritized_beta)
-            except (TypeError, ValueError):
-                raise ValueError(f"prioritized_beta must be a number >= 0 or 'auto', got {self.prioritized_beta!r}") from None
-            if not self.prioritized_beta >= 0:
-                raise ValueError(f"prioritized_beta must be >= 0, got {self.prioritized_beta}")
+        checks.in_range("beta", self.beta, 0)  # TRL's KL coefficient: TRL takes NaN and turns every weight into NaN
+        beta = checks.parse_beta("prioritized_beta", self.prioritized_beta)
+        self.prioritized_beta = "auto" if beta is None else beta
         if self.certainty not in kl.CERTAINTY_METHODS:
             raise ValueError(f"certainty must be one of {', '.join(kl.CERTAINTY_METHODS)}, got {self.certainty!r}")
         if self.kl_estimator not in kl.ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {', '.join(kl.ESTIMATORS)}, got {self.kl_estimator!r}")
-        if not self.certainty_temperature > 0:
-            raise ValueError(f"certainty_temperature must be > 0, got {self.certainty_temperature}")
-        if not (0 < self.auto_beta_quantile < 1 and 0 < self.auto_beta_weight < 1):
-            raise ValueError("auto_beta_quantile and auto_beta_weight must be in (0, 1)")
+        checks.in_range("certainty_temperature", self.certainty_temperature, 0, low_open=True)
+        checks.quantile_and_weight("auto_beta_quantile", self.auto_beta_quantile, "auto_beta_weight", self.auto_beta_weight)
 
 
 @dataclass

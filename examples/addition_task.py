@@ -23,11 +23,12 @@ from transformers.utils import logging as hf_logging
 import critical_tokens
 import numpy as np
 
-from critical_tokens import addition
+from critical_tokens import addition, checks
+from critical_tokens.config import MAX_SEED
 from critical_tokens.critical.measure import teacher_forced
 from critical_tokens.evaluate import accuracy_on
 from critical_tokens.model import RL_SLACK, load_pretrained
-from critical_tokens.runs import UserError, atomic_write_text, write_json
+from critical_tokens.runs import USER_OS_ERRORS, UserError, atomic_write_text, check_output, write_json
 from critical_tokens.seeding import stream_seed
 
 SHIPPED = Path(critical_tokens.__file__).parent / "checkpoints" / "tiny-n3-d1-lr3e-4"
@@ -76,19 +77,40 @@ def parser(description: str, algorithm: str, kl_coef: float, kl_help: str, lr: f
     return p
 
 
+def check_args(args) -> None:
+    """The options, checked before the model is loaded and evaluated and before anything is written
+    (checks.py: the same checks as the `rl` command's and the TRL configs')."""
+    checks.in_range("--max-steps", args.max_steps, 1, integer=True)
+    checks.in_range("--num-generations", args.num_generations, 2, integer=True)  # a group: a baseline needs two
+    checks.in_range("--kl-coef", args.kl_coef, 0)
+    checks.parse_beta("--prioritized-beta", args.prioritized_beta)
+    checks.in_range("--temperature", args.temperature, 0, low_open=True)
+    checks.in_range("--lr", args.lr, 0)  # 0: a run that does not move the model (the tests' check of the evaluation)
+    checks.in_range("--eval-examples", args.eval_examples, 0, integer=True)
+    checks.in_range("--seed", args.seed, 0, MAX_SEED, integer=True)
+    checks.in_range("--threads", args.threads, 1, integer=True)
+    check_output(args.out, "--out", directory=True)
+
+
 def run_or_exit(main) -> None:
-    """Runs an example's main; a bad option or input (a missing model, a value TRL or the config refuses)
-    ends it with a one-line error and exit status 1 instead of a traceback."""
+    """Runs an example's main; a bad option or input (a missing model, a value TRL or the config refuses,
+    an output directory that cannot be written) ends it with a one-line error and exit status 1 instead
+    of a traceback."""
     try:
         main()
     except (UserError, ValueError) as error:
         sys.exit(f"error: {error}")
+    except OSError as error:  # a full disk, a read-only or forbidden place
+        if error.errno not in USER_OS_ERRORS:
+            raise
+        sys.exit(f"error: {error.filename or 'a file'}: {error.strerror}")
 
 
 def prepare(args) -> dict:
     """The model, its tokenizer and N; the training dataset (one prompt per step and process) and the held-out
     additions, each from its own random stream, none of them a training prompt; the accuracy before;
     and the TRL options both configs share."""
+    check_args(args)
     hf_logging.set_verbosity_error()
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
@@ -154,6 +176,11 @@ def train_and_report(trainer, run: dict, args, algorithm: str, kl_key: str, weig
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLine(kl_key, weighted_kl_key))  # ... becomes one line
     trainer.train()
+    steps = [entry for entry in trainer.state.log_history if "frac_reward_zero_std" in entry]
+    if main and steps and all(entry["frac_reward_zero_std"] == 1.0 for entry in steps):
+        print(f"note: in every step all {args.num_generations} completions of a prompt had the same reward, so the advantages were 0 "
+              "and the policy had no reward signal; any change of accuracy below comes from the KL term and float noise "
+              "(Adam scales even tiny gradients to full steps), not from learning the task", flush=True)
     out = Path(args.out) / "model"
     trainer.save_model(str(out))  # on every process: the Trainer writes from the main one
     if not main:

@@ -13,7 +13,6 @@ is built from the result.json files alone, with the paired tests of critical_tok
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,8 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from critical_tokens import checks
 from critical_tokens.report import paired
-from critical_tokens.runs import atomic_write_text, write_json
+from critical_tokens.runs import UserError, atomic_write_text, check_output, read_json, write_json
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo_prioritized.py"
 SEEDS = range(500, 508)  # fresh: no run of this project used them
@@ -56,15 +56,29 @@ def run_one(out: Path, arm: str, seed: int) -> int:
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
 
 
-def results(out: Path) -> dict[str, dict[int, dict]]:
-    """{arm: {seed: result.json}} of the finished runs."""
-    found = {arm: {} for arm in ARMS}
+def results(out: Path) -> tuple[dict[str, dict[int, dict]], dict[str, str]]:
+    """{arm: {seed: result.json}} of the finished runs, and {run: why} of the runs whose result.json
+    exists but cannot be read (cut short, edited, not the example's): those are not finished, run again."""
+    found, unreadable = {arm: {} for arm in ARMS}, {}
     for arm in ARMS:
         for seed in SEEDS:
             path = run_dir(out, arm, seed) / "result.json"
             if path.exists():
-                found[arm][seed] = json.loads(path.read_text())
-    return found
+                try:
+                    found[arm][seed] = accuracies(read_json(path), path)
+                except UserError as e:
+                    unreadable[f"{arm}-s{seed}"] = str(e)
+    return found, unreadable
+
+
+def accuracies(result, path: Path) -> dict:
+    """``result`` if it holds the numbers the report reads: the sampled and greedy accuracy before and after."""
+    try:
+        if all(0 <= result[when][key] <= 1 for when in ("before", "after") for key in ("sampled", "greedy")):
+            return result
+    except (TypeError, KeyError):
+        pass
+    raise UserError(f"{path} lacks the accuracies before and after")
 
 
 def interval(values) -> str:
@@ -77,7 +91,7 @@ def interval(values) -> str:
 
 def report(out: Path) -> str:
     """OUT/REPORT.md and OUT/results.json from the finished runs."""
-    found = results(out)
+    found, unreadable = results(out)
     lines = ["# `trl-grpo`: the prioritized KL penalty in TRL's GRPO against the standard one and two matched controls", "",
              "Pre-registration: `docs/preregistration/trl-grpo.md`. Runs: `examples/trl_grpo_prioritized.py` at its defaults,",
              f"seeds {SEEDS.start}..{SEEDS.stop - 1}, one per pair; accuracy on each seed's 200 held-out 4-digit additions after 100 steps.", "",
@@ -106,7 +120,11 @@ def report(out: Path) -> str:
         summary[h] = {"arm": arm, "versus": versus, "role": role, "differences": differences[h],
                       "p_t": t.p_t if t else None, "p_holm": r.p_holm, "rejects": r.rejects()}
     lines += ["", f"Decision by the pre-registered rule: **{decision}**.", ""]
-    write_json(out / "results.json", {"seeds": list(SEEDS), "arms": ARMS, "runs": found, "hypotheses": summary, "decision": decision})
+    if unreadable:  # counted as not run above, and named here
+        lines += [f"Not counted: {len(unreadable)} run(s) whose result.json cannot be read:", "",
+                  *[f"- {run}: {why}" for run, why in unreadable.items()], ""]
+    write_json(out / "results.json", {"seeds": list(SEEDS), "arms": ARMS, "runs": found, "unreadable": unreadable,
+                                      "hypotheses": summary, "decision": decision})
     text = "\n".join(lines)
     atomic_write_text(out / "REPORT.md", text)
     return text
@@ -118,10 +136,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs at once (each one thread)")
     parser.add_argument("--report-only", action="store_true", help="no runs: the report of those done")
     args = parser.parse_args()
+    checks.in_range("--workers", args.workers, 1, integer=True)
+    check_output(args.out, "--out", directory=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        done = results(out)
+        done, _ = results(out)
         todo = [(arm, seed) for seed in SEEDS for arm in ARMS if seed not in done[arm]]  # seed by seed: pairs finish together
         with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(todo), desc="runs") as bar:
             for (arm, seed), code in zip(todo, pool.map(lambda job: run_one(out, *job), todo)):
@@ -132,4 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")

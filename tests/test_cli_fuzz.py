@@ -1,5 +1,6 @@
 """Every subcommand driven with random flag values and with directories of every kind (a pre-training
-run, an RL run, a reproduction, empty, corrupt, a file, missing, a checkpoint shipped in the package):
+run, an RL run, a reproduction, empty, corrupt, a file, missing, a checkpoint shipped in the package,
+a path where nothing can be written or under a file, a file cut short or not UTF-8):
 the command exits 0 or 2, never with a traceback; after an error nothing is left behind; and nothing
 is ever written inside the installed package.
 
@@ -31,17 +32,17 @@ COMMANDS = {name: config_class for name, (config_class, _, _) in cli._commands()
 INTS = ("1", "2", "0", "-1")
 FLOATS = ("0.5", "1", "1e-3", "0", "-1", "nan", "inf")
 POOLS = {  # (command, field) or field -> values, the valid ones first
-    "out": ("new/deeper/dir", "empty", "pretrain", "rl", "repro", "corrupt", "file", str(SHIPPED / "run")),
+    "out": ("new/deeper/dir", "empty", "pretrain", "rl", "repro", "corrupt", "file", str(SHIPPED / "run"), "/proc/x", "file/sub"),
     "run": ("pretrain", "rl", "shipped", "repro", "empty", "corrupt", "badshape", "missing", "file"),
     "pretrained": ("pretrain", "rl", "repro", "empty", "corrupt", "missing"),
     "init_from": ("pretrain", "shipped", "rl", "repro", "empty", "missing"),
     ("report", "run"): ("repro", "brokenrepro", "pretrain", "empty", "missing", "file"),
-    ("report", "to"): ("new/deeper/dir", "empty", "file", str(SHIPPED)),
-    ("reproduce", "out"): ("new/deeper/dir", "repro", "empty", "pretrain", "corrupt", "file", str(SHIPPED / "repro")),
-    ("reproduce", "preset"): ("smoke", "nope", "bad.json", "file"),
+    ("report", "to"): ("new/deeper/dir", "empty", "file", str(SHIPPED), "/proc/x", "file/sub"),
+    ("reproduce", "out"): ("new/deeper/dir", "repro", "empty", "pretrain", "corrupt", "file", str(SHIPPED / "repro"), "/proc/x"),
+    ("reproduce", "preset"): ("smoke", "nope", "bad.json", "file", "cut.json", "latin1.json", "missing.json", "empty"),
     ("pretrain", "preset"): ("micro", "nope"),
     ("inspect", "model"): ("pretrain", "shipped", "rl", "repro", "empty", "corrupt", "missing", "file"),
-    ("inspect", "prompts"): ("prompts.jsonl", "prompts.jsonl", "file", "bad.json", "missing", "empty"),
+    ("inspect", "prompts"): ("prompts.jsonl", "prompts.jsonl", "file", "bad.json", "missing", "empty", "cut.json", "latin1.json"),
     "html": ("page.html", "empty", str(SHIPPED / "page.html")),
     "png": ("picture.png", "picture", "empty", str(SHIPPED / "picture.png")),
     "n_digits": ("2", "1", "3", "0", "31"),
@@ -130,6 +131,8 @@ def library(pretrained_run, tmp_path_factory) -> Path:
     (lib / "brokenrepro" / "reproduce.json").write_text("[]")
     (lib / "file").write_text("not a directory\n")
     (lib / "bad.json").write_text('{"models": 3}')
+    (lib / "cut.json").write_text('{"models": {"n2": {"n_digi')  # a file cut short
+    (lib / "latin1.json").write_bytes('{"prompt": "café"}\n'.encode("latin-1"))  # not UTF-8
     (lib / "prompts.jsonl").write_text(json.dumps({"prompt": addition.prompt(12, 34), "completion": addition.completion(12, 34)}) + "\n"
                                        + json.dumps({"prompt": addition.prompt(5, 7)}) + "\n")
     return lib

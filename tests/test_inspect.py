@@ -17,7 +17,7 @@ from critical_tokens.runs import PACKAGE_DIR
 SHIPPED = PACKAGE_DIR / "checkpoints" / "tiny-n3-d1-lr3e-4"
 TEXTS = ["the cat sat on the mat", "Question: what is 2+2?\nAnswer: 4", "héllo wörld <b>&amp;</b>"]
 GIVEN = [("Question: what is 3+4?\n", "Answer: 7"), ("the cat", " sat on <b>wörld</b> & héllo")]  # escaping, bytes split over tokens
-KEYS = {"config", "model", "model_class", "certainty_method", "certainty_temperature", "summary", "completions"}
+KEYS = {"sampled_cut_short", "config", "model", "model_class", "certainty_method", "certainty_temperature", "summary", "completions"}
 SUMMARY_KEYS = {"tokens", "certainty_mean", "certainty_quantiles", "auto_beta", "beta", "share_weight_below_half"}
 
 
@@ -135,7 +135,18 @@ def test_the_shipped_model_on_additions(tmp_path, monkeypatch, capsys):
     assert [c["completion"] for c in given] == [addition.completion(a, b) for a, b in pairs]
     assert all(len(c["tokens"]) == len(c["completion"]) for c in given)  # one token per character
     assert report["model_class"] == "GPT2LMHeadModel" and len(report["completions"]) == 4
-    assert "certainty (max_prob, T = 4)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "certainty (max_prob, T = 4)" in captured.out
+    assert report["sampled_cut_short"] == 2 and "2 of 2 sampled completions stopped at the --max-new-tokens limit" in captured.err  # 20 < a scratchpad
+
+
+def test_the_default_new_tokens_fit_the_shipped_models_scratchpad(tmp_path):
+    """Issue 33: the default was 64 tokens, a quarter of a scratchpad; now the context decides, and no completion is cut."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": addition.prompt(1234, 56)}])
+    assert cli.main(["inspect", str(SHIPPED), "--prompts", str(prompts), "--sample", "2", "--out", str(tmp_path / "out")]) == 0
+    report = check_report(tmp_path / "out")
+    assert report["sampled_cut_short"] == 0
+    assert all(len(c["token_ids"]) > 64 and c["token_ids"][-1] == 40 for c in report["completions"])  # 40: end-of-text
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +179,12 @@ def not_causal(tmp_path_factory):
     ("gpt2", '{"prompt": "a"}\n', ["--max-new-tokens", "200"], "line 1: 201 tokens do not fit the model's context of 128"),
     ("gpt2", None, ["--sample", "0"], "--sample must be >= 1"),
     ("gpt2", None, ["--temperature", "0"], "--temperature must be > 0"),
-    ("gpt2", None, ["--beta", "-1"], "--beta must be >= 0"),
-    ("gpt2", None, ["--beta", "lots"], "--beta must be a number or 'auto'"),
+    ("gpt2", None, ["--beta", "-1"], "--beta must be a finite number >= 0"),
+    ("gpt2", None, ["--beta", "lots"], "--beta must be a number >= 0 or 'auto'"),
+    ("gpt2", None, ["--beta", "inf"], "--beta must be a finite number >= 0"),
+    ("gpt2", None, ["--out", "/proc/inspect"], "cannot write in /proc"),
+    ("gpt2", "\udcff", [], "is not UTF-8 text"),
+    ("gpt2", None, ["--prompts", "."], "--prompts . is not a file"),  # row 14: a directory is not "missing"  # row 7 of issue 33: a file that is not UTF-8
     ("gpt2", None, ["--out", str(PACKAGE_DIR / "inspect")], "inside the installed package"),
     ("shipped", '{"prompt": "Input: hello"}\n', [], "line 1: the tokenizer cannot encode it"),
 ])
@@ -178,7 +193,7 @@ def test_bad_input_is_one_line(tiny_models, not_causal, prompts, tmp_path, monke
     model_dir = {"gpt2": tiny_models["gpt2"], "shipped": SHIPPED}.get(model, not_causal / model)
     prompts = prompts if rows is None else (tmp_path / "bad.jsonl")
     if rows is not None:
-        prompts.write_text(rows)
+        prompts.write_bytes(rows.encode("utf-8", "surrogateescape"))
     assert cli.main(["inspect", str(model_dir), "--prompts", str(prompts), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err

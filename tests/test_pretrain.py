@@ -184,14 +184,17 @@ def test_resume_of_a_missing_dir_exits_2(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_resume_of_a_dir_without_checkpoint_exits_2(pretrained_run, tmp_path, capsys):
+def test_resume_of_a_dir_without_checkpoint_starts_it_over(pretrained_run, tmp_path, capsys):
+    """What a run stopped before its first checkpoint leaves (its config.json, no live process): nothing to
+    resume, so --resume starts it over with its saved config (it used to refuse, and the directory blocked
+    every rerun until deleted by hand)."""
     out = tmp_path / "no_checkpoint"
     out.mkdir()
     shutil.copy(pretrained_run / "config.json", out / "config.json")
-    assert run_cli(["pretrain", "--out", str(out), "--resume"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no checkpoint" in err[0]
-    assert not (out / "model").exists()
+    assert run_cli(["pretrain", "--out", str(out), "--resume"]) == 0
+    assert "starting it over" in capsys.readouterr().out
+    assert (out / "model" / "trainer_state.pt").exists()
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(pretrained_run)]  # the same run, from the start
 
 
 def test_init_from_continues_from_another_runs_weights(pretrained_run, tmp_path):

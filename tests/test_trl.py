@@ -21,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from critical_tokens import addition, kl  # noqa: E402
 from critical_tokens.model import load_pretrained  # noqa: E402
+from critical_tokens.runs import UserError  # noqa: E402
 from critical_tokens.trl import (  # noqa: E402
     PrioritizedGRPOConfig,
     PrioritizedGRPOTrainer,
@@ -195,6 +196,12 @@ def test_a_short_run_moves_the_policy_not_the_reference(pretrained_run, tmp_path
 @pytest.mark.parametrize("options, message", [
     ({"prioritized_beta": -1}, "prioritized_beta"),
     ({"prioritized_beta": "big"}, "prioritized_beta"),
+    ({"prioritized_beta": float("inf")}, "prioritized_beta"),  # weight 0 wherever c < 1: no KL at all
+    ({"prioritized_beta": "nan"}, "prioritized_beta"),
+    ({"beta": float("nan")}, "beta must be a finite number"),  # TRL's KL coefficient: NaN made every weight NaN
+    ({"beta": -1.0}, "beta must be >= 0"),
+    ({"certainty_temperature": float("nan")}, "certainty_temperature"),
+    ({"auto_beta_quantile": 1.0}, "auto_beta_quantile"),
     ({"certainty": "entropy"}, "certainty"),
     ({"kl_estimator": "k4"}, "kl_estimator"),
     ({"loss_type": "unknown"}, "loss_type"),
@@ -202,6 +209,23 @@ def test_a_short_run_moves_the_policy_not_the_reference(pretrained_run, tmp_path
 def test_config_rejects_bad_options(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         PrioritizedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+
+@pytest.mark.parametrize("beta", ["0", "8", "150", "auto", "-1", "inf", "nan", "x", "1e400"])
+def test_the_trl_config_and_the_rl_command_agree_on_beta(tmp_path, beta):
+    """One check of beta (checks.parse_beta) behind both: a value one takes, the other takes."""
+    from critical_tokens.rl.config import RLConfig, validate
+
+    def accepted(make) -> bool:
+        try:
+            make()
+            return True
+        except (ValueError, UserError):
+            return False
+
+    trl_takes = accepted(lambda: PrioritizedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", prioritized_beta=beta))
+    rl_takes = accepted(lambda: validate(RLConfig(pretrained="run", beta=beta)))
+    assert trl_takes == rl_takes == (beta in ("0", "8", "150", "auto"))
 
 
 @pytest.mark.parametrize("example", ["trl_grpo_prioritized.py", "trl_rloo_prioritized.py"])
@@ -235,7 +259,8 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
 
 
 @pytest.mark.parametrize("options, message", [(["--pretrained", "no-such-run"], "does not exist"),
-                                              (["--prioritized-beta", "abc"], "prioritized_beta must be")])
+                                              (["--prioritized-beta", "abc"], "--prioritized-beta must be"),
+                                              (["--kl-coef", "nan"], "--kl-coef must be a finite number")])
 def test_the_example_refuses_bad_input_in_one_line(tmp_path, options, message):
     import subprocess
     import sys
@@ -484,7 +509,7 @@ def test_rloo_a_short_run_moves_the_policy_not_the_reference(pretrained_run, tmp
     assert len(logged) == 2 and all(0 <= e["kl_weight/mean"] <= 1 and e["prioritized_beta"] > 0 and "kl_unweighted" in e for e in logged)
 
 
-@pytest.mark.parametrize("options", [{"prioritized_beta": -1}, {"certainty": "entropy"}, {"kl_estimator": "k4"}])
+@pytest.mark.parametrize("options", [{"prioritized_beta": -1}, {"certainty": "entropy"}, {"kl_estimator": "k4"}, {"beta": float("nan")}])
 def test_rloo_config_rejects_bad_options(tmp_path, options):
     with pytest.raises(ValueError, match=next(iter(options))):
         PrioritizedRLOOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)

@@ -37,6 +37,7 @@ def report(config: ReportConfig) -> Path:
     """Rebuilds REPORT.md, summary.json and plots/ from a reproduction's files."""
     if config.run is None:
         raise UserError("give the reproduction directory: critical-tokens report RUN_DIR")
+    check_output(config.to, "--to", directory=True)  # before reading the reproduction
     rep = Reproduction(config.run)
     target = Path(config.to) if config.to else rep.root
     check_output(str(target), "--to", directory=True)

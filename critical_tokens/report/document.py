@@ -56,21 +56,34 @@ def _header(rep: Reproduction) -> list[str]:
               f"- Wall time: {duration(wall) if wall is not None else 'not recorded'}"
               + (f" over {len(invocations)} invocations (resumed)" if len(invocations) > 1 else "")
               + f"; {meta['parallel_jobs']} runs in parallel, {meta['threads_per_job']} torch thread(s) per run" + _unrecorded(rep, invocations),
-              f"- Initialisation of the pre-trained models: " + ", ".join(f"{m}: {d['init']}" + (f" (shipped checkpoint `{d['shipped']}`)" if d.get("shipped") else "")
+              f"- Initialisation of the pre-trained models: " + ", ".join(f"{m}: {_init(rep, d)}" + (f" (shipped checkpoint `{d['shipped']}`)" if d.get("shipped") else "")
                                                                          for m, d in rep.models.items()), ""]
     return lines
+
+
+def _init(rep: Reproduction, model: dict) -> str:
+    """How a model of the plan starts: its ``init`` (scratch, gpt2), or the model it continues (``init_from``:
+    a name, or the directory of a model of the plan)."""
+    parent = model.get("config", {}).get("init_from")
+    if not parent:
+        return model["init"]
+    return "continued from " + next((m for m, d in rep.models.items() if d.get("dir") == parent), parent)
 
 
 def _unrecorded(rep: Reproduction, invocations: list[dict]) -> str:
     """What the wall time leaves out: an invocation that was killed records none, so when fewer runs are
     recorded than have finished, the sum of the finished runs' own wall times says what they cost."""
-    finished = [done for done in map(rep.done, (j for j in rep.jobs if not j.get("same_as"))) if done]
+    own = [j for j in rep.jobs if not j.get("same_as") and rep.done(j)]
+    finished = [rep.done(j) for j in own]
     recorded = sum(inv.get("runs", 0) for inv in invocations)
     if recorded >= len(finished):
         return ""
     compute = sum(done.get("wall_s", 0.0) for done in finished)
+    rl = sum(d.get("wall_s", 0.0) for job, d in zip(own, finished) if job["kind"] == "rl")
+    n_rl = sum(job["kind"] == "rl" for job in own)
     return (f"; {len(finished) - recorded} of the {len(finished)} finished jobs ran in an invocation that was stopped before it "
-            f"could record its wall time: the finished jobs' own wall times add up to {duration(compute)} of compute")
+            f"could record its wall time: the finished jobs' own wall times add up to {duration(compute)} of compute "
+            f"({n_rl} RL runs: {duration(rl)}; {len(finished) - n_rl} other jobs, pre-trainings and evaluations: {duration(compute - rl)})")
 
 
 def _hyperparameters(rep: Reproduction) -> list[str]:
@@ -108,7 +121,7 @@ def _runs_table(rep: Reproduction) -> list[str]:
     lines = ["## Runs", "", "| run | state | wall time | directory |", "|---|---|---|---|"]
     for job in rep.jobs:
         done = rep.done(job)
-        state = "done" if done else "not finished"
+        state = ("incomplete: " + rep.unreadable(job)) if rep.unreadable(job) else "done" if done else "not finished"
         where = f"`{job['dir']}`" if not job.get("same_as") else f"shares `{job['same_as_dir']}`"
         wall = duration(done["wall_s"]) + (" (resumed)" if done.get("resumed") else "") if done and not job.get("same_as") else "-"
         lines.append(f"| {job['name']} | {state} | {wall} | {where} |")
@@ -124,7 +137,8 @@ def markdown(rep: Reproduction, sections: Sequence[Section]) -> str:
     lines += ["## Summary", "", "| finding | the paper | ours | verdict |", "|---|---|---|---|"]
     for s in ran:
         lines += [f"| {f} | {p} | {o} | **{v}** |" for f, p, o, v in s.summary]
-    skipped = [f for s in sections if s not in ran for f, *_ in s.summary]
+    answered = {p for s in ran for _, p, *_ in s.summary}  # a claim a study of this preset answers (confirm: figure 4) is not "not run"
+    skipped = [f for s in sections if s not in ran for f, p, *_ in s.summary if p not in answered]
     lines += ["", "Verdicts are computed by the rules at the end of this report. A verdict is about this preset's scale, "
               "not about the paper, and about the findings above only."]
     lines += ["", f"Not run in this reproduction (not in its preset, or no run finished): {'; '.join(skipped)}."] if skipped else []

@@ -46,6 +46,7 @@ class Reproduction:
         self.preset = self.meta["preset"]
         self.jobs = self.meta["jobs"]
         self.models = self.meta["models"]
+        self._unreadable: dict[str, str | None] = {}  # results directory -> why its results cannot be read
 
     def results_dir(self, job: dict) -> Path:
         return self.root / job.get("same_as_dir", job["dir"])
@@ -64,7 +65,28 @@ class Reproduction:
         return arms
 
     def finished(self, jobs: list[dict]) -> list[dict]:
-        return [j for j in jobs if self.done(j)]
+        """The jobs that are done and whose results can be read (`unreadable`)."""
+        return [j for j in jobs if self.done(j) and not self.unreadable(j)]
+
+    def unreadable(self, job: dict) -> str | None:
+        """Why a done job's results cannot be read, or None: an RL run whose metrics.jsonl does not end
+        with its final evaluation (the ``final/`` keys the report reads), e.g. a last line cut short. Such
+        a run counts as incomplete: a report never uses it silently."""
+        if job.get("kind") != "rl" or not self.done(job):
+            return None
+        key = str(self.results_dir(job))
+        if key not in self._unreadable:
+            try:
+                records = read_metrics(self.results_dir(job))
+                final = bool(records) and any(k.startswith("final/") for k in records[-1])
+                self._unreadable[key] = None if final else "its metrics.jsonl does not end with the final evaluation"
+            except UserError as e:
+                self._unreadable[key] = str(e)
+        return self._unreadable[key]
+
+    def incomplete(self, jobs: list[dict]) -> list[dict]:
+        """The jobs that are done but whose results cannot be read."""
+        return [j for j in jobs if self.unreadable(j)]
 
     def metrics(self, jobs: list[dict]) -> Runs:
         """The metrics.jsonl of each finished run of ``jobs`` (one arm: the seeds of one config)."""
@@ -76,10 +98,13 @@ class Reproduction:
 
     def state(self, experiment: str) -> str:
         jobs = self.experiment_jobs(experiment)
-        n = len(self.finished(jobs))
-        if not jobs or n == 0:
+        n, bad = len(self.finished(jobs)), self.incomplete(jobs)
+        if not jobs or n + len(bad) == 0:
             return "not run"
-        return "complete" if n == len(jobs) else f"partial: {n} of {len(jobs)} runs finished"
+        if n == len(jobs):
+            return "complete"
+        named = "; ".join(f"{j['dir']}: {self.unreadable(j)}" for j in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        return f"partial: {n} of {len(jobs)} runs finished" + (f", {len(bad)} incomplete ({named})" if bad else "")
 
     def n_digits(self, model: str) -> int:
         return int(self.models[model]["config"]["n_digits"])

@@ -3,11 +3,11 @@ anything is written: :class:`RLConfig` and :func:`validate`."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import arg, check_fields, check_range
+from .. import checks
+from ..config import arg, check_fields, check_range, flag
 from ..runs import UserError
 
 
@@ -66,52 +66,44 @@ class RLConfig:
     resume: bool = arg(False, "continue an interrupted run in --out from its last checkpoint")
 
 
+# The options of one --method each: given away from their default to another method, they would be ignored.
+METHOD_OPTIONS = {"entropy80": ("entropy_quantile",), "archer": ("archer_quantile", "archer_clip_high", "archer_high_kl_scale"),
+                  "kl_cov": ("cov_ratio", "kl_cov_coef"), "clip_cov": ("cov_ratio", "clip_cov_low", "clip_cov_high")}
+
+
 def validate(config: RLConfig) -> None:
     if config.pretrained is None:
         raise UserError("give the pre-training run to fine-tune: critical-tokens rl PRETRAINED_RUN")
     check_fields(config)
-    if config.beta != "auto":
-        try:
-            beta = float(config.beta)
-        except ValueError:
-            raise UserError(f"--beta must be a number or 'auto', got {config.beta!r}") from None
-        if not 0 <= beta < math.inf:
-            raise UserError(f"--beta must be >= 0, got {config.beta}")
-    for name in ("kl_coef", "vf_coef", "ent_coef", "grad_clip"):
-        if not getattr(config, name) >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    for name in ("temperature", "certainty_temperature", "lr"):
-        if not getattr(config, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
-    for name in ("episodes", "batch_size", "minibatch_size", "eval_every", "eval_episodes", "probe_examples",
-                 "final_eval_episodes", "final_eval_comfort_episodes", "final_probe_examples"):
-        if getattr(config, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    checks.parse_beta("--beta", config.beta)
+    check_range(config, ("kl_coef", "vf_coef", "ent_coef", "grad_clip"), 0)
+    check_range(config, ("temperature", "certainty_temperature", "lr"), 0, low_open=True)
+    check_range(config, ("episodes", "batch_size", "minibatch_size", "eval_every", "eval_episodes", "probe_examples",
+                         "final_eval_episodes", "final_eval_comfort_episodes", "final_probe_examples"), 1)
     if config.method != "kl" and config.algorithm not in ("ppo", "grpo", "rloo"):
         raise UserError(f"--method {config.method} acts through the importance ratio: it needs --algorithm ppo, grpo or rloo, got {config.algorithm}")
+    defaults = RLConfig()
+    for name in sorted({n for names in METHOD_OPTIONS.values() for n in names} - set(METHOD_OPTIONS.get(config.method, ()))):
+        if getattr(config, name) != getattr(defaults, name):
+            owners = " and ".join(m for m, names in METHOD_OPTIONS.items() if name in names)
+            raise UserError(f"{flag(RLConfig, name)} is an option of --method {owners}; --method {config.method} would ignore it")
     check_range(config, ("entropy_quantile",), 0, 1, low_open=True)
     check_range(config, ("archer_quantile", "cov_ratio"), 0, 1, low_open=True, high_open=True)
     check_range(config, ("archer_clip_high",), 0, low_open=True)
     check_range(config, ("archer_high_kl_scale", "kl_cov_coef"), 0)
-    for name in ("entropy_quantile", "archer_quantile", "archer_clip_high", "archer_high_kl_scale", "cov_ratio", "kl_cov_coef",
-                 "clip_cov_low", "clip_cov_high"):
-        if not math.isfinite(getattr(config, name)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     if not config.clip_cov_low < config.clip_cov_high:
         raise UserError(f"--clip-cov-low must be below --clip-cov-high, got {config.clip_cov_low} and {config.clip_cov_high}")
-    if config.match_weight_beta is not None and (config.kl != "standard" or not 0 <= config.match_weight_beta < math.inf):
-        raise UserError(f"--match-weight-beta scales the standard penalty: it needs --kl standard and a beta >= 0, "
-                        f"got --kl {config.kl} and {config.match_weight_beta}")
-    if not (0 < config.auto_beta_quantile < 1 and 0 < config.auto_beta_weight < 1):
-        raise UserError("--auto-beta-quantile and --auto-beta-weight must be in (0, 1)")
+    if config.match_weight_beta is not None:
+        if config.kl != "standard":
+            raise UserError(f"--match-weight-beta scales the standard penalty: it needs --kl standard, got --kl {config.kl}")
+        checks.parse_beta("--match-weight-beta", config.match_weight_beta)
+    checks.quantile_and_weight("--auto-beta-quantile", config.auto_beta_quantile, "--auto-beta-weight", config.auto_beta_weight)
     if config.algorithm in ("grpo", "rloo") and (config.group_size < 2 or config.batch_size % config.group_size):
         raise UserError(f"--algorithm {config.algorithm}: --group-size must be >= 2 and divide --batch-size, got {config.group_size} and {config.batch_size}")
     if config.detach_critic and config.algorithm not in CRITIC_ALGORITHMS:
         raise UserError(f"--detach-critic: --algorithm {config.algorithm} has no critic ({' and '.join(CRITIC_ALGORITHMS)} have one)")
-    if config.update_epochs is not None and config.update_epochs < 1:
-        raise UserError(f"--update-epochs must be positive, got {config.update_epochs}")
-    if not config.clip_range > 0:
-        raise UserError(f"--clip-range must be > 0, got {config.clip_range}")
+    check_range(config, ("update_epochs",), 1)
+    check_range(config, ("clip_range",), 0, low_open=True)
     check_range(config, ("gamma", "gae_lambda"), 0, 1)
     check_range(config, ("eval_comfort_episodes", "group_size"), 0, low_open=True)
     if config.minibatch_size > config.batch_size:
