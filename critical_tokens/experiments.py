@@ -15,7 +15,7 @@ A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes eve
     being the standard KL penalty (w = c^0 = 1, as in the paper's figure);
   - ``rl_levels`` (figure 3): ``{"models", "seeds", "rl"}``, one arm per pre-trained model;
   - ``tracked_tokens`` (figures 4 right and 7): ``{}``, read from the kl_comparison runs;
-  - ``kl_by_model`` (beyond the paper): ``{"models", "seeds", "rl", "arms"}``, the arms of figure 4
+  - ``kl_by_model`` (beyond the paper): ``{"models", "seeds", "first_seed", "rl", "arms"}``, the arms of figure 4
     from each of several models (e.g. pre-trained with different N+1 doses): how the gain of the
     prioritized KL depends on where RL starts. Its runs are ``OUT/kl_by_model/<model>/<arm>/seed<k>/``.
   - ``confirm`` (a pre-registered study): ``{"models", "seeds", "first_seed", "rl", "arms",
@@ -83,7 +83,7 @@ EXPERIMENT_KEYS = {
     "beta_sweep": {"model", "seeds", "rl", "betas"},
     "rl_levels": {"models", "seeds", "rl"},
     "tracked_tokens": set(),
-    "kl_by_model": {"models", "seeds", "rl", "arms"},
+    "kl_by_model": {"models", "seeds", "first_seed", "rl", "arms"},
     "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration", "decision", "title",
                 "analysis", "placement"},
 }
@@ -297,7 +297,22 @@ def _rl_arms(experiments: dict, where: str):
         yield "kl_by_model", [(f"{m}/{name}", m, overrides) for m in spec["models"] for name, overrides in _kl_arms(spec, "kl_by_model", where)]
     if "confirm" in experiments:
         spec = experiments["confirm"]
-        yield "confirm", [(f"{m}/{name}", m, overrides) for m in spec["models"] for name, overrides in _kl_arms(spec, "confirm", where)]
+        yield "confirm", [(f"{m}/{name}", m, _for_model(overrides, m, f"{where}: experiments.confirm arm {name}"))
+                          for m in spec["models"] for name, overrides in _kl_arms(spec, "confirm", where)]
+
+
+def _for_model(overrides: dict, model: str, where: str) -> dict:
+    """An arm's overrides for one model: ``kl_coef_by_model`` ({model: coefficient}, a strength matched
+    per model instance, fixed in a pre-registration) becomes that model's ``kl_coef``."""
+    by_model = overrides.get("kl_coef_by_model")
+    if by_model is None:
+        return overrides
+    if "kl_coef" in overrides:
+        raise UserError(f"{where}: give kl_coef or kl_coef_by_model, not both")
+    if not isinstance(by_model, dict) or model not in by_model:
+        raise UserError(f"{where}: kl_coef_by_model must give a coefficient for every model of the study (missing {model!r})")
+    rest = {k: v for k, v in overrides.items() if k != "kl_coef_by_model"}
+    return {**rest, "kl_coef": by_model[model]}
 
 
 def _kl_arms(spec: dict, experiment: str, where: str) -> list[tuple[str, dict]]:

@@ -117,3 +117,15 @@ def test_the_older_rules_take_equivalence_and_direction_but_not_groups():
     study["hypotheses"][-1]["role"] = "superiority"
     with pytest.raises(UserError, match="role is one of primary, control, safety, comparison, equivalence"):
         check_preset(preset, "smoke.json")
+
+
+def test_a_strength_matched_per_instance_becomes_each_instances_kl_coef():
+    study = placement_study()
+    study["arms"][3] = {"name": "matched-b4", "kl": "standard", "kl_coef_by_model": {"n2": 0.07, "n2-d10": 0.11}}
+    preset = smoke_with(study)
+    check_preset(preset, "placement.json")
+    coefs = {(j.arm.split("/")[0], j.config["seed"]): j.config["kl_coef"] for j in plan(preset)[0] if (j.arm or "").endswith("/matched-b4")}
+    assert coefs == {("n2", 100): 0.07, ("n2", 101): 0.07, ("n2-d10", 100): 0.11, ("n2-d10", 101): 0.11}
+    study["arms"][3]["kl_coef_by_model"] = {"n2": 0.07}
+    with pytest.raises(UserError, match="missing 'n2-d10'"):
+        plan(smoke_with(study))

@@ -110,7 +110,7 @@ def section_confirm(rep: Reproduction, plots: Plots) -> Section:
     runs = study_runs(rep)
     jobs = rep.experiment_jobs("confirm")
     unreadable = _unreadable(runs)
-    complete = len(rep.finished(jobs)) - len(unreadable)
+    complete = len(rep.finished(jobs))  # done, and with a readable final evaluation (Reproduction.unreadable)
     if unreadable:  # a finished run without its final evaluation is not a complete run
         state = (f"incomplete: {complete} of {len(jobs)} runs have a readable final evaluation ({', '.join(unreadable)} "
                  f"finished without one)")
