@@ -89,8 +89,8 @@ def test_weights_one_give_exactly_trls_loss(pretrained_run, tmp_path, options):
 
 
 def reference_by_hand(trainer, inputs, temperature=1.0):
-    """The reference's certainty (max_prob at temperature 4) and entropy (at ``temperature``), (B, T) each,
-    from its whole logits at the completion positions."""
+    """The reference's certainty c = 1 + log(max_a softmax(z / 4)_a) / log|V| and entropy (at ``temperature``),
+    (B, T) each, from its whole logits z at the completion positions."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     P = inputs["prompt_ids"].shape[1]
@@ -159,12 +159,7 @@ def test_weights_are_c_to_the_beta_and_replace_trls_kl_term(pretrained_run, tmp_
     done = inputs["completion_mask"].bool()  # (B, T)
 
     # By hand: c = 1 + log(max_a softmax(z / 4)_a) / log|V| at the state before each completion token.
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    P = inputs["prompt_ids"].shape[1]
-    with torch.no_grad():
-        logits = ours.ref_model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
-    c = 1 + torch.log(torch.softmax(logits / 4.0, -1).max(-1).values) / math.log(logits.shape[-1])
+    c, _ = reference_by_hand(ours, inputs)
     torch.testing.assert_close(inputs["kl_weights"][done], (c**beta)[done])
     assert 0 < inputs["kl_weights"][done].min() < inputs["kl_weights"][done].max() < 1
 
@@ -318,6 +313,31 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # step 1's metrics, then the Trainer's summary
     on_critical, elsewhere = map(float, re.search(r"critical tokens: ([\d.]+), on the other tokens: ([\d.]+)", result.stdout).groups())
     assert on_critical < elsewhere  # the reference is less certain on the critical tokens: the penalty is lighter there
+
+
+def test_the_kl_weights_example_runs_both_rules(tmp_path):
+    """examples/trl_kl_weights.py at tiny size (one step of 2 completions per rule, learning rate 0): both runs
+    train and report; the per-class table gives the ignored separators weight 0 (and so no charged KL), the
+    digits weight 1, and under prioritized(8) the critical tokens a lighter weight than the rest; the policy
+    did not move, so its KL to the reference is 0 in every class."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "trl_kl_weights.py"
+    result = subprocess.run([sys.executable, str(script), "--max-steps", "1", "--num-generations", "2", "--eval-examples", "8",
+                             "--lr", "0", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("step 1/1: reward") == 2 and result.stdout.count("per token class") == 2
+    tables = json.loads((tmp_path / "run" / "kl_by_class.json").read_text())["rules"]
+    assert list(tables) == [r"ignore:\x20,\,,\n", "prioritized:8"]
+    ignored, weighted = tables.values()
+    assert ignored["separator"]["weight"] == 0 and ignored["separator"]["weighted_kl"] == 0 and ignored["digit"]["weight"] == 1
+    assert ignored["separator"]["share"] > 0 and sum(row["share"] for row in ignored.values()) == pytest.approx(1)
+    assert weighted["critical"]["weight"] < min(weighted[name]["weight"] for name in ("digit", "separator", "other"))
+    assert all(abs(row["kl"]) < 1e-6 for table in tables.values() for row in table.values())
+    assert all((tmp_path / "run" / arm / "model" / "model.safetensors").exists() for arm in ("ignore", "prioritized"))
 
 
 @pytest.mark.parametrize("options, message", [(["--pretrained", "no-such-run"], "does not exist"),
