@@ -104,7 +104,7 @@ class PrioritizedKLOptions:
     kl_estimator: str = field(default="k3", metadata={"help": "Schulman's KL estimator weighted by w: 'k3' (TRL's GRPO), 'k2' (the paper's) or 'k1'"})
     auto_beta_quantile: float = field(default=0.05, metadata={"help": "prioritized_beta='auto': the certainty quantile whose weight is auto_beta_weight"})
     auto_beta_weight: float = field(default=0.5, metadata={"help": "prioritized_beta='auto': the weight at that quantile"})
-    kl_weights: object = field(default=None, metadata={"help": "the rule of the per-token KL weights (critical_tokens.kl_rules): a rule such as prioritized(8) * ignore_tokens(['<|im_end|>']), uniform(0.1), entropy_quantile(0.2) or a function, or its text ('prioritized:8*ignore:<|im_end|>'); default: prioritized(prioritized_beta)"})
+    kl_weights: str | None = field(default=None, metadata={"help": "the rule of the per-token KL weights (critical_tokens.kl_rules): a kl_rules.Rule such as prioritized(8) * ignore_tokens(['<|im_end|>']), uniform(0.1), entropy_quantile(0.2) or a function, or its text ('prioritized:8*ignore:<|im_end|>'); default: prioritized(prioritized_beta)"})
 
     def __post_init__(self):
         super().__post_init__()

@@ -271,6 +271,11 @@ def test_config_takes_a_rule_or_its_text_and_saves_its_text(tmp_path):
         config(kl_weights=uniform(1), prioritized_beta=8)
     with pytest.raises(UserError, match="unknown rule 'priority'"):
         config(kl_weights="priority:8")
+    from transformers import HfArgumentParser  # TRL's command line: the rule as text
+
+    (parsed,) = HfArgumentParser(PrioritizedGRPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--kl_weights", "uniform:0.5*ignore_ids:3"])
+    assert parsed.kl_weights == uniform(0.5) * ignore_tokens([3])
 
 
 @pytest.mark.parametrize("options, message", [
