@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 import critical_tokens
 import numpy as np
 
-from critical_tokens import addition
+from critical_tokens import addition, kl
 from critical_tokens.critical.measure import teacher_forced
 from critical_tokens.evaluate import accuracy_on
 from critical_tokens.model import RL_SLACK, load_pretrained
@@ -121,8 +121,9 @@ def weights_on_critical_tokens(run: dict, beta: float) -> tuple[float, float]:
     for (a, b), c in zip(run["eval_pairs"], run["certainty"]):
         marked = np.zeros(len(c), dtype=bool)
         marked[[t.offset for t in addition.critical_tokens(a, b, run["n_digits"]) if t.offset < len(c)]] = True
-        critical.append(c[marked] ** beta)
-        other.append(c[~marked] ** beta)
+        w = kl.prioritized_weights(torch.as_tensor(c), beta).numpy()  # c^beta
+        critical.append(w[marked])
+        other.append(w[~marked])
     return float(np.concatenate(critical).mean()), float(np.concatenate(other).mean())
 
 
