@@ -22,10 +22,13 @@ Target (issue 13): a step with the prioritized KL within 5% of plain TRL's.
 embeddings, a small hidden size; built here from a Qwen2Config, nothing downloaded) and a word-level
 tokenizer with one word per id, 8 completions of 256 and of 512 forced tokens per step. Each side runs in a
 process of its own (this script with `--child`), so that its peak resident memory (ru_maxrss) is its own;
-the processes alternate in order over the rounds. Prints per length the step-time ratio and the peak-memory
-ratio, prioritized / plain. Targets: step time at most +5%, peak memory at most +10%.
+the processes alternate in order over the rounds. The weighted side runs each rule of `--rules` (the text of
+critical_tokens/kl_rules.py; default: every built-in, and a product) as a process of its own. Prints per length
+and rule the step-time ratio and the peak-memory ratio, rule / plain. Targets: step time at most +5%, peak
+memory at most +10%.
 
-    .venv/bin/python benchmarks/trl_prioritized.py --qwen2 --threads 1     # about 25 minutes on 2 loaded cores
+    .venv/bin/python benchmarks/trl_prioritized.py --qwen2 --threads 1 --rules prioritized:150   # about 25 minutes on 2 loaded cores
+    .venv/bin/python benchmarks/trl_prioritized.py --qwen2 --threads 1                           # every built-in: about 90 minutes
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ from common import add_thread_argument, machine_header, median
 N_DIGITS = 7
 SIDES = {"plain": (GRPOTrainer, GRPOConfig, {}),
          "prioritized": (PrioritizedGRPOTrainer, PrioritizedGRPOConfig, {"prioritized_beta": 150.0})}
+# --qwen2's rules: each built-in of kl_rules, and a product ("<eos>": the word-level tokenizer's end of text)
+BUILT_IN_RULES = ["prioritized:150", "prioritized:auto", "uniform:1", "ignore:<eos>", "entropy_quantile:0.2", "prioritized:150*ignore:<eos>"]
+
+
+def side(name: str):
+    """(trainer class, config class, options) of a side: "plain" (TRL's), "prioritized", or a rule's text."""
+    return SIDES.get(name) or (PrioritizedGRPOTrainer, PrioritizedGRPOConfig, {"kl_weights": name})
 
 
 def save_random_model(root: Path, preset: str) -> Path:
@@ -185,7 +195,7 @@ def load_qwen2(root: Path, n_prompts: int):
 
 def child(args) -> None:
     """One side of --qwen2 in this process: prints its step times and its peak resident memory as JSON."""
-    trainer_class, config_class, options = SIDES[args.child]
+    trainer_class, config_class, options = side(args.child)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     loaded = load_qwen2(Path(args.model_dir), (args.completions // args.num_generations) * args.steps)
     seconds = step_seconds(trainer_class, config_class, Path(args.model_dir), Path(args.out), args, loaded=loaded, **options)
@@ -207,41 +217,39 @@ def run_child(side: str, model_dir: Path, out: Path, args) -> dict:
 
 def qwen2_main(args) -> None:
     gib = 2**30
+    sides = ["plain", *args.rules]
     print(f"TRL {__import__('trl').__version__}: random Qwen2ForCausalLM, V = {QWEN2_VOCAB:,}, hidden {args.hidden}, {args.layers} layers, tied "
           f"embeddings; {args.completions} completions per step ({args.num_generations} per prompt) of {QWEN2_PROMPT_TOKENS}-token prompts; "
-          f"beta 0.04, prioritized_beta 150; each side in its own process, {args.rounds} round(s) of {args.steps} steps "
+          f"beta 0.04; rules {', '.join(args.rules)}; each side in its own process, {args.rounds} round(s) of {args.steps} steps "
           f"(the first not timed) per side and length")
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_qwen2_model(Path(tmp) / "qwen2", args.hidden, args.layers)
         for length in args.lengths:
             args.length = length
-            step_ratios, memory_ratios, results = [], [], {name: [] for name in SIDES}
+            results = {name: [] for name in sides}  # per side, one result per round
             for r in range(args.rounds):
-                order = list(SIDES) if r % 2 == 0 else list(reversed(SIDES))
-                got = {name: run_child(name, model_dir, Path(tmp) / f"{name}-{length}-{r}", args) for name in order}
-                for name in SIDES:
-                    results[name].append(got[name])
-                step = {name: median(got[name]["seconds"]) for name in SIDES}
-                peak = {name: got[name]["peak_bytes"] for name in SIDES}
-                step_ratios.append(step["prioritized"] / step["plain"])
-                memory_ratios.append(peak["prioritized"] / peak["plain"])
-                print(f"{length} tokens, round {r + 1}: plain {step['plain']:.2f} s/step, peak {peak['plain'] / gib:.2f} GiB; prioritized "
-                      f"{step['prioritized']:.2f} s/step, peak {peak['prioritized'] / gib:.2f} GiB; step x{step_ratios[-1]:.3f}, "
-                      f"peak memory x{memory_ratios[-1]:.3f}")
-            summary.append((length, results, median(step_ratios), median(memory_ratios), step_ratios, memory_ratios))
+                order = sides if r % 2 == 0 else sides[::-1]
+                for i, name in enumerate(order):
+                    results[name].append(run_child(name, model_dir, Path(tmp) / f"side{i}-{length}-{r}", args))
+                plain = results["plain"][-1]
+                print(f"{length} tokens, round {r + 1}: plain {median(plain['seconds']):.2f} s/step, peak {plain['peak_bytes'] / gib:.2f} GiB; "
+                      + "; ".join(f"{name} x{median(results[name][-1]['seconds']) / median(plain['seconds']):.3f} step, "
+                                  f"x{results[name][-1]['peak_bytes'] / plain['peak_bytes']:.3f} peak" for name in args.rules), flush=True)
+            summary.append((length, results))
     print()
-    for length, results, step_ratio, memory_ratio, step_ratios, memory_ratios in summary:
-        step = {name: median([median(x["seconds"]) for x in results[name]]) for name in SIDES}
-        peak = {name: median([x["peak_bytes"] for x in results[name]]) / gib for name in SIDES}
-        print(f"{length} tokens: plain TRL {step['plain']:.2f} s/step, {peak['plain']:.2f} GiB peak; prioritized {step['prioritized']:.2f} "
-              f"s/step, {peak['prioritized']:.2f} GiB peak; prioritized / plain: step time {step_ratio:.3f} "
-              f"({', '.join(f'{x:.3f}' for x in step_ratios)}), peak memory {memory_ratio:.3f} ({', '.join(f'{x:.3f}' for x in memory_ratios)})")
-        base = {name: median([x["peak_bytes"] - x["rss_before_bytes"] for x in results[name]]) / gib for name in SIDES}
-        print(f"  above the process after its imports: plain {base['plain']:.2f} GiB, prioritized {base['prioritized']:.2f} GiB "
-              f"(x{base['prioritized'] / base['plain']:.3f})")
-        print(f"  targets: step time at most +5% {'met' if step_ratio <= 1.05 else 'NOT met'} ({100 * (step_ratio - 1):+.1f}%), "
-              f"peak memory at most +10% {'met' if memory_ratio <= 1.10 else 'NOT met'} ({100 * (memory_ratio - 1):+.1f}%)")
+    for length, results in summary:
+        step = {name: median([median(x["seconds"]) for x in results[name]]) for name in sides}
+        peak = {name: median([x["peak_bytes"] for x in results[name]]) / gib for name in sides}
+        print(f"{length} tokens: plain TRL {step['plain']:.2f} s/step, {peak['plain']:.2f} GiB peak")
+        for name in args.rules:
+            step_ratios = [median(x["seconds"]) / median(p["seconds"]) for x, p in zip(results[name], results["plain"])]
+            memory_ratios = [x["peak_bytes"] / p["peak_bytes"] for x, p in zip(results[name], results["plain"])]
+            step_ratio, memory_ratio = median(step_ratios), median(memory_ratios)
+            print(f"  {name}: {step[name]:.2f} s/step, {peak[name]:.2f} GiB peak; / plain: step time {step_ratio:.3f} "
+                  f"({', '.join(f'{x:.3f}' for x in step_ratios)}), peak memory {memory_ratio:.3f} ({', '.join(f'{x:.3f}' for x in memory_ratios)}); "
+                  f"targets: step +5% {'met' if step_ratio <= 1.05 else 'NOT met'} ({100 * (step_ratio - 1):+.1f}%), "
+                  f"peak +10% {'met' if memory_ratio <= 1.10 else 'NOT met'} ({100 * (memory_ratio - 1):+.1f}%)")
 
 
 
@@ -260,7 +268,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="--qwen2: completion lengths, forced")
     parser.add_argument("--hidden", type=int, default=128, help="--qwen2: hidden size")
     parser.add_argument("--layers", type=int, default=2, help="--qwen2: layers")
-    parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--rules", nargs="+", default=BUILT_IN_RULES, help="--qwen2: the KL weight rules (critical_tokens/kl_rules.py text), "
+                        "each a side of its own against plain TRL (default: every built-in and a product)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     add_thread_argument(parser)
@@ -275,7 +285,7 @@ def main() -> None:
         if "--steps" not in sys.argv:
             args.steps = 3
         args.rounds = args.rounds or 2
-        machine_header(f"benchmarks/trl_prioritized.py --qwen2: step time and peak memory, prioritized KL vs plain TRL", args.threads)
+        machine_header("benchmarks/trl_prioritized.py --qwen2: step time and peak memory, KL weight rules vs plain TRL", args.threads)
         return qwen2_main(args)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.length = args.length or (64 if args.quick else 128)

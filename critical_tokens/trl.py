@@ -15,6 +15,9 @@ to Enhance RL Fine-Tuning", NAACL Findings 2025) weights each completion token's
 
 so the policy may move freely on the tokens where the reference model was unsure ("critical" tokens)
 and is held to it where the reference was confident. ``prioritized_beta=0`` gives TRL's own KL.
+``kl_weights=`` takes any other rule of the weights w_t (critical_tokens.kl_rules: ``uniform(scale)``,
+``ignore_tokens([...])``, ``entropy_quantile(q)``, a function, and their products); ``prioritized_beta=B``
+is ``kl_weights=prioritized(B)``, the default.
 
 - GRPO: TRL adds ``beta * k3_t`` to the loss of every completion token. :class:`PrioritizedGRPOTrainer`
   makes that term ``beta * w_t * k_t`` (k: TRL's k3 by default; the paper: k2).
@@ -23,12 +26,14 @@ and is held to it where the reference was confident. ``prioritized_beta=0`` give
 
 Everything else is TRL's: its reference model, generation, rewards, advantages, loss type and logging.
 Only the reference pass changes: it runs the reference once, and from its logits at the completion
-positions takes both TRL's reference log-probs and the certainty (no extra forward pass). Like TRL's fused
+positions takes both TRL's reference log-probs and the statistics the rule needs, the certainty (and the
+entropy for ``entropy_quantile``; no extra forward pass). A rule that needs neither (uniform,
+ignore_tokens) keeps TRL's own reference pass. Like TRL's fused
 log-prob head it never holds the (B, T, V) logits: it applies the LM head to a chunk of positions at a time
 and keeps only that chunk's log-probs and certainties. The weight statistics are logged with TRL's metrics
 (``kl_weight/mean``, ``kl_weight/q05``, ...). With several processes (``accelerate launch --multi_gpu``,
-``torchrun``; on CPUs too, with gloo) the statistics and the ``'auto'`` beta are over the completion tokens
-of all processes, so every process uses the same beta.
+``torchrun``; on CPUs too, with gloo) the statistics, the ``'auto'`` beta and the entropy quantile are over
+the completion tokens of all processes, so every process uses the same beta and threshold.
 
 LoRA and other PEFT adapters work as in TRL: pass ``peft_config=LoraConfig(...)`` (or a ``PeftModel``) to
 the trainer. TRL then keeps no reference model: its reference is the policy with the adapters disabled
@@ -42,7 +47,7 @@ and tested against TRL 1.16, and refuses other TRL versions at import with the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import trl
@@ -56,8 +61,8 @@ if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
     raise ImportError(f"critical_tokens.trl is written and tested against TRL {TESTED_TRL}.x (it overrides TRL's reference pass); "
                       f"found TRL {trl.__version__}: pip install 'trl>={TESTED_TRL},<1.17'")
 
-from . import checks, kl
-from .rl.a2c import token_logprobs
+from . import checks, kl, kl_rules
+from .rl.a2c import entropy_from_logits, token_logprobs
 
 # TRL's GRPO loss types whose aggregation of per-token terms `token_aggregate` reproduces.
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
@@ -66,6 +71,7 @@ LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "lusp
 # positions as make a chunk of about this many logits (2^24: 64 MB in float32; a few such buffers live at
 # once). TRL's fused log-prob head on a CPU holds tiles of up to 4096 tokens x 32768 vocabulary entries.
 REFERENCE_CHUNK_ELEMENTS = 2**24
+DEFAULT_PRIORITIZED_BETA = 150.0  # the paper's
 
 
 def _logit_transform(config):
@@ -92,16 +98,19 @@ class PrioritizedKLOptions:
     ``PrioritizedRLOOConfig``) and checked after TRL's own ``__post_init__``. ``beta`` stays TRL's KL
     coefficient (0 disables the KL and the reference model, as in TRL)."""
 
-    prioritized_beta: float | str = field(default=150.0, metadata={"help": "exponent of the KL weights w = c^prioritized_beta (the paper: 150; 0: TRL's standard KL), or 'auto': calibrated on the reference's certainty over the first batch of all processes (kl.calibrate_beta)"})
+    prioritized_beta: float | str = field(default=DEFAULT_PRIORITIZED_BETA, metadata={"help": "exponent of the KL weights w = c^prioritized_beta (the paper: 150; 0: TRL's standard KL), or 'auto': calibrated on the reference's certainty over the first batch of all processes (kl.calibrate_beta); the rule prioritized(prioritized_beta) when kl_weights is not given"})
     certainty: str = field(default="max_prob", metadata={"help": "certainty c(s) of the reference: 'max_prob' (the paper's eq. 2) or 'negentropy' (eq. 1)"})
     certainty_temperature: float = field(default=4.0, metadata={"help": "temperature of the reference distribution in c(s) (the paper: 4)"})
     kl_estimator: str = field(default="k3", metadata={"help": "Schulman's KL estimator weighted by w: 'k3' (TRL's GRPO), 'k2' (the paper's) or 'k1'"})
     auto_beta_quantile: float = field(default=0.05, metadata={"help": "prioritized_beta='auto': the certainty quantile whose weight is auto_beta_weight"})
     auto_beta_weight: float = field(default=0.5, metadata={"help": "prioritized_beta='auto': the weight at that quantile"})
+    kl_weights: str | None = field(default=None, metadata={"help": "the rule of the per-token KL weights (critical_tokens.kl_rules): a kl_rules.Rule such as prioritized(8) * ignore_tokens(['<|im_end|>']), uniform(0.1), entropy_quantile(0.2) or a function, or its text ('prioritized:8*ignore:<|im_end|>'); default: prioritized(prioritized_beta)"})
 
     def __post_init__(self):
         super().__post_init__()
         checks.in_range("beta", self.beta, 0)  # TRL's KL coefficient: TRL takes NaN and turns every weight into NaN
+        if self.kl_weights is not None and self.prioritized_beta != DEFAULT_PRIORITIZED_BETA:
+            raise ValueError(f"give the KL weights once: kl_weights={self.kl_weights!s} or prioritized_beta={self.prioritized_beta}, not both")
         beta = checks.parse_beta("prioritized_beta", self.prioritized_beta)
         self.prioritized_beta = "auto" if beta is None else beta
         if self.certainty not in kl.CERTAINTY_METHODS:
@@ -110,6 +119,11 @@ class PrioritizedKLOptions:
             raise ValueError(f"kl_estimator must be one of {', '.join(kl.ESTIMATORS)}, got {self.kl_estimator!r}")
         checks.in_range("certainty_temperature", self.certainty_temperature, 0, low_open=True)
         checks.quantile_and_weight("auto_beta_quantile", self.auto_beta_quantile, "auto_beta_weight", self.auto_beta_weight)
+        self.kl_weights = kl_rules.prioritized(self.prioritized_beta) if self.kl_weights is None else kl_rules.as_rule(self.kl_weights)
+
+    def to_dict(self):
+        """TRL's JSON form of the config, with the rule as its text."""
+        return {**super().to_dict(), "kl_weights": str(self.kl_weights)}
 
 
 @dataclass
@@ -157,11 +171,20 @@ class _PrioritizedKLMixin:
             self._tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
             if not self._tuner_layers:  # prompt learning (prefix tuning, ...) disables its adapter by swapping forward
                 raise NotImplementedError("the prioritized KL penalty supports PEFT adapters with adapter layers (LoRA, ...), not prompt learning")
-        # None until calibrated on the first batch when prioritized_beta is 'auto'.
-        self.prioritized_beta = None if self.args.prioritized_beta == "auto" else self.args.prioritized_beta
+        # The rule of the weights, its token texts turned into ids; a beta 'auto' is calibrated on the first batch.
+        self.kl_rule = self.args.kl_weights.bind(self.processing_class)
         self._policy_logprobs = None  # (B, T) of the last policy pass
         self._policy_input_ids = None  # the input_ids tensor of that pass
-        self._ref_certainty = None  # (B, T) of the last reference pass
+        self._ref_stats = kl_rules.ReferenceStats()  # (B, T) statistics of the last reference pass
+
+    @property
+    def prioritized_beta(self) -> float | None:
+        """The exponent of the rule's prioritized factor (None: none, or 'auto' not yet calibrated)."""
+        return self.kl_rule.beta
+
+    @property
+    def _ref_certainty(self):  # (B, T) of the last reference pass
+        return self._ref_stats.certainty
 
     def _is_reference_pass(self, model) -> bool:
         """Whether TRL is calling ``_get_per_token_logps_and_entropies`` for its reference log-probs: on
@@ -193,15 +216,22 @@ class _PrioritizedKLMixin:
         raise NotImplementedError
 
     @torch.no_grad()
-    def _reference_logprobs_and_certainty(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+    def _reference_logprobs_and_stats(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                      needs=frozenset({"certainty"}), **kwargs):
         """The reference's log-probs of the completion tokens at TRL's temperature (what TRL computes)
-        and its certainty c(s) at ``certainty_temperature``, from one forward pass; (B, T) each. ``model``
-        is in the state TRL put it in for its reference pass (adapters disabled, with PEFT).
+        and the statistics ``needs`` lists (kl_rules.ReferenceStats: the certainty c(s) at
+        ``certainty_temperature``, the entropy at TRL's temperature), from one forward pass; (B, T) each.
+        ``model`` is in the state TRL put it in for its reference pass (adapters disabled, with PEFT).
+        Without statistics to compute, TRL's own reference pass gives the log-probs.
 
         Like TRL's fused log-prob head, it never holds the (B, T, V) logits: the backbone runs once per
         batch of ``batch_size`` sequences, then the LM head, the temperature, the log-softmax and the
         certainty run on chunks of ``reference_chunk_size`` completion positions, of which only the
         (b, chunk) results are kept (the same numbers as from the whole logits, up to float rounding)."""
+        if not needs:
+            ref_logprobs = super(_PrioritizedKLMixin, self)._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)[0]
+            return ref_logprobs, kl_rules.ReferenceStats()
         if any(value is not None for value in kwargs.values()):
             raise NotImplementedError("the prioritized KL penalty supports text-only models")
         lm = self.accelerator.unwrap_model(model)
@@ -213,7 +243,7 @@ class _PrioritizedKLMixin:
         logit_scale, softcap = _logit_transform(lm.config)
         fp32_head = getattr(self.args, "cast_lm_head_to_fp32", False)
         batch_size = batch_size or input_ids.size(0)
-        ref_logprobs, certainty = [], []
+        ref_logprobs, stats = [], {name: [] for name in needs}
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             with self.accelerator.autocast():
@@ -222,7 +252,7 @@ class _PrioritizedKLMixin:
             hidden = hidden[:, -logits_to_keep - 1 : -1].to(head_weight.device)
             tokens = ids[:, -logits_to_keep:].to(head_weight.device)
             chunk = self.reference_chunk_size or max(1, REFERENCE_CHUNK_ELEMENTS // (ids.size(0) * vocab_size))
-            logprobs_chunks, certainty_chunks = [], []
+            logprobs_chunks, stats_chunks = [], {name: [] for name in needs}
             for t in range(0, logits_to_keep, chunk):
                 h = hidden[:, t : t + chunk]  # (b, chunk, H)
                 if fp32_head:  # TRL's cast_lm_head_to_fp32: the projection in float32, outside autocast
@@ -236,29 +266,38 @@ class _PrioritizedKLMixin:
                 if softcap is not None:
                     logits = softcap * torch.tanh(logits / softcap)
                 logprobs_chunks.append(token_logprobs(logits / self.temperature, tokens[:, t : t + chunk]))  # (b, chunk)
-                certainty_chunks.append(kl.certainty(logits, self.args.certainty, self.args.certainty_temperature))
+                if "certainty" in needs:
+                    stats_chunks["certainty"].append(kl.certainty(logits, self.args.certainty, self.args.certainty_temperature))
+                if "entropy" in needs:
+                    stats_chunks["entropy"].append(entropy_from_logits(logits / self.temperature))
                 del logits  # free this chunk's logits before the next one's
             del hidden
             ref_logprobs.append(torch.cat(logprobs_chunks, 1))  # (b, T)
-            certainty.append(torch.cat(certainty_chunks, 1))
-        return torch.cat(ref_logprobs), torch.cat(certainty)
+            for name, chunks in stats_chunks.items():
+                stats[name].append(torch.cat(chunks, 1))
+        return torch.cat(ref_logprobs), kl_rules.ReferenceStats(**{name: torch.cat(parts) for name, parts in stats.items()})
 
-    def _kl_weights(self, certainty, mask):
-        """w = c^prioritized_beta (B, T) from the certainty (B, T) and the completion mask (B, T) bool;
-        calibrates prioritized_beta if it is 'auto' and not yet calibrated, and logs the weights'
-        statistics. With several processes, both are over the completion tokens of all of them (every
-        process calls this at the same point of a step): every process calibrates the same beta."""
-        all_certainty = self._gather_tokens(certainty[mask])  # (N,): every process's completion tokens
-        if self.prioritized_beta is None:  # 'auto': calibrated once, on the first batch
-            self.prioritized_beta = kl.calibrate_beta(all_certainty, self.args.auto_beta_quantile, self.args.auto_beta_weight)
-        weights = kl.prioritized_weights(certainty, self.prioritized_beta)  # (B, T)
+    def _kl_weights(self, stats, token_ids, mask):
+        """The rule's weights w (B, T) from the reference's statistics, the completion's token ids and its
+        mask (B, T) bool; calibrates a beta 'auto' not yet calibrated, and logs the weights' statistics.
+        With several processes, the beta, the batch statistics a rule takes (entropy quantile) and the
+        logged ones are over the completion tokens of all of them (every process calls this at the same
+        point of a step): every process calibrates the same beta."""
+        stats = replace(stats, gather=self._gather_tokens)
+        if self.kl_rule.needs_calibration:  # 'auto': calibrated once, on the first batch of every process
+            certainty = self._gather_tokens(stats.certainty[mask])  # (N,)
+            self.kl_rule = self.kl_rule.calibrated(certainty, self.args.auto_beta_quantile, self.args.auto_beta_weight)
+        weights = self.kl_rule(stats, token_ids, mask)  # (B, T)
         mode = "train" if self.model.training else "eval"
-        w = kl.prioritized_weights(all_certainty, self.prioritized_beta)  # (N,)
+        w = self._gather_tokens(weights[mask])  # (N,): every process's completion tokens
         if w.numel():
             for name, value in (("kl_weight/mean", w.mean()), ("kl_weight/q05", torch.quantile(w, 0.05)),
-                                ("kl_weight/q50", torch.quantile(w, 0.5)), ("certainty/mean", all_certainty.mean())):
+                                ("kl_weight/q50", torch.quantile(w, 0.5))):
                 self._metrics[mode][name].append(value.item())
-        self._metrics[mode]["prioritized_beta"].append(self.prioritized_beta)
+        if stats.certainty is not None:
+            self._metrics[mode]["certainty/mean"].append(self._global_masked_mean(stats.certainty, mask))
+        if self.prioritized_beta is not None:
+            self._metrics[mode]["prioritized_beta"].append(self.prioritized_beta)
         return weights
 
     def _gather_tokens(self, values):
@@ -295,15 +334,15 @@ class PrioritizedGRPOTrainer(_PrioritizedKLMixin, GRPOTrainer):
 
     # --- the reference pass: TRL's log-probs and the certainty from the same logits -----------------
     def _reference_pass(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
-        ref_logprobs, self._ref_certainty = self._reference_logprobs_and_certainty(
-            model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+        ref_logprobs, self._ref_stats = self._reference_logprobs_and_stats(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, self.kl_rule.needs, **kwargs)
         return ref_logprobs, None, None
 
     # --- the KL weights, once per generation batch ---------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if self.beta != 0.0:
-            output["kl_weights"] = self._kl_weights(self._ref_certainty, output["completion_mask"].bool())  # (B, T)
+            output["kl_weights"] = self._kl_weights(self._ref_stats, output["completion_ids"], output["completion_mask"].bool())  # (B, T)
         return output
 
     # --- the loss: TRL's, with beta * w * k in place of beta * k3 ------------------------------------
@@ -369,8 +408,9 @@ class PrioritizedRLOOTrainer(_PrioritizedKLMixin, RLOOTrainer):
     ``old - w * k`` in place of ``ref``, so that TRL's ``old_t - ref_t`` is ``w_t * k_t``, and TRL's
     own code sums it, scales it by ``beta``, takes it out of the reward and computes the leave-one-out
     advantages. TRL's ``kl`` metric is then the weighted KL that entered the reward; ``kl_unweighted``
-    logs the mean of k. With ``prioritized_beta=0`` and ``kl_estimator='k1'`` (w = 1, k = TRL's k1) the
-    reference pass is TRL's own, and the trainer is TRL's RLOO exactly (no certainty is computed then)."""
+    logs the mean of k. With weights 1 (``prioritized_beta=0`` or ``kl_weights=uniform(1)``) and
+    ``kl_estimator='k1'`` (k = TRL's k1) the reference pass is TRL's own, and the trainer is TRL's RLOO
+    exactly (no certainty is computed then)."""
 
     _config_class = PrioritizedRLOOConfig
 
@@ -384,15 +424,16 @@ class PrioritizedRLOOTrainer(_PrioritizedKLMixin, RLOOTrainer):
         old_logprobs = self._policy_logprobs  # (B, T), no gradient
         mask = attention_mask[:, -logits_to_keep:].bool()  # (B, T): TRL's completion mask
         mode = "train" if self.model.training else "eval"
-        if self.prioritized_beta == 0 and self.args.kl_estimator == "k1":  # w = 1, k = k1: TRL's RLOO, bit for bit
+        if self.kl_rule.constant == 1 and self.args.kl_estimator == "k1":  # w = 1, k = k1: TRL's RLOO, bit for bit
             ref_logprobs, _, _ = super(_PrioritizedKLMixin, self)._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)  # TRL's own reference pass
             self._metrics[mode]["kl_unweighted"].append(self._global_masked_mean(kl.kl_estimate(old_logprobs, ref_logprobs, "k1"), mask))
-            self._metrics[mode]["prioritized_beta"].append(0.0)
+            if self.prioritized_beta is not None:
+                self._metrics[mode]["prioritized_beta"].append(self.prioritized_beta)
             return ref_logprobs, None, None
-        ref_logprobs, self._ref_certainty = self._reference_logprobs_and_certainty(
-            model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
-        weights = self._kl_weights(self._ref_certainty, mask)  # (B, T)
+        ref_logprobs, self._ref_stats = self._reference_logprobs_and_stats(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, self.kl_rule.needs, **kwargs)
+        weights = self._kl_weights(self._ref_stats, input_ids[:, -logits_to_keep:], mask)  # (B, T)
         estimate = kl.kl_estimate(old_logprobs, ref_logprobs, self.args.kl_estimator)  # (B, T)
         self._metrics[mode]["kl_unweighted"].append(self._global_masked_mean(estimate, mask))
         return old_logprobs.float() - weights * estimate * mask, None, None  # TRL's old - ref is then w * k on the completion

@@ -1,6 +1,7 @@
-"""What the two TRL examples share: the addition task as a TRL dataset and reward, the options both take,
-and the held-out accuracy before and after (in evaluation mode). Imported by trl_grpo_prioritized.py and
-trl_rloo_prioritized.py, which sit next to it; each of them is the part that differs (config, trainer).
+"""What the TRL examples share: the addition task as a TRL dataset and reward, the options they take,
+and the held-out accuracy before and after (in evaluation mode). Imported by trl_grpo_prioritized.py,
+trl_rloo_prioritized.py and trl_kl_weights.py, which sit next to it; each of them is the part that differs
+(config, trainer, rule).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers.utils import logging as hf_logging
 import critical_tokens
 import numpy as np
 
-from critical_tokens import addition, checks
+from critical_tokens import addition, checks, kl
 from critical_tokens.config import MAX_SEED
 from critical_tokens.critical.measure import teacher_forced
 from critical_tokens.evaluate import accuracy_on
@@ -112,6 +113,7 @@ def prepare(args) -> dict:
     and the TRL options both configs share."""
     check_args(args)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar at each load
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     model, tokenizer, n_digits = load_pretrained(args.pretrained)
@@ -141,8 +143,9 @@ def weights_on_critical_tokens(run: dict, beta: float) -> tuple[float, float]:
     for (a, b), c in zip(run["eval_pairs"], run["certainty"]):
         marked = np.zeros(len(c), dtype=bool)
         marked[[t.offset for t in addition.critical_tokens(a, b, run["n_digits"]) if t.offset < len(c)]] = True
-        critical.append(c[marked] ** beta)
-        other.append(c[~marked] ** beta)
+        w = kl.prioritized_weights(torch.as_tensor(c), beta).numpy()  # c^beta
+        critical.append(w[marked])
+        other.append(w[~marked])
     return float(np.concatenate(critical).mean()), float(np.concatenate(other).mean())
 
 
@@ -169,9 +172,9 @@ def train_and_report(trainer, run: dict, args, algorithm: str, kl_key: str, weig
     n = run["n_digits"]
     main, processes = trainer.accelerator.is_main_process, trainer.accelerator.num_processes
     if main:
-        print(f"{algorithm} with the prioritized KL from {args.pretrained} (N = {n}) on {n + 1}-digit additions: "
+        print(f"{algorithm} with KL weights {trainer.kl_rule} from {args.pretrained} (N = {n}) on {n + 1}-digit additions: "
               f"{args.max_steps} steps of {args.num_generations} completions per process, {processes} process(es), "
-              f"beta {args.kl_coef}, prioritized_beta {args.prioritized_beta}", flush=True)
+              f"beta {args.kl_coef}", flush=True)
     trainer.remove_callback(PrinterCallback)  # TRL's dict of every metric, each step ...
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLine(kl_key, weighted_kl_key))  # ... becomes one line

@@ -127,6 +127,11 @@ def test_auto_beta_is_calibrated_and_saved(pretrained_run, tmp_path):
     (["--n-digits", "0"], "--n-digits"),
     (["--n-digits", "31"], "--n-digits"),
     (["--device", "gpu"], "--device"),
+    (["--kl-weights", "priority:2"], "unknown rule 'priority'"),  # --kl-weights: a rule of critical_tokens/kl_rules.py
+    (["--kl-weights", "uniform:-1"], "uniform: the scale must be in"),
+    (["--kl", "none", "--kl-weights", "uniform:1"], "needs --kl prioritized or standard"),
+    (["--beta", "2", "--kl-weights", "uniform:1"], "not both"),
+    (["--kl-weights", "ignore:xyz"], "no token of the tokenizer reads 'xyz'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(pretrained_run, tmp_path, capsys, flags, message):
     assert run_rl(pretrained_run, tmp_path / "bad", *flags) == 2
@@ -303,3 +308,26 @@ def test_a_bad_method_value_is_one_line(pretrained_run, tmp_path, capsys, flags,
     assert run_rl(pretrained_run, tmp_path / "bad", *flags) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
+# --- --kl-weights: the per-token KL weights by a rule (critical_tokens/kl_rules.py) ----------------------
+@pytest.mark.parametrize("flags, rule_flags", [(["--beta", "2"], ["--kl-weights", "prioritized:2"]),
+                                               (["--kl", "standard"], ["--kl", "standard", "--kl-weights", "uniform:1"])])
+def test_kl_weights_rules_give_the_numbers_of_kl_and_beta(pretrained_run, tmp_path, flags, rule_flags):
+    """--kl-weights prioritized:2 is --beta 2, --kl-weights uniform:1 is --kl standard: the same numbers."""
+    assert run_rl(pretrained_run, tmp_path / "flags", *flags) == 0
+    assert run_rl(pretrained_run, tmp_path / "rule", *rule_flags) == 0
+    assert metric_lines(tmp_path / "flags") == metric_lines(tmp_path / "rule")
+    saved = [json.loads((tmp_path / name / "config.json").read_text())["kl_weights_rule"] for name in ("flags", "rule")]
+    assert saved[0] == saved[1] == rule_flags[-1]
+
+
+def test_kl_weights_a_product_with_auto_beta_is_calibrated_and_recorded(pretrained_run, tmp_path):
+    """prioritized:auto*entropy_quantile:0.25*ignore:\\x20: the beta calibrated as --beta auto's and saved in
+    the recorded rule; the space and the collect's top quarter of reference entropy get weight 0."""
+    assert run_rl(pretrained_run, tmp_path / "run", "--kl-weights", r"prioritized:auto*entropy_quantile:0.25*ignore:\x20") == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["beta"] > 0 and "c_q05" in config["beta_calibration"]
+    assert config["kl_weights_rule"] == f"prioritized:{config['beta']!r}*entropy_quantile:0.25*ignore:\\x20"
+    lines = metric_lines(tmp_path / "run")[1:]
+    assert len(lines) == 2 and all(line["weight_q05"] == 0 and 0 < line["weight_mean"] < 0.75 for line in lines)

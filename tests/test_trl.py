@@ -20,6 +20,9 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from critical_tokens import addition, kl  # noqa: E402
+from critical_tokens.kl_rules import entropy_quantile, ignore_tokens, prioritized, uniform  # noqa: E402
+from critical_tokens.rl.a2c import entropy_from_logits  # noqa: E402
+from critical_tokens.runs import UserError  # noqa: E402
 from critical_tokens.model import load_pretrained  # noqa: E402
 from critical_tokens.runs import UserError  # noqa: E402
 from critical_tokens.trl import (  # noqa: E402
@@ -65,8 +68,9 @@ def perturb_policies(*trainers):
                 p.add_(noise)
 
 
-def test_prioritized_beta_zero_gives_exactly_trls_loss(pretrained_run, tmp_path):
-    ours, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, prioritized_beta=0.0)
+@pytest.mark.parametrize("options", [{"prioritized_beta": 0.0}, {"kl_weights": uniform(1)}], ids=["beta0", "uniform1"])
+def test_weights_one_give_exactly_trls_loss(pretrained_run, tmp_path, options):
+    ours, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, **options)
     plain, _ = make_trainer(pretrained_run, tmp_path, GRPOTrainer, GRPOConfig)
     torch.manual_seed(0)
     inputs = ours._generate_and_score_completions([dataset[0]] * 4)
@@ -81,6 +85,69 @@ def test_prioritized_beta_zero_gives_exactly_trls_loss(pretrained_run, tmp_path)
     trl_ref_logprobs = plain._get_per_token_logps_and_entropies(plain.ref_model, ids, mask, T)[0]
     done = inputs["completion_mask"].bool()
     torch.testing.assert_close(inputs["ref_per_token_logps"][done], trl_ref_logprobs[done], atol=1e-5, rtol=1e-5)
+    if "kl_weights" in options:  # a rule that needs no certainty keeps TRL's own reference pass
+        assert torch.equal(inputs["ref_per_token_logps"], trl_ref_logprobs) and ours._ref_certainty is None
+
+
+def reference_by_hand(trainer, inputs, temperature=1.0):
+    """The reference's certainty c = 1 + log(max_a softmax(z / 4)_a) / log|V| and entropy (at ``temperature``),
+    (B, T) each, from its whole logits z at the completion positions."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    P = inputs["prompt_ids"].shape[1]
+    with torch.no_grad():
+        logits = trainer.ref_model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
+    c = 1 + torch.log(torch.softmax(logits / 4.0, -1).max(-1).values) / math.log(logits.shape[-1])
+    return c, entropy_from_logits(logits / temperature)
+
+
+DIGITS = [str(d) for d in range(10)]
+
+
+def test_a_product_of_rules_weights_the_kl_term(pretrained_run, tmp_path, tokenizer):
+    """kl_weights = prioritized(2) * ignore_tokens(the digits): w = c^2 off the digits and 0 on them (c by
+    hand); the loss is TRL's with beta * k3 replaced by beta * w * k3, and nothing else changes."""
+    ours, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig,
+                                 kl_weights=prioritized(2) * ignore_tokens(DIGITS), loss_type="bnpo")
+    plain, _ = make_trainer(pretrained_run, tmp_path, GRPOTrainer, GRPOConfig, loss_type="bnpo")
+    torch.manual_seed(0)
+    inputs = ours._generate_and_score_completions([dataset[0]] * 4)
+    done = inputs["completion_mask"].bool()
+    c, _ = reference_by_hand(ours, inputs)
+    digit = torch.isin(inputs["completion_ids"], torch.tensor(tokenizer.convert_tokens_to_ids(DIGITS)))
+    assert (digit & done).any() and (~digit & done).any()
+    torch.testing.assert_close(inputs["kl_weights"][done], torch.where(digit, 0.0, c**2)[done])
+    perturb_policies(ours, plain)
+    d = inputs["ref_per_token_logps"] - ours._get_per_token_logps_and_entropies(
+        ours.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+        torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1])[0]
+    expected = BETA * ((inputs["kl_weights"] - 1) * (torch.exp(d) - d - 1))[done].mean()
+    torch.testing.assert_close(ours._compute_loss(ours.model, inputs) - plain._compute_loss(plain.model, inputs), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_entropy_quantile_frees_the_reference_s_most_uncertain_tokens(pretrained_run, tmp_path):
+    """kl_weights = entropy_quantile(0.25): w = 0 where the reference's entropy at TRL's temperature (0.7
+    here; by hand) is at or above the 0.75-quantile of the batch's completion tokens, 1 elsewhere."""
+    ours, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, kl_weights="entropy_quantile:0.25")
+    ours.temperature = 0.7
+    torch.manual_seed(0)
+    inputs = ours._generate_and_score_completions([dataset[0]] * 4)
+    done = inputs["completion_mask"].bool()
+    _, entropy = reference_by_hand(ours, inputs, temperature=0.7)
+    theta = torch.quantile(entropy[done], 0.75)
+    torch.testing.assert_close(inputs["kl_weights"][done], (entropy < theta).float()[done])
+    assert 0.15 < (inputs["kl_weights"][done] == 0).float().mean() < 0.35
+    logged = ours._metrics["train" if ours.model.training else "eval"]
+    assert logged["kl_weight/mean"][-1] == pytest.approx(inputs["kl_weights"][done].mean().item()) and "prioritized_beta" not in logged
+
+
+def test_a_rule_s_bad_weights_stop_the_step_in_one_line(pretrained_run, tmp_path):
+    def negative(stats, token_ids, completion_mask):
+        return -stats.certainty
+
+    trainer, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, kl_weights=negative)
+    with pytest.raises(UserError, match="custom:.*negative weight"):
+        trainer._generate_and_score_completions([dataset[0]] * 4)
 
 
 def test_weights_are_c_to_the_beta_and_replace_trls_kl_term(pretrained_run, tmp_path):
@@ -93,12 +160,7 @@ def test_weights_are_c_to_the_beta_and_replace_trls_kl_term(pretrained_run, tmp_
     done = inputs["completion_mask"].bool()  # (B, T)
 
     # By hand: c = 1 + log(max_a softmax(z / 4)_a) / log|V| at the state before each completion token.
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    P = inputs["prompt_ids"].shape[1]
-    with torch.no_grad():
-        logits = ours.ref_model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
-    c = 1 + torch.log(torch.softmax(logits / 4.0, -1).max(-1).values) / math.log(logits.shape[-1])
+    c, _ = reference_by_hand(ours, inputs)
     torch.testing.assert_close(inputs["kl_weights"][done], (c**beta)[done])
     assert 0 < inputs["kl_weights"][done].min() < inputs["kl_weights"][done].max() < 1
 
@@ -115,9 +177,9 @@ def test_weights_are_c_to_the_beta_and_replace_trls_kl_term(pretrained_run, tmp_
 def test_the_reference_pass_in_chunks_of_positions_equals_the_whole_logits(pretrained_run, tmp_path):
     """The reference pass never holds the (B, T, V) logits: it applies the LM head, the temperature, the
     log-softmax and the certainty to chunks of positions. In chunks of a size below T that does not divide
-    it (and 3 sequences at a time out of 4), it gives the log-probs and the certainty of one chunk, and
+    it (and 3 sequences at a time out of 4), it gives the log-probs, the certainty and the entropy of one chunk, and
     those of the model's whole logits."""
-    from critical_tokens.rl.a2c import token_logprobs
+    from critical_tokens.rl.a2c import entropy_from_logits, token_logprobs
     from critical_tokens.trl import REFERENCE_CHUNK_ELEMENTS
 
     trainer, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, prioritized_beta=2.0)
@@ -129,17 +191,19 @@ def test_the_reference_pass_in_chunks_of_positions_equals_the_whole_logits(pretr
     V = trainer.ref_model.get_output_embeddings().weight.shape[0]
     assert T >= 3 and REFERENCE_CHUNK_ELEMENTS // (4 * V) >= T  # by default, one chunk here
     trainer.temperature = 0.7  # TRL's sampling temperature, which its reference log-probs use
-    whole = trainer._reference_logprobs_and_certainty(trainer.ref_model, ids, mask, T)
+    both = {"certainty", "entropy"}
+    whole = trainer._reference_logprobs_and_stats(trainer.ref_model, ids, mask, T, needs=both)
     trainer.reference_chunk_size = T // 2 + 1  # < T, and does not divide T
     assert T % trainer.reference_chunk_size != 0
-    chunked = trainer._reference_logprobs_and_certainty(trainer.ref_model, ids, mask, T, batch_size=3)
-    for a, b in zip(chunked, whole):
+    chunked = trainer._reference_logprobs_and_stats(trainer.ref_model, ids, mask, T, batch_size=3, needs=both)
+    for a, b in zip((chunked[0], chunked[1].certainty, chunked[1].entropy), (whole[0], whole[1].certainty, whole[1].entropy)):
         assert a.shape == b.shape == (4, T)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     with torch.no_grad():  # the whole logits, as the model's forward gives them
         logits = trainer.ref_model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # (B, T, V)
     torch.testing.assert_close(chunked[0], token_logprobs(logits / 0.7, inputs["completion_ids"]), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(chunked[1], kl.certainty(logits, "max_prob", 4.0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked[1].certainty, kl.certainty(logits, "max_prob", 4.0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked[1].entropy, entropy_from_logits(logits / 0.7), atol=1e-5, rtol=1e-5)  # at TRL's temperature
 
 
 @pytest.mark.parametrize("family, cast_lm_head_to_fp32", [("qwen2", False), ("qwen2", True), ("gemma2", False)])
@@ -172,7 +236,8 @@ def test_the_chunked_reference_pass_gives_the_models_own_logits(family, cast_lm_
     T = 7
     trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), temperature=0.7, reference_chunk_size=3,
                               args=SimpleNamespace(certainty="negentropy", certainty_temperature=4.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32))
-    logprobs, certainty = _PrioritizedKLMixin._reference_logprobs_and_certainty(trainer, model, ids, mask, T, batch_size=2)
+    logprobs, stats = _PrioritizedKLMixin._reference_logprobs_and_stats(trainer, model, ids, mask, T, batch_size=2)
+    certainty = stats.certainty
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -T - 1 : -1]  # (B, T, V)
     if family == "gemma2":
@@ -191,6 +256,27 @@ def test_a_short_run_moves_the_policy_not_the_reference(pretrained_run, tmp_path
         assert torch.equal(v, ref_before[k]), f"reference parameter {k} changed"
     logged = [entry for entry in trainer.state.log_history if "kl_weight/mean" in entry]
     assert len(logged) == 2 and all(0 <= e["kl_weight/mean"] <= 1 and e["prioritized_beta"] > 0 for e in logged)
+
+
+def test_config_takes_a_rule_or_its_text_and_saves_its_text(tmp_path):
+    import json
+
+    def config(**options):
+        return PrioritizedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+    assert config().kl_weights == prioritized(150) and config(prioritized_beta="auto").kl_weights == prioritized("auto")
+    rule = config(kl_weights="prioritized:8*ignore:=,+").kl_weights
+    assert rule == prioritized(8) * ignore_tokens(["=", "+"])
+    assert json.loads(config(kl_weights=rule).to_json_string())["kl_weights"] == "prioritized:8*ignore:=,+"
+    with pytest.raises(ValueError, match="not both"):
+        config(kl_weights=uniform(1), prioritized_beta=8)
+    with pytest.raises(UserError, match="unknown rule 'priority'"):
+        config(kl_weights="priority:8")
+    from transformers import HfArgumentParser  # TRL's command line: the rule as text
+
+    (parsed,) = HfArgumentParser(PrioritizedGRPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--kl_weights", "uniform:0.5*ignore_ids:3"])
+    assert parsed.kl_weights == uniform(0.5) * ignore_tokens([3])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -256,6 +342,31 @@ def test_the_example_runs_from_another_directory(tmp_path, example):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # step 1's metrics, then the Trainer's summary
     on_critical, elsewhere = map(float, re.search(r"critical tokens: ([\d.]+), on the other tokens: ([\d.]+)", result.stdout).groups())
     assert on_critical < elsewhere  # the reference is less certain on the critical tokens: the penalty is lighter there
+
+
+def test_the_kl_weights_example_runs_both_rules(tmp_path):
+    """examples/trl_kl_weights.py at tiny size (one step of 2 completions per rule, learning rate 0): both runs
+    train and report; the per-class table gives the ignored separators weight 0 (and so no charged KL), the
+    digits weight 1, and under prioritized(8) the critical tokens a lighter weight than the rest; the policy
+    did not move, so its KL to the reference is 0 in every class."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "trl_kl_weights.py"
+    result = subprocess.run([sys.executable, str(script), "--max-steps", "1", "--num-generations", "2", "--eval-examples", "8",
+                             "--lr", "0", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("step 1/1: reward") == 2 and result.stdout.count("per token class") == 2
+    tables = json.loads((tmp_path / "run" / "kl_by_class.json").read_text())["rules"]
+    assert list(tables) == [r"ignore:\x20,\,,\n", "prioritized:8"]
+    ignored, weighted = tables.values()
+    assert ignored["separator"]["weight"] == 0 and ignored["separator"]["weighted_kl"] == 0 and ignored["digit"]["weight"] == 1
+    assert ignored["separator"]["share"] > 0 and sum(row["share"] for row in ignored.values()) == pytest.approx(1)
+    assert weighted["critical"]["weight"] < min(weighted[name]["weight"] for name in ("digit", "separator", "other"))
+    assert all(abs(row["kl"]) < 1e-6 for table in tables.values() for row in table.values())
+    assert all((tmp_path / "run" / arm / "model" / "model.safetensors").exists() for arm in ("ignore", "prioritized"))
 
 
 @pytest.mark.parametrize("options, message", [(["--pretrained", "no-such-run"], "does not exist"),
@@ -404,19 +515,21 @@ def launch_two_processes(script, arguments, cwd):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_two_processes_calibrate_one_beta_on_the_tokens_of_both(pretrained_run, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, rule", [("grpo", None), ("rloo", None), ("grpo", "prioritized:auto*entropy_quantile:0.25")])
+def test_two_processes_calibrate_one_beta_on_the_tokens_of_both(pretrained_run, tmp_path, algorithm, rule):
     """Two processes (launch_two_processes), 2 steps of prioritized_beta='auto' (tests/trl_two_processes.py):
     each process samples its own prompts, yet both use the same beta, calibrated on the certainties of both
     processes' first batches together, which neither process's own certainties give; the logged weight
-    statistics are the same on both."""
+    statistics are the same on both. With the rule prioritized('auto') * entropy_quantile(0.25), the entropy
+    threshold is also over both processes' tokens: w = c^beta below it, 0 at or above it, on each."""
     import json
     from pathlib import Path
 
     from critical_tokens.kl import calibrate_beta
 
     helper = Path(__file__).parent / "trl_two_processes.py"
-    result = launch_two_processes(helper, ["--pretrained", str(pretrained_run), "--out", str(tmp_path), "--trainer", algorithm, "--steps", "2"], tmp_path)
+    result = launch_two_processes(helper, ["--pretrained", str(pretrained_run), "--out", str(tmp_path), "--trainer", algorithm, "--steps", "2",
+                                           *(["--kl-weights", rule] if rule else [])], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -427,6 +540,13 @@ def test_two_processes_calibrate_one_beta_on_the_tokens_of_both(pretrained_run, 
     assert abs(own[0] - own[1]) > 1e-3  # the processes' batches differ: each alone would calibrate another beta
     assert len(ranks[0]["logged"]) == 2 and ranks[0]["logged"] == ranks[1]["logged"]
     assert all(entry["prioritized_beta"] == ranks[0]["beta"] for entry in ranks[0]["logged"])
+    if rule:
+        theta = torch.quantile(torch.tensor(ranks[0]["first_entropy"] + ranks[1]["first_entropy"]), 0.75)
+        for r in ranks:
+            c, h = torch.tensor(r["first_certainty"]), torch.tensor(r["first_entropy"])
+            torch.testing.assert_close(torch.tensor(r["first_weights"]), torch.where(h < theta, c ** r["beta"], 0.0))
+        own = [torch.quantile(torch.tensor(r["first_entropy"]), 0.75) for r in ranks]
+        assert own[0] != own[1]  # each process alone would free other tokens
 
 
 def test_the_example_under_two_processes_prints_and_saves_once(tmp_path):
@@ -460,8 +580,9 @@ def rloo_pair(pretrained_run, tmp_path, **options):
     return ours, plain, *outputs
 
 
-def test_rloo_prioritized_beta_zero_gives_exactly_trls_rewards_and_loss(pretrained_run, tmp_path):
-    ours, plain, inputs, plain_inputs = rloo_pair(pretrained_run, tmp_path, prioritized_beta=0.0)
+@pytest.mark.parametrize("options", [{"prioritized_beta": 0.0}, {"kl_weights": uniform(1)}], ids=["beta0", "uniform1"])
+def test_rloo_weights_one_give_exactly_trls_rewards_and_loss(pretrained_run, tmp_path, options):
+    ours, plain, inputs, plain_inputs = rloo_pair(pretrained_run, tmp_path, **options)
     mode = "train" if ours.model.training else "eval"
     assert ours._metrics[mode]["kl"] == plain._metrics[mode]["kl"] and abs(plain._metrics[mode]["kl"][0]) > 1e-4
     assert ours._metrics[mode]["kl_unweighted"] == plain._metrics[mode]["kl"]
@@ -470,12 +591,14 @@ def test_rloo_prioritized_beta_zero_gives_exactly_trls_rewards_and_loss(pretrain
     assert torch.equal(ours._compute_loss(ours.model, inputs), plain._compute_loss(plain.model, plain_inputs))
 
 
-def test_rloo_the_weights_reach_the_reward(pretrained_run, tmp_path):
-    """prioritized_beta 2: each completion's reward changes by -beta * sum_t (w_t - 1) k1_t (w = c^2 by
-    hand from the reference's logits), and so its leave-one-out advantage by that change minus the mean
-    of the others' changes."""
+@pytest.mark.parametrize("digits_ignored", [False, True])
+def test_rloo_the_weights_reach_the_reward(pretrained_run, tmp_path, tokenizer, digits_ignored):
+    """prioritized_beta 2 (or kl_weights = prioritized(2) * ignore_tokens(the digits)): each completion's
+    reward changes by -beta * sum_t (w_t - 1) k1_t (w = c^2 by hand from the reference's logits, 0 on the
+    digits), and so its leave-one-out advantage by that change minus the mean of the others' changes."""
     beta = 2.0
-    ours, plain, inputs, plain_inputs = rloo_pair(pretrained_run, tmp_path, prioritized_beta=beta)
+    options = {"kl_weights": prioritized(beta) * ignore_tokens(DIGITS)} if digits_ignored else {"prioritized_beta": beta}
+    ours, plain, inputs, plain_inputs = rloo_pair(pretrained_run, tmp_path, **options)
     done = inputs["completion_mask"].bool()  # (B, T)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
@@ -486,6 +609,10 @@ def test_rloo_the_weights_reach_the_reward(pretrained_run, tmp_path):
         old = RLOOTrainer._get_per_token_logps_and_entropies(plain, plain.model, ids, mask, T)[0]
     w = (1 + torch.log(torch.softmax(logits / 4.0, -1).max(-1).values) / math.log(logits.shape[-1])) ** beta
     assert 0 < w[done].min() < w[done].max() < 1
+    if digits_ignored:
+        digit = torch.isin(inputs["completion_ids"], torch.tensor(tokenizer.convert_tokens_to_ids(DIGITS)))
+        assert (digit & done).any()
+        w = torch.where(digit, 0.0, w)
     change = -BETA * ((w - 1) * (old - ref) * done).sum(-1)  # (B,): our reward minus TRL's
     assert change.abs().max() > 1e-4
     expected = change - (change.sum() - change) / (len(change) - 1)  # leave-one-out: one group of 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .. import checks
+from .. import checks, kl_rules
 from ..config import arg, check_fields, check_range, flag
 from ..runs import UserError
 
@@ -27,6 +27,11 @@ class RLConfig:
     beta: str = arg("150", "prioritized KL exponent: w = c^beta (the paper: 150), or 'auto' to calibrate it on the reference model (see --auto-beta-quantile)")
     kl_coef: float = arg(5.0, "alpha, the KL coefficient (the paper: 5 for sec. 5.3, 10 for sec. 5.2)")
     estimator: Literal["k1", "k2", "k3"] = arg("k2", "Schulman's KL estimator (the paper: k2)")
+    kl_weights: str | None = arg(None, "the per-token KL weights as a rule (critical_tokens/kl_rules.py), in place of the ones --kl and --beta give "
+                                 "(prioritized: prioritized:BETA; standard: uniform:1): prioritized:8, prioritized:auto (calibrated as --beta auto), "
+                                 "uniform:0.02, ignore:=,+ (w = 0 on these token texts; \\, a comma, \\x20 a space, \\n a newline), ignore_ids:0,5, "
+                                 "entropy_quantile:0.2 (w = 0 on the 20% of a collect's tokens where the reference's entropy is highest), or a "
+                                 "product such as prioritized:8*ignore:\\x20. Needs --kl prioritized or standard, and --beta left at its default")
     certainty: Literal["max_prob", "negentropy"] = arg("max_prob", "certainty c(s) of the reference: eq. 2 max_prob (the paper's) or eq. 1 negentropy")
     certainty_temperature: float = arg(4.0, "temperature of the reference distribution in c(s) (the paper: 4)")
     match_weight_beta: float | None = arg(None, "standard KL only: scale --kl-coef by E[c^beta], the mean prioritized weight at this beta measured on the reference's own rollouts at the RL temperature before RL (a uniform penalty of the prioritized arm's mean strength; the factor is stored in config.json)")
@@ -97,6 +102,12 @@ def validate(config: RLConfig) -> None:
         if config.kl != "standard":
             raise UserError(f"--match-weight-beta scales the standard penalty: it needs --kl standard, got --kl {config.kl}")
         checks.parse_beta("--match-weight-beta", config.match_weight_beta)
+    if config.kl_weights is not None:
+        if config.kl == "none":
+            raise UserError("--kl-weights weights the KL penalty: it needs --kl prioritized or standard, got --kl none")
+        if config.beta != RLConfig.beta:
+            raise UserError(f"give the KL weights once: --kl-weights {config.kl_weights} or --beta {config.beta}, not both")
+        kl_weight_rule(config)  # a bad rule stops here, before anything is written
     checks.quantile_and_weight("--auto-beta-quantile", config.auto_beta_quantile, "--auto-beta-weight", config.auto_beta_weight)
     if config.algorithm in ("grpo", "rloo") and (config.group_size < 2 or config.batch_size % config.group_size):
         raise UserError(f"--algorithm {config.algorithm}: --group-size must be >= 2 and divide --batch-size, got {config.group_size} and {config.batch_size}")
@@ -108,3 +119,16 @@ def validate(config: RLConfig) -> None:
     check_range(config, ("eval_comfort_episodes", "group_size"), 0, low_open=True)
     if config.minibatch_size > config.batch_size:
         raise UserError(f"--minibatch-size ({config.minibatch_size}) must be at most --batch-size ({config.batch_size}), the episodes of one collect")
+
+
+def kl_weight_rule(config: RLConfig, tokenizer=None) -> kl_rules.Rule | None:
+    """The rule of the per-token KL weights (kl_rules), parsed once: --kl-weights, or the one --kl and
+    --beta give (prioritized: prioritized:BETA; standard: uniform:1); None for --kl none. ``tokenizer``:
+    the token texts of ignore: become its ids. A beta 'auto' is left for the caller to calibrate."""
+    if config.kl == "none":
+        return None
+    if config.kl_weights is not None:
+        rule = kl_rules.parse(config.kl_weights)
+    else:
+        rule = kl_rules.uniform(1.0) if config.kl == "standard" else kl_rules.prioritized(config.beta)
+    return rule if tokenizer is None else rule.bind(tokenizer)

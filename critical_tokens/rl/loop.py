@@ -6,8 +6,8 @@ One iteration, as numbered steps in :func:`train`:
                grpo and rloo: ``group_size`` episodes per prompt;
 2. reward     - +1 / -1 on the last token of each episode (a length-limit hit counts as wrong);
 3. reference  - one teacher-forced pass of the frozen pre-trained model: log-probs and certainty;
-4. KL weights - w = c(s)^beta (prioritized), 1 (standard) or none; ppo, grpo and rloo also fix the
-               advantages of the whole collect here (:func:`collect_advantages`);
+4. KL weights - the rule's (kl_rules): c(s)^beta (prioritized), 1 (standard), --kl-weights, or none;
+               ppo, grpo and rloo also fix the advantages of the whole collect here (:func:`collect_advantages`);
 then for each epoch (ppo: 4, others: 1) and each minibatch of episodes:
 5. policy     - one teacher-forced pass of the policy: log-probs, entropy, values (a2c, ppo);
 6. advantages - a2c: GAE (gamma 1, lambda 0.95) on the current values; others: those of step 4;
@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import addition, distributed, kl
+from .. import addition, distributed, kl, kl_rules
 from .. import token_weights as tw
 from ..seeding import stream_seed
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
@@ -42,7 +42,7 @@ from .endpoints import final_endpoints
 from ..generation import addition_stop_rule, concatenate, generate
 from ..model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
-from .config import CRITIC_ALGORITHMS, RLConfig, validate
+from .config import CRITIC_ALGORITHMS, RLConfig, kl_weight_rule, validate
 from ..selection import SelectionCounts, template_masks
 from ..runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, read_metrics, save_config, write_json
 from ..tokenizer import encode
@@ -77,9 +77,10 @@ class Policy(torch.nn.Module):
 
 
 @torch.no_grad()
-def reference_pass(ref_lm, sequences, attention_mask, prompt_length: int, config: RLConfig):
+def reference_pass(ref_lm, sequences, attention_mask, prompt_length: int, config: RLConfig, needs=()):
     """Log-probs of the taken actions under the frozen reference at the policy temperature (B, T),
-    and the reference's certainty c(s) at the certainty temperature (B, T)."""
+    and its statistics (kl_rules.ReferenceStats): the certainty c(s) at the certainty temperature and,
+    if ``needs`` it, the entropy at the policy temperature (B, T)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.autocast(sequences.device.type, dtype=torch.bfloat16, enabled=sequences.is_cuda):  # GPU: bf16 matmuls
         logits = ref_lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -87,7 +88,8 @@ def reference_pass(ref_lm, sequences, attention_mask, prompt_length: int, config
     actions = sequences[:, prompt_length:]  # (B, T)
     ref_logprobs = token_logprobs(logits / config.temperature, actions)
     certainty = kl.certainty(logits, config.certainty, config.certainty_temperature)
-    return ref_logprobs, certainty
+    entropy = entropy_from_logits(logits / config.temperature) if "entropy" in needs else None
+    return ref_logprobs, kl_rules.ReferenceStats(certainty, entropy)
 
 
 def terminal_rewards(pairs, texts, finished, completion_mask, wrong: float = -1.0) -> torch.Tensor:
@@ -99,15 +101,6 @@ def terminal_rewards(pairs, texts, finished, completion_mask, wrong: float = -1.
     last = completion_mask.long().sum(-1) - 1  # (B,)
     rewards[torch.arange(len(pairs)), last] = final
     return rewards.to(completion_mask.device)
-
-
-def kl_weights(certainty: torch.Tensor, config: RLConfig, beta: float) -> torch.Tensor | None:
-    """The per-token KL weights: c^beta (prioritized), ones (standard), None (no KL)."""
-    if config.kl == "none":
-        return None
-    if config.kl == "standard":
-        return torch.ones_like(certainty)
-    return kl.prioritized_weights(certainty, beta)
 
 
 @torch.no_grad()
@@ -313,6 +306,7 @@ def train(config: RLConfig) -> Path:
         raise UserError(f"every minibatch needs an episode per rank: --minibatch-size {config.minibatch_size} with "
                         f"--batch-size {config.batch_size} leaves a minibatch of {config.batch_size % config.minibatch_size} for {ranks.world} ranks")
     iteration, episodes = 0, 0
+    kl_rule = kl_weight_rule(config, tokenizer)  # the per-token KL weights (kl_rules); None: no KL
     if config.resume:
         state = torch.load(run_dir / "model" / "trainer_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -323,7 +317,7 @@ def train(config: RLConfig) -> Path:
             print(f"resuming {run_dir} at episode {episodes}")
     else:
         beta_info = {}
-        if config.kl == "prioritized" and config.beta == "auto":
+        if kl_rule is not None and kl_rule.needs_calibration:  # --beta auto, or prioritized:auto in --kl-weights
             beta, beta_info = calibrated_beta(ref_lm, tokenizer, n_digits, config)
         else:
             beta = float(config.beta) if config.beta != "auto" else 0.0
@@ -335,12 +329,15 @@ def train(config: RLConfig) -> Path:
         if ranks.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(run_dir, config, kind="rl", n_digits=n_digits, beta=beta, beta_calibration=beta_info,
+                        kl_weights_rule=None if kl_rule is None else str(kl_rule.with_beta(beta)),
                         kl_coef_used=kl_coef, kl_calibration=match_info,
                         n_params=count_parameters(policy), iterations=iterations, max_new_tokens=max_new, device=str(device),
                         update_epochs=epochs, prompts_per_collect=config.batch_size // group_size,
                         **({"ranks": ranks.world} if ranks.world > 1 else {}))
+    kl_rule = None if kl_rule is None else kl_rule.with_beta(beta)
     if ranks.main:
-        print(f"RL {config.algorithm} with {config.kl} KL" + (f" (beta {beta:.4g}{' = auto' if config.beta == 'auto' else ''})" if config.kl == "prioritized" else "")
+        print(f"RL {config.algorithm} with {config.kl} KL" + (f" (beta {beta:.4g}{' = auto' if config.beta == 'auto' else ''})" if config.kl == "prioritized" and config.kl_weights is None else "")
+              + (f" (weights {kl_rule})" if config.kl_weights is not None else "")
               + (f" (alpha {kl_coef:.4g} = {config.kl_coef:g} x E[c^{config.match_weight_beta:g}])" if config.match_weight_beta is not None else "")
               + f" on {config.task} ({n_digits + plus} digits) from {config.pretrained}: {config.episodes} episodes,"
               f" {config.batch_size} per collect" + (f" ({config.batch_size // group_size} prompts x {group_size})" if group_size > 1 else "")
@@ -383,10 +380,10 @@ def train(config: RLConfig) -> Path:
 
         # 3. Reference: log-probs of the sampled tokens and certainty c(s) of the frozen model.
         with timer("reference"):
-            b_ref_logprobs, b_certainty = reference_pass(ref_lm, b_sequences, b_attention_mask, P, config)  # (B, T)
+            b_ref_logprobs, b_reference = reference_pass(ref_lm, b_sequences, b_attention_mask, P, config, kl_rule.needs if kl_rule else ())  # (B, T)
 
-        # 4. KL weights: the prioritized KL penalty's w(s) = c(s)^beta (kl.prioritized_weights).
-        b_weights = kl_weights(b_certainty, config, beta)  # (B, T) or None
+        # 4. KL weights: the rule's, e.g. the prioritized KL penalty's w(s) = c(s)^beta (kl_rules.prioritized).
+        b_weights = None if kl_rule is None else kl_rule(b_reference, b_sequences[:, P:], b_completion_mask)  # (B, T) or None
         #    ppo, grpo, rloo: the advantages of the whole collect, with the sampling log-probs as pi_old.
         b_old_logprobs = rollout.logprobs  # (B, T)
         b_advantages = b_returns = None
@@ -482,7 +479,7 @@ def train(config: RLConfig) -> Path:
         if b_weights is not None:
             w = b_weights[mask]
             record.update({"weight_mean": w.mean().item(), "weight_q05": torch.quantile(w, 0.05).item(),
-                           "weight_q50": torch.quantile(w, 0.5).item(), "certainty_mean": b_certainty[mask].mean().item()})
+                           "weight_q50": torch.quantile(w, 0.5).item(), "certainty_mean": b_reference.certainty[mask].mean().item()})
         checkpoint = episodes % config.eval_every < config.batch_size or iteration == iterations
         checkpoint = checkpoint and ranks.main  # rank 0 alone evaluates and writes
         if checkpoint:
