@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from critical_tokens import addition
-from critical_tokens.rl import loop as rl
+from critical_tokens.rl import evaluation as rl
 from critical_tokens.rl.config import RLConfig
 from critical_tokens.seeding import PURPOSES, stream_seed
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,7 @@ from .. import addition, distributed, kl, kl_rules
 from .. import token_weights as tw
 from ..seeding import stream_seed
 from .a2c import ValueHead, entropy_from_logits, gae, token_logprobs
-from ..evaluate import accuracy_on, completions, right_answers
-from .endpoints import final_endpoints
+from .evaluation import evaluate_policy, held_out_prompts, training_prompts
 from ..generation import addition_stop_rule, concatenate, generate
 from ..model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
@@ -206,75 +204,6 @@ def save_checkpoint(run_dir: Path, policy: Policy, tokenizer, optimizer, iterati
         if policy.value_head is not None:
             save_file(policy.value_head.state_dict(), str(tmp / "value_head.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration, "episodes": episodes}, tmp / "trainer_state.pt")
-
-
-@dataclasses.dataclass(frozen=True)
-class HeldOut:
-    """A run's held-out prompts, drawn once from their own streams (seeding.py): the RL task's
-    (greedy and sampled accuracy), the comfort zone's (N digits) and the probe set of the
-    critical-token probabilities. Intermediate evaluations use the first ``eval_episodes`` /
-    ``eval_comfort_episodes`` / ``probe_examples`` of each, the final one the first ``final_*``.
-    ``exclude``: the N+1-digit ones, never drawn as training prompts."""
-
-    task: list[tuple[int, int]]
-    comfort: list[tuple[int, int]]
-    probe: list[tuple[int, int]]
-
-    @property
-    def exclude(self) -> frozenset[tuple[int, int]]:
-        return frozenset(self.task) | frozenset(self.probe)
-
-
-def held_out_prompts(n_digits: int, config: RLConfig) -> HeldOut:
-    plus = int(config.task[-1])
-    task = addition.rl_pairs(n_digits, plus, max(config.eval_episodes, config.final_eval_episodes), seed=stream_seed(config.seed, "eval_prompts"))
-    kind = "varying" if n_digits > 1 else "identical"  # N = 1: no shorter other operand
-    comfort = addition.eval_pairs(n_digits, kind, max(config.eval_comfort_episodes, config.final_eval_comfort_episodes),
-                                  seed=stream_seed(config.seed, "comfort_prompts"))
-    probe = addition.rl_pairs(n_digits, 1, max(config.probe_examples, config.final_probe_examples), seed=stream_seed(config.seed, "probe_prompts"))
-    return HeldOut(task, comfort, probe)
-
-
-def training_prompts(n_digits: int, config: RLConfig, iteration: int, held_out: HeldOut) -> list[tuple[int, int]]:
-    """The prompts of one collect (``batch_size / group_size`` of them), from the training stream of
-    (seed, iteration), none of them a held-out prompt."""
-    group_size = config.group_size if config.algorithm in ("grpo", "rloo") else 1
-    return addition.rl_pairs(n_digits, int(config.task[-1]), config.batch_size // group_size,
-                             seed=stream_seed(config.seed, "train_prompts", iteration), exclude=held_out.exclude)
-
-
-@torch.no_grad()
-def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: HeldOut, final: bool = False,
-                    ref_lm=None, records: list[dict] | None = None, kl_coef: float | None = None) -> dict:
-    """Accuracy (binary reward) on the RL task, greedy and sampled, and in the comfort zone, plus the
-    policy's probability of the right token at the tracked critical tokens. Keys "eval/..." and
-    "p_correct/..."; ``final``: on the larger final sets, every key under "final/", and with
-    ``ref_lm`` the continuous endpoints of endpoints.py (``records``: the run's metrics lines, for
-    its realized penalty ratio; None for a run without a KL term)."""
-    from ..critical.measure import tracked_probabilities
-
-    was_training = lm.training
-    lm.eval()
-    sizes = (config.final_eval_episodes, config.final_eval_comfort_episodes, config.final_probe_examples) if final else \
-        (config.eval_episodes, config.eval_comfort_episodes, config.probe_examples)
-    task_pairs, comfort_pairs, probe_pairs = (pairs[:n] for pairs, n in zip((held_out.task, held_out.comfort, held_out.probe), sizes))
-    sampler = torch.Generator().manual_seed(stream_seed(config.seed, "eval_sampling"))
-    task_texts = completions(lm, tokenizer, task_pairs)  # greedy
-    comfort_texts = completions(lm, tokenizer, comfort_pairs)
-    record = {
-        "eval/accuracy_greedy": right_answers(task_pairs, task_texts).mean().item(),
-        "eval/accuracy_sampled": accuracy_on(lm, tokenizer, task_pairs, temperature=config.temperature, generator=sampler).mean().item(),
-        "eval/comfort_accuracy_greedy": right_answers(comfort_pairs, comfort_texts).mean().item(),
-    }
-    record.update(tracked_probabilities(lm, tokenizer, probe_pairs, n_digits, temperature=config.temperature))
-    if final and ref_lm is not None:
-        endpoints = final_endpoints(lm, ref_lm, tokenizer, task_pairs, task_texts, comfort_pairs, comfort_texts,
-                                    config.temperature, records or [], kl_coef)
-        record.update({f"eval/{k}": v for k, v in endpoints.items()})
-    lm.train(was_training)
-    if final:
-        record = {"final/" + k.removeprefix("eval/"): v for k, v in record.items()}
-    return record
 
 
 def train(config: RLConfig) -> Path:
