@@ -173,3 +173,23 @@ def test_a_finding_part_quotes_the_reports_summary_rows():
     assert readme.findings(summary, "table1") == ["- Critical tokens are uncertain (table 1): **partly** (n3: -0.081).", ""]
     with pytest.raises(readme.UserError, match="no levels results"):
         readme.findings(summary, "levels")
+
+
+def test_an_equivalence_and_a_lower_is_better_hypothesis_read_as_what_their_tests_say():
+    summary = {"preset": "cpu-placement", "hardware": {"cpu": "AMD EPYC", "cores": 2}, "threads_per_job": 1, "experiments": {"confirm": {
+        "state": "complete", "decision": "beta 8: strength explains it", "runs": 320, "compute_s": 3600.0,
+        "preregistration": {"path": "docs/preregistration/cpu-placement.md", "commit": "abcdef0123"}, "arms": {},
+        "hypotheses": {
+            # TOST on accuracy: the 90% interval [-1.2, +2.0] points lies inside ±3
+            "E-acc-b8": {"role": "equivalence", "arm": "prio-b8", "versus": "matched-b8", "metric": "final/accuracy_sampled", "n": 40,
+                         "mean": 0.004, "low": -0.018, "high": 0.026, "low_tost": -0.012, "high_tost": 0.02, "level": 0.9,
+                         "margin": 0.03, "p_holm": 0.01, "rejects": True},
+            # a KL, lower is better: summary.json holds arm - versus = -0.002, read as versus - arm = +0.002
+            "S-kl-b8": {"role": "superiority", "arm": "prio-b8", "versus": "matched-b8", "metric": "final/comfort_kl", "direction": "lower",
+                        "n": 40, "mean": -0.002, "low": -0.004, "high": 0.0001, "margin": 0.0, "p_holm": 0.2, "rejects": False}}}}}
+    text = " ".join(line.strip() for line in readme.confirm(summary))
+    assert ("E-acc-b8 (equivalence): prio-b8 - matched-b8 on `final/accuracy_sampled`: +0.4 points [-1.2, +2.0] (90% interval) "
+            "over 40 pairs, margin ±3; Holm p = 0.01: equivalent within the margin.") in text
+    assert ("S-kl-b8 (superiority): matched-b8 - prio-b8 on `final/comfort_kl`: +0.002 [-0.0001, +0.004] over 40 pairs, "
+            "margin +0; Holm p = 0.2: does not reject.") in text
+    assert "two one-sided tests (TOST)" in text

@@ -32,6 +32,7 @@ from ..runs import UserError, atomic_write_text, read_json
 from .document import duration
 from .statistics import weight_text
 from .statistics import Estimate, pct
+from .study_runs import in_points
 
 BLOCK = re.compile(r"^(?P<indent>[ \t]*)<!-- numbers: (?P<source>\S+)(?: (?P<part>[a-z0-9_]+))? -->\n(?P<body>.*?)^(?P=indent)<!-- /numbers -->$",
                    re.M | re.S)
@@ -174,10 +175,32 @@ def regime(row: dict) -> list[str]:
 
 
 def _outcome(h: dict) -> str:
-    """What a hypothesis's test says: a safety hypothesis (non-inferiority) "holds" when it rejects."""
+    """What a hypothesis's test says: a safety hypothesis (non-inferiority) "holds" when it rejects, an
+    equivalence (TOST) is shown or not shown within its margin."""
     if h["role"] == "safety":
         return "holds" if h["rejects"] else "does not hold"
+    if h["role"] == "equivalence":
+        return "equivalent within the margin" if h["rejects"] else "not shown equivalent within the margin"
     return "rejects" if h["rejects"] else "does not reject"
+
+
+def _hypothesis_line(name: str, h: dict) -> str:
+    """One hypothesis's paired difference (points for an accuracy, the metric's units otherwise), its
+    interval (an equivalence: the TOST interval at 1 - 2 alpha) and its Holm p-value."""
+    scale, unit = (100, " points") if in_points(h["metric"]) else (1, "")
+    number = (lambda x: f"{scale * x:+.1f}") if scale == 100 else (lambda x: f"{x:+.3g}")
+    lower = h.get("direction") == "lower"
+    difference = f"{h['versus']} - {h['arm']}" if lower else f"{h['arm']} - {h['versus']}"
+    sign = -1 if lower else 1  # summary.json holds arm - versus; a lower-is-better metric is read the other way
+    equivalence = h["role"] == "equivalence" and h.get("low_tost") is not None
+    low, high = (h["low_tost"], h["high_tost"]) if equivalence else (h.get("low"), h.get("high"))
+    if low is not None and sign < 0:
+        low, high = -high, -low
+    interval = "" if low is None else f" [{number(low)}, {number(high)}]" + (f" ({100 * h['level']:g}% interval)" if equivalence else "")
+    margin = f"±{scale * h['margin']:g}" if h["role"] == "equivalence" else f"{scale * h['margin']:+g}"
+    p = "-" if h["p_holm"] is None else f"{h['p_holm']:.2g}"
+    return (f"{name} ({h['role']}): {difference} on `{h['metric']}`: {number(sign * h['mean'])}{unit}{interval} "
+            f"over {h['n']} pairs, margin {margin}; Holm p = {p}: {_outcome(h)}.")
 
 
 def confirm(summary: dict) -> list[str]:
@@ -199,16 +222,17 @@ def confirm(summary: dict) -> list[str]:
         coef_text = "-" if not coef else f"{coef[0]:.3g}" + (f"..{coef[1]:.3g}" if f"{coef[1]:.3g}" != f"{coef[0]:.3g}" else "")
         lines.append(f"| {name} | {arm['kl']} | {final['sampled']} | {final['greedy']} | {final['comfort_greedy']} | {coef_text} |"
                      + (f" {verdicts.get(name, 'baseline')} |" if verdicts else ""))
-    lines += ["", *_wrap("Paired differences (arm - versus, points, over the (instance, seed) units both finished), "
-                         "one-sided paired t-test, Holm-adjusted:")]
+    if any(h.get("role") == "equivalence" or not in_points(h["metric"]) for h in study["hypotheses"].values()):
+        intro = ("Paired differences (arm - versus, or versus - arm where lower is better; points for an accuracy; over the "
+                 "(instance, seed) units both finished), one-sided paired t-test or two one-sided tests (TOST), Holm-adjusted:")
+    else:
+        intro = "Paired differences (arm - versus, points, over the (instance, seed) units both finished), one-sided paired t-test, Holm-adjusted:"
+    lines += ["", *_wrap(intro)]
     for name, h in study["hypotheses"].items():
         if not h.get("n"):
             lines += _bullet(f"{name} ({h['role']}): {h['arm']} - {h['versus']}: no paired runs yet.")
             continue
-        interval = f" [{100 * h['low']:+.1f}, {100 * h['high']:+.1f}]" if h.get("low") is not None else ""
-        p = "-" if h["p_holm"] is None else f"{h['p_holm']:.2g}"
-        lines += _bullet(f"{name} ({h['role']}): {h['arm']} - {h['versus']} on `{h['metric']}`: {100 * h['mean']:+.1f} points{interval} "
-                         f"over {h['n']} pairs, margin {100 * h['margin']:+g}; Holm p = {p}: {_outcome(h)}.")
+        lines += _bullet(_hypothesis_line(name, h))
     return lines + [""]
 
 
