@@ -7,6 +7,9 @@ runs on seeds disjoint from the study's (issue 35):
     critical-tokens reproduce --preset runs/placement-pilot.json --out runs/placement-pilot --jobs 2
     python scripts/placement_pilots.py calibrate runs/placement-pilot                # docs/placement-pilots.{json,md}
 
+(``preset --found-so-far`` writes the pilots of the instances found so far, so that they can start
+while the search goes on; ``calibrate`` then reads the two reproductions together.)
+
 ``preset`` reads the instances chosen by ``scripts/placement_instances.py`` (the first four seeds of
 docs/placement-instances/ that meet the target) and writes a reproduction preset: the instances
 made by the regime recipe, and on each of them the prioritized penalty at beta 4, 8 and 16 and the
@@ -36,10 +39,18 @@ PILOT_SEEDS = (900, 3)  # first seed, count: disjoint from every study's seeds (
 INSTANCES = 4
 
 
-def chosen_instances(rows: Path) -> list[int]:
+def chosen_instances(rows: Path, partial: bool = False) -> list[int]:
+    """The first four seeds that meet the target, in seed order; ``partial``: those found so far
+    (every seed before them checked), so that the first instances' pilots can start early."""
     found = sorted((json.loads(p.read_text()) for p in rows.glob("s*.json")), key=lambda r: r["seed"])
-    seeds = [r["seed"] for r in found if r["verdict"] == "meets the target"][:INSTANCES]
-    if len(seeds) < INSTANCES:
+    seeds = []
+    for expected, row in enumerate(found, start=found[0]["seed"] if found else 0):
+        if row["seed"] != expected:  # a seed not checked yet: a later passing seed may not be among the first four
+            break
+        if row["verdict"] == "meets the target":
+            seeds.append(row["seed"])
+    seeds = seeds[:INSTANCES]
+    if len(seeds) < INSTANCES and not (partial and seeds):
         raise UserError(f"the instance search has found {len(seeds)} of {INSTANCES} instances so far ({rows}); run scripts/placement_instances.py")
     return seeds
 
@@ -66,12 +77,20 @@ def final_record(run: Path) -> dict | None:
     return lines[-1] if lines and "final/accuracy_sampled" in lines[-1] else None
 
 
-def calibrate(root: Path) -> dict:
+def calibrate(roots: list[Path]) -> dict:
+    """The calibration from one or more pilot reproductions (the first instances' pilots may run apart)."""
+    result = {"kl_coef": KL_COEF, "instances": {}}
+    for root in roots:
+        result["instances"].update(_calibrate_one(root))
+    return result
+
+
+def _calibrate_one(root: Path) -> dict:
     runs_dir = root / "kl_by_model"
     if not runs_dir.is_dir():
         raise UserError(f"{root} holds no kl_by_model runs; run the pilot reproduction first")
     instances = sorted(p.name for p in runs_dir.iterdir() if p.is_dir())
-    result = {"kl_coef": KL_COEF, "instances": {}}
+    result = {}
     for instance in instances:
         entry = {}
         standard = {p.name: final_record(p) for p in sorted((runs_dir / instance / "standard").glob("seed*"))}
@@ -85,7 +104,7 @@ def calibrate(root: Path) -> dict:
                                      "matched_kl_coef": None if median is None else KL_COEF * median,
                                      "comfort_kl_paired_differences": diffs,
                                      "comfort_kl_paired_sd": statistics.stdev(diffs) if len(diffs) > 1 else None}
-        result["instances"][instance] = entry
+        result[instance] = entry
     return result
 
 
@@ -111,17 +130,18 @@ def main() -> None:
     make = sub.add_parser("preset", help="write the pilot reproduction's preset from the instance search")
     make.add_argument("--rows", default="docs/placement-instances", help="the instance search's rows")
     make.add_argument("--out", default="runs/placement-pilot.json", help="the preset file to write")
-    read = sub.add_parser("calibrate", help="read the pilot reproduction and write the calibration")
-    read.add_argument("run", help="the pilot reproduction's directory")
+    make.add_argument("--found-so-far", action="store_true", help="the instances found so far (the first of the four), to start their pilots early")
+    read = sub.add_parser("calibrate", help="read the pilot reproduction(s) and write the calibration")
+    read.add_argument("run", nargs="+", help="the pilot reproduction's directory (several: each instance's pilots in one of them)")
     read.add_argument("--to", default="docs/placement-pilots", help="writes TO.json and TO.md")
     args = parser.parse_args()
     try:
         if args.command == "preset":
-            preset = pilot_preset(chosen_instances(Path(args.rows)))
+            preset = pilot_preset(chosen_instances(Path(args.rows), partial=args.found_so_far))
             write_json(Path(args.out), preset)
             print(f"wrote {args.out}: instances {', '.join(preset['experiments']['kl_by_model']['models'])}")
         else:
-            result = calibrate(Path(args.run))
+            result = calibrate([Path(r) for r in args.run])
             write_json(Path(args.to + ".json"), result)
             atomic_write_text(Path(args.to + ".md"), markdown(result))
             print(markdown(result))

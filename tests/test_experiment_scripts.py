@@ -121,7 +121,8 @@ def test_the_pilot_preset_has_the_first_four_passing_seeds_and_plans_their_runs(
     rl = [j for j in jobs if j.kind == "rl"]
     assert len(rl) == 4 * 4 * 3 and {j.seed for j in rl} == {900, 901, 902}
     assert [models[f"i{s}"]["config"]["seed"] for s in seeds] == seeds
-    (tmp_path / "s28.json").unlink(), (tmp_path / "s29.json").unlink(), (tmp_path / "s30.json").unlink()
+    (tmp_path / "s27.json").unlink()  # seed 27 not checked yet: 28 and 29 may not be among the first four
+    assert pilots.chosen_instances(tmp_path, partial=True) == [25, 26]
     with pytest.raises(UserError, match="2 of 4"):
         pilots.chosen_instances(tmp_path)
 
@@ -139,9 +140,9 @@ def test_the_calibration_takes_the_median_ratio_and_the_paired_comfort_sd(tmp_pa
         for b in (4, 8, 16):
             run(base / f"prio-b{b}" / f"seed{900 + k}", ratio * b / 8, prio_kl)
         run(base / "standard" / f"seed{900 + k}", 1.0, std_kl)
-    result = pilots.calibrate(tmp_path)["instances"]["i25"]
+    result = pilots.calibrate([tmp_path])["instances"]["i25"]
     assert math.isclose(result["beta 8"]["median_ratio"], 0.03) and math.isclose(result["beta 8"]["matched_kl_coef"], 0.15)
     assert math.isclose(result["beta 16"]["median_ratio"], 0.06)
     # differences 0.4, 0.5, 0.7: mean 0.5333, squared deviations 0.01778 + 0.00111 + 0.02778 = 0.04667, over 2: sd 0.15275
     assert math.isclose(result["beta 4"]["comfort_kl_paired_sd"], 0.15275, rel_tol=1e-4)
-    assert "| i25 | 8 | 3 |" in pilots.markdown(pilots.calibrate(tmp_path))
+    assert "| i25 | 8 | 3 |" in pilots.markdown(pilots.calibrate([tmp_path]))
