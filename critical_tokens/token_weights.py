@@ -3,7 +3,7 @@
 Each method singles out a set of tokens, the set it frees or favours; `selection.SelectionCounts`
 measures how well a set hits the template's critical tokens. Method (source): members -> its set.
 
-    prioritized KL (arXiv 2502.06533): kl_weights -> the tokens of weight w < 0.5
+    prioritized KL (arXiv 2502.06533): kl.prioritized_weights (or a kl_rules rule) -> the tokens of weight w < 0.5
     80/20 high entropy (arXiv 2506.01939): high_entropy_mask, masked_policy_gradient -> the selected
         tokens (only they get a policy gradient)
     Archer (arXiv 2507.15778): archer_high_entropy_set, archer_clip_ranges, clipped_surrogate_per_token,
@@ -23,7 +23,7 @@ process's minibatch, where TRL gathers across processes and verl works per micro
 
 import torch
 
-from .kl import masked_mean, prioritized_weights
+from .kl import masked_mean
 
 
 def _real(x):  # float32, or float64 if it already is
@@ -47,16 +47,6 @@ def masked_quantile(values, mask, q):
     if valid.numel() == 0:
         return torch.tensor(float("nan"), dtype=valid.dtype, device=valid.device)
     return torch.quantile(valid, q)
-
-
-def kl_weights(certainty, beta=0.0):
-    """Per-token KL weights w = c^beta: the prioritized KL penalty (Vassoyan et al., arXiv 2502.06533,
-    eq. 1; jvasso/llm-rl-arithmetic src/rl_modules/custom_a2c_policy.py :: compute_kl_div_penalty,
-    beta 150); beta = 0 gives all ones, the standard KL penalty. Delegates to kl.prioritized_weights.
-
-    certainty: (...) in [0, 1]. Returns (...) float32. Frees the tokens with w < 0.5.
-    """
-    return prioritized_weights(certainty, beta)
 
 
 def high_entropy_mask(entropy, completion_mask, rho=0.2):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from critical_tokens.kl import kl_estimate, prioritized_weights
+from critical_tokens.kl import kl_estimate
 from critical_tokens.token_weights import (
     archer_clip_ranges,
     archer_high_entropy_set,
@@ -15,7 +15,6 @@ from critical_tokens.token_weights import (
     high_entropy_mask,
     kl_cov_loss,
     kl_cov_selection,
-    kl_weights,
     masked_policy_gradient,
     masked_quantile,
     token_covariance,
@@ -35,12 +34,6 @@ def test_masked_quantile_linear_over_valid_tokens():
     assert masked_quantile(values, mask, 0.8).item() == pytest.approx(1.7, abs=1e-12)
     assert masked_quantile(values, mask, 0.0).item() == pytest.approx(0.1)
     assert math.isnan(masked_quantile(values, torch.zeros_like(mask), 0.5).item())
-
-
-def test_kl_weights_delegate_to_prioritized_weights():
-    c = torch.tensor([0.0, 0.5, 0.9, 1.0])
-    assert (kl_weights(c) == 1).all()  # beta = 0: standard KL
-    torch.testing.assert_close(kl_weights(c, 2.0), prioritized_weights(c, 2.0))  # [0, .25, .81, 1]
 
 
 def test_high_entropy_mask_and_policy_gradient_methods_example():
