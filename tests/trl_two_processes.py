@@ -70,6 +70,11 @@ def main() -> None:
               "first_entropy": trainer.first_entropy, "first_weights": trainer.first_weights,
               "logged": logged, "metrics_beta": trainer._metrics["train"].get("prioritized_beta")}
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
+    # Leave together and close the process group: a rank that exits while gloo's threads still run can
+    # abort at shutdown ("terminate called without an active exception", SIGABRT), seen under load.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
