@@ -83,8 +83,16 @@ def render(rows: Path) -> str:
         lines.append(f"| {r['seed']} | {pct(a['identical@+0'])} / {pct(a['varying@+0'])} | {pct(a['identical@+1'])} / {pct(a['varying@+1'])} | "
                      f"{r['gap_critical']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['gap_non_critical']:+.4f} [{olo:+.4f}, {ohi:+.4f}] | "
                      f"{pct(r['failures_at_critical'])} | {pct(r['sampled']['n_plus_1@T=1'])} | {r['verdict']} |")
-    chosen = [r["seed"] for r in found if r["verdict"] == "meets the target"][:WANTED]
-    lines += ["", f"Instances: {', '.join(f'seed {s}' for s in chosen) or 'none yet'} ({len(chosen)} of {WANTED}; {len(found)} seeds tried)."]
+    chosen, checked = [], {r["seed"]: r for r in found}
+    seed = FIRST_SEED
+    while seed in checked and len(chosen) < WANTED:  # in seed order, up to the first seed not checked yet
+        if checked[seed]["verdict"] == "meets the target":
+            chosen.append(seed)
+        seed += 1
+    ahead = sorted(s for s in checked if s > seed - 1 and len(chosen) < WANTED)
+    lines += ["", f"Instances: {', '.join(f'seed {s}' for s in chosen) or 'none yet'} ({len(chosen)} of {WANTED}; {len(found)} seeds tried)."
+              + (f" Seed {seed} is not checked yet; the seeds checked ahead of order by a second worker ({', '.join(map(str, ahead))}) "
+                 "count only if it misses." if ahead else "")]
     return "\n".join(lines) + "\n"
 
 
