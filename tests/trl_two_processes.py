@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -70,11 +71,12 @@ def main() -> None:
               "first_entropy": trainer.first_entropy, "first_weights": trainer.first_weights,
               "logged": logged, "metrics_beta": trainer._metrics["train"].get("prioritized_beta")}
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
-    # Leave together and close the process group: a rank that exits while gloo's threads still run can
-    # abort at shutdown ("terminate called without an active exception", SIGABRT), seen under load.
+    # Both ranks have written their results: leave together, without the interpreter's teardown. A rank
+    # torn down while gloo's threads still run can abort ("terminate called without an active exception",
+    # SIGABRT), and destroy_process_group can wait on a rank that has already left; both seen under load.
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
