@@ -60,7 +60,6 @@ class StaticDecoder:
         self.token = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) the step's input token
         self.position = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) its position id
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # the cache slot it is written to
-        self.filled = 0  # slots written (kept on the host for the CPU's span; a graph reads self.slot)
         self.logits = None  # (B, V) the step's output (a graph's static output on CUDA)
         self.graph: torch.cuda.CUDAGraph | None | bool = None  # False: the capture failed, steps run eager
 
@@ -100,7 +99,6 @@ class StaticDecoder:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
             logits = self._blocks(self._embed(input_ids, position_ids), torch.arange(P, device=self.device), mask)
         self.slot.fill_(P)
-        self.filled = P
         self.position.copy_(position_ids[:, -1] + 1)
         return logits[:, -1].float()
 
@@ -108,12 +106,11 @@ class StaticDecoder:
         """One token per row at slot ``self.slot``; advances slot and positions. No host synchronisation
         on a GPU (all L slots attended, the unwritten ones masked); on a CPU only the written span."""
         self.key_mask.index_fill_(1, self.slot, True)
-        span = self.length if self.gpu else self.filled + 1
+        span = self.length if self.gpu else int(self.slot) + 1  # on a CPU, reading the slot costs no sync
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
             logits = self._blocks(self._embed(self.token[:, None], self.position[:, None]), self.slot,
                                   self.key_mask[:, None, None, :span])  # (B, 1, V)
         self.slot += 1
-        self.filled += 1
         self.position += 1
         return logits[:, 0].float()
 
@@ -122,7 +119,7 @@ class StaticDecoder:
         dropping finished rows. Copies the kept rows' written slots once; not for a captured graph."""
         if self.graph not in (None, False):
             raise RuntimeError("a decoder with a captured CUDA graph keeps its batch")
-        written = slice(0, self.filled)
+        written = slice(0, int(self.slot))
         keys = self.keys.new_empty((self.keys.shape[0], len(rows), *self.keys.shape[2:]))  # (layers, B', H, L, D)
         values = torch.empty_like(keys)
         keys[:, :, :, written] = self.keys[:, rows, :, written]

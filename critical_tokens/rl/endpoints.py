@@ -50,15 +50,20 @@ def teacher_forced_logprobs(lm, prompts: list[list[int]], completions: list[list
     return torch.log_softmax(logits, -1), completion_ids, completion_mask
 
 
+def _batches(lm, tokenizer, pairs, completions: list[str], temperature: float):
+    """`teacher_forced_logprobs` of ``pairs`` and their ``completions`` (text), ``BATCH`` at a time."""
+    for start in range(0, len(pairs), BATCH):
+        prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs[start : start + BATCH]]
+        ids = [encode(tokenizer, t) for t in completions[start : start + BATCH]]
+        yield teacher_forced_logprobs(lm, prompts, ids, temperature, tokenizer.pad_token_id)
+
+
 @torch.no_grad()
 def mean_kl(lm, ref_lm, tokenizer, pairs, texts: list[str], temperature: float) -> float:
     """Mean per-token exact KL(policy || reference) over the completions ``texts`` of ``pairs``."""
     total, count = 0.0, 0
-    for start in range(0, len(pairs), BATCH):
-        prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in pairs[start : start + BATCH]]
-        completions = [encode(tokenizer, t) for t in texts[start : start + BATCH]]
-        logp, _, mask = teacher_forced_logprobs(lm, prompts, completions, temperature, tokenizer.pad_token_id)
-        ref_logp, _, _ = teacher_forced_logprobs(ref_lm, prompts, completions, temperature, tokenizer.pad_token_id)
+    for (logp, _, mask), (ref_logp, _, _) in zip(_batches(lm, tokenizer, pairs, texts, temperature),
+                                                 _batches(ref_lm, tokenizer, pairs, texts, temperature)):
         per_token = (logp.exp() * (logp - ref_logp)).sum(-1)  # (B, T)
         total += float(per_token[mask].sum())
         count += int(mask.sum())
@@ -69,11 +74,7 @@ def mean_kl(lm, ref_lm, tokenizer, pairs, texts: list[str], temperature: float) 
 def right_completion_logprob(lm, tokenizer, pairs, temperature: float) -> float:
     """Mean per-token log-probability of the exact scratchpad completion of each of ``pairs``."""
     total, count = 0.0, 0
-    for start in range(0, len(pairs), BATCH):
-        chunk = pairs[start : start + BATCH]
-        prompts = [encode(tokenizer, addition.prompt(a, b)) for a, b in chunk]
-        completions = [encode(tokenizer, addition.completion(a, b)) for a, b in chunk]
-        logp, ids, mask = teacher_forced_logprobs(lm, prompts, completions, temperature, tokenizer.pad_token_id)
+    for logp, ids, mask in _batches(lm, tokenizer, pairs, [addition.completion(a, b) for a, b in pairs], temperature):
         taken = logp.gather(-1, ids[..., None])[..., 0]  # (B, T)
         total += float(taken[mask].sum())
         count += int(mask.sum())
