@@ -6,6 +6,7 @@ runs on seeds disjoint from the study's (issue 35):
     python scripts/placement_pilots.py preset --out runs/placement-pilot.json     # from the instance search
     critical-tokens reproduce --preset runs/placement-pilot.json --out runs/placement-pilot --jobs 2
     python scripts/placement_pilots.py calibrate runs/placement-pilot                # docs/placement-pilots.{json,md}
+    python scripts/placement_pilots.py study docs/placement-pilots.json              # critical_tokens/presets/cpu-placement.json
 
 (``preset --found-so-far`` writes the pilots of the instances found so far, so that they can start
 while the search goes on; ``calibrate`` then reads the two reproductions together.)
@@ -16,8 +17,12 @@ made by the regime recipe, and on each of them the prioritized penalty at beta 4
 standard penalty, at the pilot seeds 900-902. ``calibrate`` reads the pilots' final evaluations and
 writes, per instance and beta, the median realized penalty ratio (median over collects of
 kl_term / kl, then over pilot seeds) and the matched coefficient 5 x that median, and the paired
-standard deviation of the comfort KL (prioritized - standard) from which the study's comfort margin
-is fixed.
+standard deviation of the comfort KL (prioritized - standard), with each prioritized arm's comfort KL
+and sampled accuracy per seed. ``study`` writes the study's preset from the calibration by rules fixed
+here before the pilots ended: the matched coefficient of each instance and beta is the calibration's;
+the accuracy margin is ``ACCURACY_MARGIN`` (3 points); the comfort KL margin of a beta is
+``COMFORT_MARGIN_SHARE`` (a quarter) of the pilots' mean comfort KL of its prioritized arm; the
+power of each hypothesis is computed from the pilots' spread (`power_inputs`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ BETAS = (4, 8, 16)
 KL_COEF = 5.0
 PILOT_SEEDS = (900, 3)  # first seed, count: disjoint from every study's seeds (cpu-confirm 100-109, cpu-methods 300-309, trl-grpo 500-507)
 INSTANCES = 4
+STUDY_SEEDS = (600, 10)  # first seed, count: fresh (earlier studies: 0-9, 100-109, 200-211, 300-309, 500-507; pilots 900-902)
+ACCURACY_MARGIN = 0.03  # the equivalence margin on sampled N+1 accuracy: 3 points
+COMFORT_MARGIN_SHARE = 0.25  # the comfort KL's equivalence margin: this share of the prioritized arm's pilot mean
+ACC, COMFORT = "final/accuracy_sampled", "final/comfort_kl"
 
 
 def chosen_instances(rows: Path, partial: bool = False) -> list[int]:
@@ -103,9 +112,117 @@ def _calibrate_one(root: Path) -> dict:
             entry[f"beta {beta}"] = {"pilot_runs": len(ratios), "ratios": ratios, "median_ratio": median,
                                      "matched_kl_coef": None if median is None else KL_COEF * median,
                                      "comfort_kl_paired_differences": diffs,
-                                     "comfort_kl_paired_sd": statistics.stdev(diffs) if len(diffs) > 1 else None}
+                                     "comfort_kl_paired_sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                                     "seeds": sorted(s for s, r in prio.items() if r),
+                                     "comfort_kl": [prio[s][COMFORT] for s in sorted(prio) if prio[s] and COMFORT in prio[s]],
+                                     "accuracy_sampled": [prio[s][ACC] for s in sorted(prio) if prio[s]]}
         result[instance] = entry
     return result
+
+
+def _pooled_sd(groups: list[list[float]]) -> float | None:
+    """The pooled within-group standard deviation (each group's own mean removed), None without a degree of freedom."""
+    groups = [g for g in groups if len(g) > 1]
+    df = sum(len(g) - 1 for g in groups)
+    if not df:
+        return None
+    return (sum(statistics.variance(g) * (len(g) - 1) for g in groups) / df) ** 0.5
+
+
+def power_inputs(result: dict) -> dict:
+    """The spreads and margins the study's power is computed from, by rules fixed before the pilots ended.
+
+    - accuracy: the pilots have no matched arm, so the spread of prioritized - matched is taken from the
+      closest pairs they have, prioritized at adjacent betas (4 - 8 and 8 - 16) on the same seed: the
+      standard deviation of those paired differences over instances and seeds (variances of the two
+      pairs averaged), or cpu-confirm's 4.4 points (prioritized - matched-penalty) if that is larger;
+    - comfort KL of each beta: sqrt(2) x the prioritized arm's pooled within-instance standard deviation
+      (the two arms' values taken as independent); its margin: ``COMFORT_MARGIN_SHARE`` x the prioritized
+      arm's mean over the pilots.
+    """
+    instances = result["instances"].values()
+    variances = []
+    for low, high in zip(BETAS, BETAS[1:]):
+        diffs = []
+        for entry in instances:
+            a, b = entry[f"beta {low}"], entry[f"beta {high}"]
+            by_seed = dict(zip(b["seeds"], b["accuracy_sampled"]))
+            diffs += [x - by_seed[s] for s, x in zip(a["seeds"], a["accuracy_sampled"]) if s in by_seed]
+        if len(diffs) > 1:
+            variances.append(statistics.variance(diffs))
+    pilot_sd = statistics.mean(variances) ** 0.5 if variances else None
+    out = {"accuracy": {"pilot_sd": pilot_sd, "sd": max(0.044, pilot_sd or 0.0), "margin": ACCURACY_MARGIN, "effect": ACCURACY_MARGIN}}
+    for beta in BETAS:
+        values = [entry[f"beta {beta}"]["comfort_kl"] for entry in instances]
+        within = _pooled_sd(values)
+        mean = statistics.mean(v for vs in values for v in vs)
+        margin = float(f"{COMFORT_MARGIN_SHARE * mean:.3g}")
+        out[f"comfort beta {beta}"] = {"pilot_mean": mean, "pilot_within_sd": within,
+                                       "sd": None if within is None else 2 ** 0.5 * within, "margin": margin, "effect": margin}
+    return out
+
+
+def study_preset(result: dict) -> dict:
+    """The cpu-placement study's preset from the pilots' calibration: cpu-confirm's models and RL values,
+    the calibrated instances, eight arms (standard, no KL, and per beta the prioritized arm and the
+    uniform arm matched per instance to its realized penalty), per beta superiority and TOST on sampled
+    N+1 accuracy and on the comfort KL (lower is better), the replication of cpu-confirm's H1 as a
+    comparison, and the placement decision rule."""
+    base = json.loads((ROOT / "critical_tokens" / "presets" / "cpu-confirm.json").read_text())
+    template = base["models"]["i21"]
+    instances = list(result["instances"])
+    models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
+    models.update({name: {**copy.deepcopy(template), "seed": int(name.removeprefix("i"))} for name in instances})
+    margins = power_inputs(result)
+    arms = [{"name": "standard", "kl": "standard"}, {"name": "no-kl", "kl": "none"}]
+    hypotheses = [{"name": "C-b8", "arm": "prio-b8", "versus": "standard", "metric": ACC, "margin": 0.0, "role": "comparison", "group": "beta 8"}]
+    groups = []
+    for beta in BETAS:
+        prio, matched, group = f"prio-b{beta}", f"matched-b{beta}", f"beta {beta}"
+        coefs = {name: float(f"{result['instances'][name][group]['matched_kl_coef']:.4g}") for name in instances}
+        arms += [{"name": prio, "kl": "prioritized", "beta": str(beta)}, {"name": matched, "kl": "standard", "kl_coef_by_model": coefs}]
+        groups.append({"name": group, "prioritized": prio, "matched": matched})
+        common, kl_margin = {"arm": prio, "versus": matched, "group": group}, margins[f"comfort {group}"]["margin"]
+        hypotheses += [{"name": f"S-acc-b{beta}", **common, "metric": ACC, "margin": 0.0, "role": "superiority"},
+                       {"name": f"E-acc-b{beta}", **common, "metric": ACC, "margin": ACCURACY_MARGIN, "role": "equivalence"},
+                       {"name": f"S-kl-b{beta}", **common, "metric": COMFORT, "margin": 0.0, "role": "superiority", "direction": "lower"},
+                       {"name": f"E-kl-b{beta}", **common, "metric": COMFORT, "margin": kl_margin, "role": "equivalence", "direction": "lower"}]
+    study = {"title": "Placement or strength", "models": instances, "seeds": STUDY_SEEDS[1], "first_seed": STUDY_SEEDS[0],
+             "rl": {"task": "plus1", "kl_coef": KL_COEF}, "arms": arms, "hypotheses": hypotheses, "alpha": 0.05,
+             "decision": "placement", "placement": {"baseline": "standard", "metric": ACC, "groups": groups}, "analysis": "pooled",
+             "preregistration": "docs/preregistration/cpu-placement.md",
+             "notes": "Per beta (4, 8, 16): the prioritized penalty (alpha 5, w = c^beta) against a uniform penalty whose coefficient "
+                      "is 5 x the median realized kl_term / kl of that beta's prioritized pilot runs on that instance "
+                      "(docs/placement-pilots.md, seeds 900-902); superiority and TOST on sampled N+1 accuracy (margin 3 points) and on "
+                      "the comfort KL (lower is better); Holm over all 13 hypotheses. Endpoints from each run's final evaluation."}
+    return {"name": "cpu-placement",
+            "description": "The pre-registered study of placement against strength on a 2-core CPU: at three strengths (beta 4, 8 and 16), "
+                           "does the prioritized KL penalty beat, or match within stated margins, a uniform penalty of the same realized "
+                           "size, on sampled N+1 accuracy and on the in-distribution KL to the reference? Four instances of the regime "
+                           "recipe that meet the regime target (continuation seeds 25, 26, 28, 30), eight arms, RL seeds 600-609 in every "
+                           "arm (paired), the analysis and decision rule of docs/preregistration/cpu-placement.md. About 11 core-hours "
+                           "(5.5 hours on 2 cores): run it in the background; it resumes where it stopped.",
+            "notes": "Deviations from the paper: those of cpu-confirm (RLOO instead of A2C, policy temperature 1.0, 640 episodes, a tiny "
+                     "N = 3 model that saw 1% of N+1 additions in its last epoch of pre-training), beta 4-16 instead of 150. Every RL "
+                     "value is cpu-confirm's. The design, the margins, the hypotheses and the decision rule were committed before any run.",
+            "models": models, "rl": base["rl"], "experiments": {"confirm": study}}
+
+
+def power_table(result: dict) -> list[str]:
+    """The power of each kind of hypothesis at the study's size (units = instances x seeds), Holm's worst case."""
+    from critical_tokens.report.power import power_superiority, power_tost
+
+    n, h = len(result["instances"]) * STUDY_SEEDS[1], 1 + 4 * len(BETAS)
+    lines = [f"Power at n = {n} paired units, each hypothesis at 0.05 / {h} (Holm's first step, the worst case):", "",
+             "| endpoint | sd of the paired difference | margin | superiority (true difference = margin) | TOST (true difference 0) |",
+             "|---|---|---|---|---|"]
+    for name, p in power_inputs(result).items():
+        if p["sd"] is None:
+            lines.append(f"| {name} | - | {p['margin']:.3g} | - | - |")
+            continue
+        sup, tost = power_superiority(p["sd"], p["effect"], n, 0.05, h), power_tost(p["sd"], p["margin"], n, 0.05, h)
+        lines.append(f"| {name} | {p['sd']:.3g} | {p['margin']:.3g} | {sup:.3f} | {tost:.3f} |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -134,17 +251,29 @@ def main() -> None:
     read = sub.add_parser("calibrate", help="read the pilot reproduction(s) and write the calibration")
     read.add_argument("run", nargs="+", help="the pilot reproduction's directory (several: each instance's pilots in one of them)")
     read.add_argument("--to", default="docs/placement-pilots", help="writes TO.json and TO.md")
+    study = sub.add_parser("study", help="write the study's preset from the calibration, and print the power of its hypotheses")
+    study.add_argument("calibration", nargs="?", default="docs/placement-pilots.json", help="the calibration that calibrate wrote")
+    study.add_argument("--out", default="critical_tokens/presets/cpu-placement.json", help="the preset file to write")
     args = parser.parse_args()
     try:
         if args.command == "preset":
             preset = pilot_preset(chosen_instances(Path(args.rows), partial=args.found_so_far))
             write_json(Path(args.out), preset)
             print(f"wrote {args.out}: instances {', '.join(preset['experiments']['kl_by_model']['models'])}")
-        else:
+        elif args.command == "calibrate":
             result = calibrate([Path(r) for r in args.run])
             write_json(Path(args.to + ".json"), result)
-            atomic_write_text(Path(args.to + ".md"), markdown(result))
+            atomic_write_text(Path(args.to + ".md"), markdown(result) + "\n" + "\n".join(power_table(result)) + "\n")
             print(markdown(result))
+            print("\n".join(power_table(result)))
+        else:
+            path = Path(args.calibration)
+            if not path.is_file():
+                raise UserError(f"{path} does not exist; run calibrate first")
+            result = json.loads(path.read_text())
+            write_json(Path(args.out), study_preset(result))
+            print(f"wrote {args.out}")
+            print("\n".join(power_table(result)))
     except (UserError, OSError) as e:
         sys.exit(f"error: {e}")
 

@@ -146,3 +146,36 @@ def test_the_calibration_takes_the_median_ratio_and_the_paired_comfort_sd(tmp_pa
     # differences 0.4, 0.5, 0.7: mean 0.5333, squared deviations 0.01778 + 0.00111 + 0.02778 = 0.04667, over 2: sd 0.15275
     assert math.isclose(result["beta 4"]["comfort_kl_paired_sd"], 0.15275, rel_tol=1e-4)
     assert "| i25 | 8 | 3 |" in pilots.markdown(pilots.calibrate([tmp_path]))
+
+
+def test_the_study_preset_matches_each_instance_and_beta_and_fixes_the_margins_by_rule(tmp_path):
+    pilots = script("placement_pilots")
+
+    def run(path: Path, ratio, comfort, accuracy):
+        path.mkdir(parents=True)
+        (path / "metrics.jsonl").write_text(json.dumps({"step": 640, "final/accuracy_sampled": accuracy,
+                                                        "final/penalty_ratio": ratio, "final/comfort_kl": comfort}) + "\n")
+
+    for i, instance in enumerate(["i25", "i26", "i28", "i30"]):
+        for k in range(3):
+            for b in (4, 8, 16):  # comfort KL 0.01 x beta + 0.001 k: mean over instances and seeds 0.01 beta + 0.001
+                run(tmp_path / "kl_by_model" / instance / f"prio-b{b}" / f"seed{900 + k}", 0.01 * b * (i + 1), 0.01 * b + 0.001 * k,
+                    0.3 + 0.01 * b + 0.02 * k)
+            run(tmp_path / "kl_by_model" / instance / "standard" / f"seed{900 + k}", 1.0, 0.001, 0.2)
+    result = pilots.calibrate([tmp_path])
+    preset = pilots.study_preset(result)
+    check_preset(preset, "cpu-placement.json")
+    study = preset["experiments"]["confirm"]
+    matched = {a["name"]: a["kl_coef_by_model"] for a in study["arms"] if "kl_coef_by_model" in a}
+    assert matched["matched-b8"] == {"i25": 0.4, "i26": 0.8, "i28": 1.2, "i30": 1.6}  # 5 x 0.08 x (i + 1)
+    margins = {h["name"]: h["margin"] for h in study["hypotheses"]}
+    assert margins["E-acc-b4"] == 0.03 and margins["E-kl-b8"] == 0.0203 and margins["E-kl-b16"] == 0.0403  # a quarter of the mean, 3 digits
+    assert len(study["hypotheses"]) == 13 and {m["seed"] for name, m in preset["models"].items() if name.startswith("i")} == {25, 26, 28, 30}
+    jobs = [j for j in plan(preset)[0] if j.kind == "rl"]
+    assert len(jobs) == 8 * 4 * 10 and {j.seed for j in jobs} == set(range(600, 610))
+    inputs = pilots.power_inputs(result)
+    # prioritized at adjacent betas differ by 0.04 and 0.08 on every seed: no spread, so cpu-confirm's 4.4 points stand
+    assert inputs["accuracy"]["pilot_sd"] == 0.0 and inputs["accuracy"]["sd"] == 0.044
+    # comfort KL within an instance: 0.01 b + 0, 0.001, 0.002: sd 0.001, times sqrt(2)
+    assert math.isclose(inputs["comfort beta 4"]["sd"], 2 ** 0.5 * 0.001)
+    assert any(line.startswith("| accuracy | 0.044 | 0.03 |") for line in pilots.power_table(result))
