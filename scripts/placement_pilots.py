@@ -13,12 +13,13 @@ while the search goes on; ``calibrate`` then reads the two reproductions togethe
 
 ``preset`` reads the instances chosen by ``scripts/placement_instances.py`` (the first four seeds of
 docs/placement-instances/ that meet the target) and writes a reproduction preset: the instances
-made by the regime recipe, and on each of them the prioritized penalty at beta 4, 8 and 16 and the
-standard penalty, at the pilot seeds 900-902. ``calibrate`` reads the pilots' final evaluations and
+made by the regime recipe, and on each of them the prioritized penalty at beta 4, 8 and 16 at the
+pilot seeds 900-902 (a first version also ran the standard penalty; no rule reads it, and it was
+dropped to save a quarter of the pilots' compute). ``calibrate`` reads the pilots' final evaluations and
 writes, per instance and beta, the median realized penalty ratio (median over collects of
 kl_term / kl, then over pilot seeds) and the matched coefficient 5 x that median, and the paired
-standard deviation of the comfort KL (prioritized - standard), with each prioritized arm's comfort KL
-and sampled accuracy per seed. ``study`` writes the study's preset from the calibration by rules fixed
+standard deviation of the comfort KL (prioritized - standard, where pilots of the standard arm exist),
+with each prioritized arm's comfort KL and sampled accuracy per seed. ``study`` writes the study's preset from the calibration by rules fixed
 here before the pilots ended: the matched coefficient of each instance and beta is the calibration's;
 the accuracy margin is ``ACCURACY_MARGIN`` (3 points); the comfort KL margin of a beta is
 ``COMFORT_MARGIN_SHARE`` (a quarter) of the pilots' mean comfort KL of its prioritized arm; the
@@ -70,7 +71,7 @@ def pilot_preset(seeds: list[int]) -> dict:
     template = base["models"]["i21"]
     models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
     models.update({f"i{s}": {**copy.deepcopy(template), "seed": s} for s in seeds})
-    arms = [{"name": f"prio-b{b}", "kl": "prioritized", "beta": str(b)} for b in BETAS] + [{"name": "standard", "kl": "standard"}]
+    arms = [{"name": f"prio-b{b}", "kl": "prioritized", "beta": str(b)} for b in BETAS]  # the standard arm: no calibration reads it
     return {"name": "cpu-placement-pilot",
             "description": "The pilots of cpu-placement: the realized penalty of the prioritized arms at beta 4, 8 and 16, and the "
                            "comfort KL's spread, on the study's instances at seeds disjoint from the study's.",
@@ -102,7 +103,7 @@ def _calibrate_one(root: Path) -> dict:
     result = {}
     for instance in instances:
         entry = {}
-        standard = {p.name: final_record(p) for p in sorted((runs_dir / instance / "standard").glob("seed*"))}
+        standard = {p.name: final_record(p) for p in sorted((runs_dir / instance / "standard").glob("seed*"))}  # {} without them
         for beta in BETAS:
             prio = {p.name: final_record(p) for p in sorted((runs_dir / instance / f"prio-b{beta}").glob("seed*"))}
             ratios = [r["final/penalty_ratio"] for r in prio.values() if r and r.get("final/penalty_ratio") is not None]
@@ -227,17 +228,19 @@ def power_table(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     lines = ["# cpu-placement: the pilots", "", "Made by `python scripts/placement_pilots.py calibrate` (do not edit by hand). Per instance "
-             f"and beta: the median over pilot seeds of each run's realized penalty ratio (median over collects of kl_term / kl), the "
-             f"matched uniform coefficient {result['kl_coef']:g} x that median, and the paired standard deviation of the comfort KL "
-             "(prioritized - standard) over the pilot seeds.", "",
-             "| instance | beta | pilot runs | ratios | median ratio | matched coefficient | comfort KL paired SD |", "|---|---|---|---|---|---|---|"]
+             f"and beta: each pilot run's realized penalty ratio (median over its collects of kl_term / kl), their median over the "
+             f"pilot seeds, the matched uniform coefficient {result['kl_coef']:g} x that median, and the prioritized arm's comfort KL "
+             "and sampled N+1 accuracy (each seed's, in seed order).", "",
+             "| instance | beta | pilot runs | ratios | median ratio | matched coefficient | comfort KL | sampled N+1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for instance, entry in result["instances"].items():
         for beta, e in entry.items():
             ratios = ", ".join(f"{r:.4f}" for r in e["ratios"]) or "-"
             coef = "-" if e["matched_kl_coef"] is None else f"{e['matched_kl_coef']:.4f}"
             median = "-" if e["median_ratio"] is None else f"{e['median_ratio']:.4f}"
-            sd = "-" if e["comfort_kl_paired_sd"] is None else f"{e['comfort_kl_paired_sd']:.2e}"
-            lines.append(f"| {instance} | {beta.removeprefix('beta ')} | {e['pilot_runs']} | {ratios} | {median} | {coef} | {sd} |")
+            comfort = ", ".join(f"{v:.2e}" for v in e.get("comfort_kl", [])) or "-"
+            accuracy = ", ".join(f"{100 * v:.1f}%" for v in e.get("accuracy_sampled", [])) or "-"
+            lines.append(f"| {instance} | {beta.removeprefix('beta ')} | {e['pilot_runs']} | {ratios} | {median} | {coef} | {comfort} | {accuracy} |")
     return "\n".join(lines) + "\n"
 
 
