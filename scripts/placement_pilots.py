@@ -19,11 +19,13 @@ dropped to save a quarter of the pilots' compute). ``calibrate`` reads the pilot
 writes, per instance and beta, the median realized penalty ratio (median over collects of
 kl_term / kl, then over pilot seeds) and the matched coefficient 5 x that median, and the paired
 standard deviation of the comfort KL (prioritized - standard, where pilots of the standard arm exist),
-with each prioritized arm's comfort KL and sampled accuracy per seed. ``study`` writes the study's preset from the calibration by rules fixed
-here before the pilots ended: the matched coefficient of each instance and beta is the calibration's;
-the accuracy margin is ``ACCURACY_MARGIN`` (3 points); the comfort KL margin of a beta is
-``COMFORT_MARGIN_SHARE`` (a quarter) of the pilots' mean comfort KL of its prioritized arm; the
-power of each hypothesis is computed from the pilots' spread (`power_inputs`).
+with each prioritized arm's comfort KL and sampled accuracy per seed. ``study`` writes the study's preset from the calibration: the matched
+coefficient of each instance and beta is the calibration's; the accuracy margin is ``ACCURACY_MARGIN``
+(3 points); the comfort endpoint is log10 of the comfort KL with margin ``COMFORT_MARGIN`` (half an
+order of magnitude); the power of each hypothesis is computed from the pilots' spread (`power_inputs`).
+(The first rules, committed before the pilots ended, took the raw comfort KL with a margin of a quarter
+of its pilot mean, and 10 seeds: the pilots showed the raw KL spanning three orders of magnitude,
+which gave those equivalence tests no power, and an accuracy spread that needs 15 seeds.)
 """
 
 from __future__ import annotations
@@ -31,22 +33,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from critical_tokens.rl.endpoints import KL_FLOOR  # noqa: E402
 from critical_tokens.runs import UserError, atomic_write_text, read_metrics, write_json  # noqa: E402
 
 BETAS = (4, 8, 16)
 KL_COEF = 5.0
 PILOT_SEEDS = (900, 3)  # first seed, count: disjoint from every study's seeds (cpu-confirm 100-109, cpu-methods 300-309, trl-grpo 500-507)
 INSTANCES = 4
-STUDY_SEEDS = (600, 10)  # first seed, count: fresh (earlier studies: 0-9, 100-109, 200-211, 300-309, 500-507; pilots 900-902)
+STUDY_SEEDS = (600, 15)  # first seed, count: fresh (earlier studies: 0-9, 100-109, 200-211, 300-309, 500-507; pilots 900-902)
 ACCURACY_MARGIN = 0.03  # the equivalence margin on sampled N+1 accuracy: 3 points
-COMFORT_MARGIN_SHARE = 0.25  # the comfort KL's equivalence margin: this share of the prioritized arm's pilot mean
-ACC, COMFORT = "final/accuracy_sampled", "final/comfort_kl"
+COMFORT_MARGIN = 0.5  # the equivalence margin on log10 of the comfort KL: half an order of magnitude (a factor of 3.16)
+ACC, COMFORT_KL, COMFORT = "final/accuracy_sampled", "final/comfort_kl", "final/comfort_kl_log10"
 
 
 def chosen_instances(rows: Path, partial: bool = False) -> list[int]:
@@ -115,7 +119,7 @@ def _calibrate_one(root: Path) -> dict:
                                      "comfort_kl_paired_differences": diffs,
                                      "comfort_kl_paired_sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
                                      "seeds": sorted(s for s, r in prio.items() if r),
-                                     "comfort_kl": [prio[s][COMFORT] for s in sorted(prio) if prio[s] and COMFORT in prio[s]],
+                                     "comfort_kl": [prio[s][COMFORT_KL] for s in sorted(prio) if prio[s] and COMFORT_KL in prio[s]],
                                      "accuracy_sampled": [prio[s][ACC] for s in sorted(prio) if prio[s]]}
         result[instance] = entry
     return result
@@ -137,9 +141,9 @@ def power_inputs(result: dict) -> dict:
       closest pairs they have, prioritized at adjacent betas (4 - 8 and 8 - 16) on the same seed: the
       standard deviation of those paired differences over instances and seeds (variances of the two
       pairs averaged), or cpu-confirm's 4.4 points (prioritized - matched-penalty) if that is larger;
-    - comfort KL of each beta: sqrt(2) x the prioritized arm's pooled within-instance standard deviation
-      (the two arms' values taken as independent); its margin: ``COMFORT_MARGIN_SHARE`` x the prioritized
-      arm's mean over the pilots.
+    - comfort KL of each beta, on the log10 scale of the study's endpoint: sqrt(2) x the prioritized
+      arm's pooled within-instance standard deviation of log10 comfort KL (the two arms' values taken as
+      independent); its margin ``COMFORT_MARGIN``.
     """
     instances = result["instances"].values()
     variances = []
@@ -154,20 +158,19 @@ def power_inputs(result: dict) -> dict:
     pilot_sd = statistics.mean(variances) ** 0.5 if variances else None
     out = {"accuracy": {"pilot_sd": pilot_sd, "sd": max(0.044, pilot_sd or 0.0), "margin": ACCURACY_MARGIN, "effect": ACCURACY_MARGIN}}
     for beta in BETAS:
-        values = [entry[f"beta {beta}"]["comfort_kl"] for entry in instances]
+        values = [[math.log10(max(v, KL_FLOOR)) for v in entry[f"beta {beta}"]["comfort_kl"]] for entry in instances]
         within = _pooled_sd(values)
         mean = statistics.mean(v for vs in values for v in vs)
-        margin = float(f"{COMFORT_MARGIN_SHARE * mean:.3g}")
-        out[f"comfort beta {beta}"] = {"pilot_mean": mean, "pilot_within_sd": within,
-                                       "sd": None if within is None else 2 ** 0.5 * within, "margin": margin, "effect": margin}
+        out[f"comfort beta {beta}"] = {"pilot_mean_log10": mean, "pilot_within_sd": within,
+                                       "sd": None if within is None else 2 ** 0.5 * within, "margin": COMFORT_MARGIN, "effect": COMFORT_MARGIN}
     return out
 
 
 def study_preset(result: dict) -> dict:
     """The cpu-placement study's preset from the pilots' calibration: cpu-confirm's models and RL values,
-    the calibrated instances, eight arms (standard, no KL, and per beta the prioritized arm and the
-    uniform arm matched per instance to its realized penalty), per beta superiority and TOST on sampled
-    N+1 accuracy and on the comfort KL (lower is better), the replication of cpu-confirm's H1 as a
+    the calibrated instances, seven arms (standard, and per beta the prioritized arm and the uniform arm
+    matched per instance to its realized penalty), per beta superiority and TOST on sampled N+1 accuracy
+    and on log10 of the comfort KL (lower is better), the replication of cpu-confirm's H1 as a
     comparison, and the placement decision rule."""
     base = json.loads((ROOT / "critical_tokens" / "presets" / "cpu-confirm.json").read_text())
     template = base["models"]["i21"]
@@ -175,7 +178,7 @@ def study_preset(result: dict) -> dict:
     models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
     models.update({name: {**copy.deepcopy(template), "seed": int(name.removeprefix("i"))} for name in instances})
     margins = power_inputs(result)
-    arms = [{"name": "standard", "kl": "standard"}, {"name": "no-kl", "kl": "none"}]
+    arms = [{"name": "standard", "kl": "standard"}]
     hypotheses = [{"name": "C-b8", "arm": "prio-b8", "versus": "standard", "metric": ACC, "margin": 0.0, "role": "comparison", "group": "beta 8"}]
     groups = []
     for beta in BETAS:
@@ -183,11 +186,11 @@ def study_preset(result: dict) -> dict:
         coefs = {name: float(f"{result['instances'][name][group]['matched_kl_coef']:.4g}") for name in instances}
         arms += [{"name": prio, "kl": "prioritized", "beta": str(beta)}, {"name": matched, "kl": "standard", "kl_coef_by_model": coefs}]
         groups.append({"name": group, "prioritized": prio, "matched": matched})
-        common, kl_margin = {"arm": prio, "versus": matched, "group": group}, margins[f"comfort {group}"]["margin"]
+        common = {"arm": prio, "versus": matched, "group": group}
         hypotheses += [{"name": f"S-acc-b{beta}", **common, "metric": ACC, "margin": 0.0, "role": "superiority"},
                        {"name": f"E-acc-b{beta}", **common, "metric": ACC, "margin": ACCURACY_MARGIN, "role": "equivalence"},
                        {"name": f"S-kl-b{beta}", **common, "metric": COMFORT, "margin": 0.0, "role": "superiority", "direction": "lower"},
-                       {"name": f"E-kl-b{beta}", **common, "metric": COMFORT, "margin": kl_margin, "role": "equivalence", "direction": "lower"}]
+                       {"name": f"E-kl-b{beta}", **common, "metric": COMFORT, "margin": COMFORT_MARGIN, "role": "equivalence", "direction": "lower"}]
     study = {"title": "Placement or strength", "models": instances, "seeds": STUDY_SEEDS[1], "first_seed": STUDY_SEEDS[0],
              "rl": {"task": "plus1", "kl_coef": KL_COEF}, "arms": arms, "hypotheses": hypotheses, "alpha": 0.05,
              "decision": "placement", "placement": {"baseline": "standard", "metric": ACC, "groups": groups}, "analysis": "pooled",
@@ -195,14 +198,14 @@ def study_preset(result: dict) -> dict:
              "notes": "Per beta (4, 8, 16): the prioritized penalty (alpha 5, w = c^beta) against a uniform penalty whose coefficient "
                       "is 5 x the median realized kl_term / kl of that beta's prioritized pilot runs on that instance "
                       "(docs/placement-pilots.md, seeds 900-902); superiority and TOST on sampled N+1 accuracy (margin 3 points) and on "
-                      "the comfort KL (lower is better); Holm over all 13 hypotheses. Endpoints from each run's final evaluation."}
+                      "log10 of the comfort KL (lower is better, margin 0.5); Holm over all 13 hypotheses. Endpoints from each run's final evaluation."}
     return {"name": "cpu-placement",
             "description": "The pre-registered study of placement against strength on a 2-core CPU: at three strengths (beta 4, 8 and 16), "
                            "does the prioritized KL penalty beat, or match within stated margins, a uniform penalty of the same realized "
                            "size, on sampled N+1 accuracy and on the in-distribution KL to the reference? Four instances of the regime "
-                           "recipe that meet the regime target (continuation seeds 25, 26, 28, 30), eight arms, RL seeds 600-609 in every "
-                           "arm (paired), the analysis and decision rule of docs/preregistration/cpu-placement.md. About 11 core-hours "
-                           "(5.5 hours on 2 cores): run it in the background; it resumes where it stopped.",
+                           "recipe that meet the regime target (continuation seeds 25, 26, 28, 30), seven arms, RL seeds 600-614 in every "
+                           "arm (paired), the analysis and decision rule of docs/preregistration/cpu-placement.md. About 14 core-hours "
+                           "(7 hours on 2 cores): run it in the background; it resumes where it stopped.",
             "notes": "Deviations from the paper: those of cpu-confirm (RLOO instead of A2C, policy temperature 1.0, 640 episodes, a tiny "
                      "N = 3 model that saw 1% of N+1 additions in its last epoch of pre-training), beta 4-16 instead of 150. Every RL "
                      "value is cpu-confirm's. The design, the margins, the hypotheses and the decision rule were committed before any run.",

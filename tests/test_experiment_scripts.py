@@ -158,8 +158,8 @@ def test_the_study_preset_matches_each_instance_and_beta_and_fixes_the_margins_b
 
     for i, instance in enumerate(["i25", "i26", "i28", "i30"]):
         for k in range(3):
-            for b in (4, 8, 16):  # comfort KL 0.01 x beta + 0.001 k: mean over instances and seeds 0.01 beta + 0.001
-                run(tmp_path / "kl_by_model" / instance / f"prio-b{b}" / f"seed{900 + k}", 0.01 * b * (i + 1), 0.01 * b + 0.001 * k,
+            for b in (4, 8, 16):  # comfort KL b x 10^(k - 6): log10 of it log10(b) - 6 + k, within an instance sd 1
+                run(tmp_path / "kl_by_model" / instance / f"prio-b{b}" / f"seed{900 + k}", 0.01 * b * (i + 1), b * 10.0 ** (k - 6),
                     0.3 + 0.01 * b + 0.02 * k)
             run(tmp_path / "kl_by_model" / instance / "standard" / f"seed{900 + k}", 1.0, 0.001, 0.2)
     result = pilots.calibrate([tmp_path])
@@ -169,13 +169,14 @@ def test_the_study_preset_matches_each_instance_and_beta_and_fixes_the_margins_b
     matched = {a["name"]: a["kl_coef_by_model"] for a in study["arms"] if "kl_coef_by_model" in a}
     assert matched["matched-b8"] == {"i25": 0.4, "i26": 0.8, "i28": 1.2, "i30": 1.6}  # 5 x 0.08 x (i + 1)
     margins = {h["name"]: h["margin"] for h in study["hypotheses"]}
-    assert margins["E-acc-b4"] == 0.03 and margins["E-kl-b8"] == 0.0203 and margins["E-kl-b16"] == 0.0403  # a quarter of the mean, 3 digits
+    assert margins["E-acc-b4"] == 0.03 and margins["E-kl-b8"] == 0.5 and margins["E-kl-b16"] == 0.5  # half an order of magnitude
+    assert {h["metric"] for h in study["hypotheses"] if h["name"].startswith(("S-kl", "E-kl"))} == {"final/comfort_kl_log10"}
     assert len(study["hypotheses"]) == 13 and {m["seed"] for name, m in preset["models"].items() if name.startswith("i")} == {25, 26, 28, 30}
     jobs = [j for j in plan(preset)[0] if j.kind == "rl"]
-    assert len(jobs) == 8 * 4 * 10 and {j.seed for j in jobs} == set(range(600, 610))
+    assert len(jobs) == 7 * 4 * 15 and {j.seed for j in jobs} == set(range(600, 615))  # standard and 3 x 2 arms, 15 seeds
     inputs = pilots.power_inputs(result)
     # prioritized at adjacent betas differ by 0.04 and 0.08 on every seed: no spread, so cpu-confirm's 4.4 points stand
     assert inputs["accuracy"]["pilot_sd"] == 0.0 and inputs["accuracy"]["sd"] == 0.044
-    # comfort KL within an instance: 0.01 b + 0, 0.001, 0.002: sd 0.001, times sqrt(2)
-    assert math.isclose(inputs["comfort beta 4"]["sd"], 2 ** 0.5 * 0.001)
+    # log10 comfort KL within an instance: c - 6, c - 5, c - 4: sd 1, times sqrt(2)
+    assert math.isclose(inputs["comfort beta 4"]["sd"], 2 ** 0.5) and math.isclose(inputs["comfort beta 8"]["pilot_mean_log10"], math.log10(8) - 5)
     assert any(line.startswith("| accuracy | 0.044 | 0.03 |") for line in pilots.power_table(result))

@@ -3,6 +3,7 @@ micro run writes its metrics; same seed, same numbers; --resume equals an uninte
 
 import dataclasses
 import json
+import math
 import statistics
 import shutil
 
@@ -255,6 +256,7 @@ def test_the_final_evaluation_uses_the_larger_held_out_sets_and_is_saved(pretrai
     # the continuous endpoints (rl/endpoints.py): a KL is >= 0, a log-probability <= 0, and the realized
     # penalty ratio is the median of kl_term / kl over the run's collects
     assert final["final/comfort_kl"] >= 0 and final["final/n_plus_1_kl"] >= 0 and final["final/comfort_logprob"] <= 0
+    assert final["final/comfort_kl_log10"] == pytest.approx(math.log10(max(final["final/comfort_kl"], 1e-12)))
     ratios = sorted(line["kl_term"] / line["kl"] for line in lines if line.get("kl"))
     assert final["final/penalty_ratio"] == pytest.approx(statistics.median(ratios))
     assert final["final/effective_kl_coef"] == pytest.approx(json.loads((tmp_path / "f" / "config.json").read_text())["kl_coef_used"] * final["final/penalty_ratio"])

@@ -6,7 +6,9 @@ kept of the pre-trained model's behaviour there. These measures can move:
 - ``comfort_kl``: the mean per-token KL(policy || reference) on held-out in-distribution prompts,
   over the policy's own greedy completions, each token's KL exact over the vocabulary at the RL
   temperature: KL_t = sum_v pi(v | s_t) (log pi(v | s_t) - log pi_ref(v | s_t)); 0 = the reference's
-  behaviour there, larger = further away;
+  behaviour there, larger = further away; ``comfort_kl_log10``, its base-10 logarithm (floored at
+  ``KL_FLOOR``): across runs it spans orders of magnitude, and a log scale is where the spread of
+  runs is even enough for a t-test (a difference of 1 is a factor of 10);
 - ``n_plus_1_kl``: the same on the first ``N_PLUS_1_KL_PROMPTS`` held-out N+1 prompts, how far the
   policy travelled where it learned (a secondary measure: on fewer prompts, as the passes cost);
 - ``comfort_logprob``: the mean per-token log-probability the policy gives the right in-distribution
@@ -18,6 +20,7 @@ kept of the pre-trained model's behaviour there. These measures can move:
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
@@ -28,6 +31,7 @@ from ..tokenizer import encode
 
 BATCH = 50  # sequences per teacher-forced pass
 N_PLUS_1_KL_PROMPTS = 100
+KL_FLOOR = 1e-12  # comfort_kl_log10 of a policy equal to the reference (KL 0): -12
 
 
 def teacher_forced_logprobs(lm, prompts: list[list[int]], completions: list[list[int]], temperature: float, pad_id: int):
@@ -91,8 +95,10 @@ def final_endpoints(lm, ref_lm, tokenizer, task_pairs, task_texts, comfort_pairs
                     records: list[dict], kl_coef: float | None) -> dict:
     """The continuous endpoints of the final evaluation (module docstring), keys without prefix."""
     ratio = penalty_ratio(records)
+    comfort_kl = mean_kl(lm, ref_lm, tokenizer, comfort_pairs, comfort_texts, temperature)
     return {
-        "comfort_kl": mean_kl(lm, ref_lm, tokenizer, comfort_pairs, comfort_texts, temperature),
+        "comfort_kl": comfort_kl,
+        "comfort_kl_log10": math.log10(max(comfort_kl, KL_FLOOR)),
         "comfort_logprob": right_completion_logprob(lm, tokenizer, comfort_pairs, temperature),
         "n_plus_1_kl": mean_kl(lm, ref_lm, tokenizer, task_pairs[:N_PLUS_1_KL_PROMPTS], task_texts[:N_PLUS_1_KL_PROMPTS], temperature),
         "penalty_ratio": ratio,
