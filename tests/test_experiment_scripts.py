@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from critical_tokens.rl import config as rl_config
-from critical_tokens.experiments import check_preset, comparable, load_preset, plan
+from critical_tokens.experiments import check_preset, comparable, load_preset, plan, preset_names
 from critical_tokens.runs import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +180,16 @@ def test_the_study_preset_matches_each_instance_and_beta_and_fixes_the_margins_b
     # log10 comfort KL within an instance: c - 6, c - 5, c - 4: sd 1, times sqrt(2)
     assert math.isclose(inputs["comfort beta 4"]["sd"], 2 ** 0.5) and math.isclose(inputs["comfort beta 8"]["pilot_mean_log10"], math.log10(8) - 5)
     assert any(line.startswith("| accuracy | 0.044 | 0.03 |") for line in pilots.power_table(result))
+
+
+def test_the_committed_cpu_placement_preset_is_the_calibrations_and_runs_fresh_seeds():
+    """critical_tokens/presets/cpu-placement.json is what `placement_pilots.py study` makes of the committed
+    calibration, and its 420 RL runs use seeds no other preset uses."""
+    pilots = script("placement_pilots")
+    committed, _ = load_preset("cpu-placement")
+    made = pilots.study_preset(json.loads((ROOT / "docs" / "placement-pilots.json").read_text()))
+    assert committed["experiments"] == made["experiments"] and committed["models"] == made["models"]
+    jobs = [j for j in plan(committed)[0] if j.kind == "rl"]
+    assert len(jobs) == 7 * 4 * 15
+    used_before = {j.seed for name in preset_names() if name not in ("cpu-placement", "smoke") for j in plan(load_preset(name)[0])[0] if j.kind == "rl"}
+    assert not used_before & {j.seed for j in jobs}
