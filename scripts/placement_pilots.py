@@ -67,7 +67,7 @@ def chosen_instances(rows: Path, partial: bool = False) -> list[int]:
 
 def pilot_preset(seeds: list[int]) -> dict:
     """cpu-confirm's preset with the chosen instances and the pilot arms in place of its study."""
-    base = json.loads((ROOT / "critical_tokens" / "presets" / "cpu-confirm.json").read_text())
+    base = json.loads((ROOT / "critical_tokens" / "study" / "presets" / "cpu-confirm.json").read_text())
     template = base["models"]["i21"]
     models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
     models.update({f"i{s}": {**copy.deepcopy(template), "seed": s} for s in seeds})

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from critical_tokens.rl import config as rl_config
-from critical_tokens.experiments import check_preset, comparable, load_preset, plan
+from critical_tokens.study.plan import comparable, plan
+from critical_tokens.study.preset import check_preset, load_preset
 from critical_tokens.runs import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

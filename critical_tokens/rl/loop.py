@@ -41,7 +41,7 @@ from ..generation import addition_stop_rule, concatenate, generate
 from ..model import RL_SLACK, check_fits, count_parameters, load_pretrained
 from .policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
 from .config import CRITIC_ALGORITHMS, RLConfig, kl_weight_rule, validate
-from ..selection import SelectionCounts, template_masks
+from ..critical.selection import SelectionCounts, template_masks
 from ..runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, read_metrics, save_config, write_json
 from ..tokenizer import encode
 

@@ -31,18 +31,18 @@ import torch
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from . import addition, kl
-from . import token_weights as tw
-from .rl.a2c import entropy_from_logits, token_logprobs
-from .config import arg, check_fields, check_range
-from .generation import addition_stop_rule, concatenate, generate
-from .model import RL_SLACK, check_fits
-from .rl.policy_gradient import leave_one_out_advantages
-from .rl.loop import Policy, terminal_rewards
-from .runs import UserError, check_output, write_json
-from .seeding import stream_seed
+from .. import addition, kl
+from .. import token_weights as tw
+from ..config import arg, check_fields, check_range
+from ..generation import addition_stop_rule, concatenate, generate
+from ..model import RL_SLACK, check_fits
+from ..rl.a2c import entropy_from_logits, token_logprobs
+from ..rl.loop import Policy, terminal_rewards
+from ..rl.policy_gradient import leave_one_out_advantages
+from ..runs import UserError, check_output, write_json
+from ..seeding import stream_seed
+from ..tokenizer import encode
 from .selection import SelectionCounts, template_masks
-from .tokenizer import encode
 
 TEMPERATURE = 1.0  # the sampling temperature of the CPU presets
 CERTAINTY_TEMPERATURE = 4.0  # the paper's, RLConfig's default
@@ -211,7 +211,7 @@ def table_text(report: dict) -> str:
 
 def criteria(config: CriteriaConfig) -> dict:
     """`critical-tokens criteria RUN_DIR`: the table, and ``criteria.json`` in --out."""
-    from .model import load_pretrained, pick_device
+    from ..model import load_pretrained, pick_device
 
     out = validate(config)
     lm, tokenizer, n_digits = load_pretrained(config.run, kinds=("pretrain",))
