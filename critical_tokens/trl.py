@@ -62,7 +62,7 @@ if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
                       f"found TRL {trl.__version__}: pip install 'trl>={TESTED_TRL},<1.17'")
 
 from . import checks, kl, kl_rules
-from .rl.a2c import entropy_from_logits, token_logprobs
+from .policy import entropy_from_logits, token_logprobs
 
 # TRL's GRPO loss types whose aggregation of per-token terms `token_aggregate` reproduces.
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")

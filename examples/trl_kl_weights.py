@@ -42,7 +42,7 @@ from addition_task import addition_reward, parser, prepare, run_or_exit, train_a
 from critical_tokens import addition, kl
 from critical_tokens.kl_rules import ReferenceStats, ignore_tokens, prioritized
 from critical_tokens.model import load_pretrained
-from critical_tokens.rl.a2c import entropy_from_logits
+from critical_tokens.policy import entropy_from_logits
 from critical_tokens.runs import write_json
 from critical_tokens.tokenizer import encode
 from critical_tokens.trl import PrioritizedGRPOConfig, PrioritizedGRPOTrainer

@@ -21,7 +21,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from critical_tokens import addition, kl  # noqa: E402
 from critical_tokens.kl_rules import entropy_quantile, ignore_tokens, prioritized, uniform  # noqa: E402
-from critical_tokens.rl.a2c import entropy_from_logits  # noqa: E402
+from critical_tokens.policy import entropy_from_logits  # noqa: E402
 from critical_tokens.runs import UserError  # noqa: E402
 from critical_tokens.model import load_pretrained  # noqa: E402
 from critical_tokens.runs import UserError  # noqa: E402
@@ -179,7 +179,7 @@ def test_the_reference_pass_in_chunks_of_positions_equals_the_whole_logits(pretr
     log-softmax and the certainty to chunks of positions. In chunks of a size below T that does not divide
     it (and 3 sequences at a time out of 4), it gives the log-probs, the certainty and the entropy of one chunk, and
     those of the model's whole logits."""
-    from critical_tokens.rl.a2c import entropy_from_logits, token_logprobs
+    from critical_tokens.policy import entropy_from_logits, token_logprobs
     from critical_tokens.trl import REFERENCE_CHUNK_ELEMENTS
 
     trainer, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, prioritized_beta=2.0)
@@ -217,7 +217,7 @@ def test_the_chunked_reference_pass_gives_the_models_own_logits(family, cast_lm_
     import transformers
     from accelerate import Accelerator
 
-    from critical_tokens.rl.a2c import token_logprobs
+    from critical_tokens.policy import token_logprobs
     from critical_tokens.trl import _PrioritizedKLMixin
 
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ the ``G`` episodes of a prompt next to each other: ``(n_prompts * G,)``.
 import torch
 
 from ..kl import masked_mean
+from ..token_weights import clipped_surrogate_per_token
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, completion_mask, clip_range=0.2):
@@ -24,15 +25,15 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, completion_mask, clip_
         loss    = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
 
     With ratio = 1 (the first pass over a fresh collect) its gradient is A2C's -A_t grad log pi.
+    The per-token loss is token_weights.clipped_surrogate_per_token (the project's one PPO clip).
 
     logprobs (with gradient), old_logprobs, advantages, completion_mask: (B, T).
     Returns (loss, clip_fraction): float32 scalars, clip_fraction the share of tokens whose ratio was clipped.
     """
-    ratio = torch.exp(logprobs.float() - old_logprobs.float())  # (B, T)
-    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(-advantages * ratio, -advantages * clipped)  # (B, T)
+    loss = clipped_surrogate_per_token(logprobs.float(), old_logprobs.float(), advantages, clip_range, clip_range)  # (B, T)
+    ratio = torch.exp(logprobs.detach().float() - old_logprobs.float())  # (B, T)
     clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).float(), completion_mask)
-    return masked_mean(loss, completion_mask), clip_fraction.detach()
+    return masked_mean(loss, completion_mask), clip_fraction
 
 
 @torch.no_grad()
