@@ -286,6 +286,8 @@ def test_config_takes_a_rule_or_its_text_and_saves_its_text(tmp_path):
     ({"prioritized_beta": "nan"}, "prioritized_beta"),
     ({"beta": float("nan")}, "beta must be a finite number"),  # TRL's KL coefficient: NaN made every weight NaN
     ({"beta": -1.0}, "beta must be >= 0"),
+    ({"kl_coef": -1.0}, "kl_coef must be >= 0"),
+    ({"kl_coef": 0.5, "beta": 0.2}, "give the KL coefficient once"),
     ({"certainty_temperature": float("nan")}, "certainty_temperature"),
     ({"auto_beta_quantile": 1.0}, "auto_beta_quantile"),
     ({"certainty": "entropy"}, "certainty"),
@@ -295,6 +297,19 @@ def test_config_takes_a_rule_or_its_text_and_saves_its_text(tmp_path):
 def test_config_rejects_bad_options(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         PrioritizedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+
+@pytest.mark.parametrize("config_class", [PrioritizedGRPOConfig, PrioritizedRLOOConfig])
+def test_kl_coef_is_the_kl_coefficient_handed_to_trl_as_beta(tmp_path, config_class):
+    """The project names TRL's KL coefficient kl_coef; TRL's trainers read args.beta, and TRL's name still works."""
+    def config(**options):
+        return config_class(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+    assert (config(kl_coef=0.3).beta, config(kl_coef=0.3).kl_coef) == (0.3, 0.3)
+    assert (config(beta=0.3).beta, config(beta=0.3).kl_coef) == (0.3, 0.3)
+    default = config()
+    assert default.kl_coef == default.beta == config_class.beta  # TRL's default (GRPO 0, RLOO 0.05)
+    assert config(kl_coef=0.0).beta == 0.0  # 0 disables the KL, as TRL's beta=0
 
 
 @pytest.mark.parametrize("beta", ["0", "8", "150", "auto", "-1", "inf", "nan", "x", "1e400"])
