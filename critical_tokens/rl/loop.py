@@ -244,6 +244,7 @@ def final_evaluation(run: RLRun, record: dict, episodes: int) -> dict:
 
 
 def train(config: RLConfig) -> Path:
+    """The ``rl`` command: sets the run up (or resumes it), then iterates the numbered steps; returns its directory."""
     run, iteration, episodes = set_up(config)
     config, resolved, ranks, policy = run.config, run.resolved, run.ranks, run.policy
     metrics = MetricsLog(run.run_dir / "metrics.jsonl", truncate_after_step=episodes if config.resume else None) if ranks.main else None
