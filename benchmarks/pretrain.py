@@ -35,7 +35,7 @@ N_DIGITS = 7
 
 
 def train_step(model, optimizer, batch, grad_clip: float) -> None:
-    """The body of critical_tokens.pretrain.pretrain's loop (step 3), on the CPU (no autocast)."""
+    """critical_tokens.pretrain._train_step (step 3) on one process and the CPU (no autocast)."""
     ids, mask, labels, position_ids = batch
     loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
     optimizer.zero_grad(set_to_none=True)

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from critical_tokens import addition, kl
-from critical_tokens.rl.a2c import ValueHead, entropy_from_logits, token_logprobs
+from critical_tokens.policy import entropy_from_logits, token_logprobs
+from critical_tokens.rl.a2c import ValueHead
 from critical_tokens.model import RL_SLACK, build_model
 from critical_tokens.rl.loop import train
 from critical_tokens.rl.config import RLConfig

@@ -34,7 +34,7 @@ import json, resource, sys, time, torch
 torch.set_num_threads(1)
 from critical_tokens.rl.config import RLConfig
 from critical_tokens.rl.loop import train
-preset = json.load(open("critical_tokens/presets/cpu-confirm.json"))
+preset = json.load(open("critical_tokens/study/presets/cpu-confirm.json"))
 config = RLConfig(**preset["rl"], kl="prioritized", beta="8", pretrained="critical_tokens/checkpoints/tiny-n3-d1-lr3e-4",
                   out=sys.argv[1], seed=int(sys.argv[2]))
 wall, cpu = time.perf_counter(), time.process_time()

@@ -1,4 +1,10 @@
-"""The ``critical-tokens`` command: one subcommand per pipeline stage."""
+"""The ``critical-tokens`` command: one subcommand per pipeline stage.
+
+Each subcommand is a frozen ``...Config`` (its options) and a function, in the module named for the
+command (``pretrain.py``, ``evaluate.py``, ``reproduce.py``, ``critical/criteria.py``,
+``critical/inspect.py``) or, for a package's own command, in its ``command.py`` (``critical/``,
+``report/``); `_commands` lists them all.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +20,14 @@ EPILOG = "Each command has its own help: critical-tokens COMMAND --help."
 
 def _commands():
     from .critical.command import CriticalConfig, critical
+    from .critical.criteria import CriteriaConfig, criteria
+    from .critical.inspect import InspectConfig, inspect
     from .evaluate import EvaluateConfig, evaluate
     from .pretrain import PretrainConfig, pretrain
     from .report import ReportConfig, report
     from .reproduce import ReproduceConfig, reproduce
     from .rl.loop import train
     from .rl.config import RLConfig
-    from .criteria import CriteriaConfig, criteria
-    from .inspect_command import InspectConfig, inspect
 
     return {
         "pretrain": (PretrainConfig, pretrain, "pre-train a GPT-2 on scratchpad addition of 1..N digits"),
@@ -30,7 +36,6 @@ def _commands():
         "rl": (RLConfig, train, "RL fine-tuning (A2C, PPO, GRPO or RLOO) with no, the standard, or the prioritized KL penalty"),
         "reproduce": (ReproduceConfig, reproduce, "reproduce the paper's experiments from a preset (reproduce --help lists them): runs, plots, REPORT.md"),
         "report": (ReportConfig, report, "rebuild REPORT.md, summary.json and plots/ of a reproduction from its files"),
-        # which criterion (certainty, entropy, covariance) singles out the critical tokens: critical_tokens/criteria.py
         "criteria": (CriteriaConfig, criteria, "which criterion (certainty, entropy, covariance) best separates the critical tokens on a model's own N+1 rollouts"),
         "inspect": (InspectConfig, inspect, "before RL: which tokens of a Hugging Face causal LM, on your prompts, the prioritized KL penalty would free, and what beta means"),
     }

@@ -103,6 +103,134 @@ def _preallocated_cache(model, max_length: int):
     return cache
 
 
+class _Forward:
+    """The model side of the decoding loop: the prefill, then one forward pass per generated token.
+
+    ``logits`` (R, V) are the next-token logits of the R rows still in the decoder; ``rows`` (R,) are
+    their rows of the batch, or None for all B of them (R = B). Only the CPU static path lets rows
+    leave (:meth:`drop_finished`). "hf" keeps the KV cache, the attention mask and the next positions
+    here; "static" keeps them in its :class:`static_decode.StaticDecoder`.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, static: bool):
+        device = input_ids.device
+        self.model, self.static, self.device_type, self.gpu = model, static, device.type, device.type == "cuda"
+        B, P = input_ids.shape  # (B, P) left-padded prompts
+        self.prompt_length = P
+        self.rows: torch.Tensor | None = None
+        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        if static and self.gpu:  # one cache length per 64 tokens, so that a run's calls share a captured graph
+            self.decoder = static_decode.decoder_for(model, B, 64 * -(-(P + max_new_tokens) // 64))
+            self.logits = self.decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
+        elif static:  # a CPU has no graph to reuse: a decoder of this call's size, whose rows can leave
+            self.decoder = static_decode.StaticDecoder(model, B, P + max_new_tokens)
+            self.logits = self.decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
+            self.rows = torch.arange(B)
+        else:  # model(...) calls
+            self.attention_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], 1)
+            self.cache_arg = _cache_argument(model)
+            cache = _preallocated_cache(model, P + max_new_tokens) if self.cache_arg == "cache" else None
+            self._call(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                       **({self.cache_arg: cache} if cache is not None else {}))
+            self.next_position = position_ids[:, -1:] + 1  # (B, 1)
+
+    def _call(self, **inputs) -> None:
+        """One ``model(...)`` call (bf16 autocast on a GPU): keeps its output (the cache) and last logits."""
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.gpu):
+            self.out = self.model(**inputs, use_cache=True)
+        self.logits = self.out.logits[:, -1].float()  # (B, V)
+
+    def drop_finished(self, done: torch.Tensor) -> None:
+        """CPU static path: once an eighth of the running rows are ``done`` (B,), the finished ones leave."""
+        if self.rows is not None and int(done[self.rows].sum()) >= max(1, len(self.rows) // 8):
+            running = (~done[self.rows]).nonzero()[:, 0]
+            self.decoder.keep(running)
+            self.rows = self.rows[running]
+
+    def step(self, token: torch.Tensor, t: int) -> None:
+        """Feeds the batch's tokens (B,) of position ``t``; ``logits`` become the next position's."""
+        if self.static:
+            self.logits = self.decoder.step(token if self.rows is None else token[self.rows])
+            return
+        past = self.out["cache"] if "cache" in self.out else self.out.past_key_values
+        self._call(input_ids=token[:, None], attention_mask=self.attention_mask[:, : self.prompt_length + t + 1],
+                   position_ids=self.next_position, **{self.cache_arg: past})
+        self.next_position = self.next_position + 1
+
+
+def _next_token(logits: torch.Tensor, temperature: float, generator, noise_rows, batch: int,
+                rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, log-prob) of each running row, both (R,), from its logits (R, V): greedy, or Gumbel-max
+    sampling at ``temperature`` with one (``batch``, V) block of uniform noise from ``generator`` (or
+    ``noise_rows[0]`` rows, of which ``noise_rows[1]`` are kept), of which ``rows`` are kept."""
+    if temperature > 0:
+        logp = torch.log_softmax(logits / temperature, dim=-1)  # (R, V)
+        if noise_rows is None:
+            u = torch.rand((batch, logp.shape[1]), generator=generator, device="cpu")
+        else:
+            u = torch.rand((noise_rows[0], logp.shape[1]), generator=generator, device="cpu")[noise_rows[1]]
+        u = u.pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda else u
+        u = u if rows is None else u[rows]
+        token = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
+    else:
+        logp = torch.log_softmax(logits, dim=-1)
+        token = logp.argmax(-1)
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+class _Record:
+    """The generated tokens (B, T) with their log-probs and certainties, and the per-row stop rule
+    (T = ``max_new_tokens``); once a row is ``done`` it gets padding (log-prob and certainty 0)."""
+
+    def __init__(self, batch: int, max_new_tokens: int, pad_token_id: int, with_certainty: bool, stop_after: Sequence[int], device):
+        B, T = batch, max_new_tokens
+        self.pad_token_id = pad_token_id
+        self.tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)  # (B, T)
+        self.logprobs = torch.zeros((B, T), device=device)
+        self.certainty = torch.zeros((B, T), device=device) if with_certainty else None
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)  # stopped by the stop rule
+        self.marker = torch.tensor(list(stop_after), dtype=torch.long, device=device)
+        self.after_marker = torch.full((B,), len(self.marker) == 0, dtype=torch.bool, device=device)  # stop_after seen
+        self.lengths = torch.zeros(B, dtype=torch.long, device=device)  # generated tokens, the stop token included
+
+    def write(self, t: int, token: torch.Tensor, logprobs: torch.Tensor, certainty: torch.Tensor | None) -> torch.Tensor:
+        """Records position ``t`` of every row (each (B,)); returns the tokens with the done rows padded."""
+        token = torch.where(self.done, self.pad_token_id, token)  # (B,)
+        self.tokens[:, t] = token
+        self.logprobs[:, t] = logprobs.masked_fill(self.done, 0.0)
+        if self.certainty is not None:
+            self.certainty[:, t] = certainty.masked_fill(self.done, 0.0)
+        self.lengths += (~self.done).long()
+        return token
+
+    def apply_stop_rule(self, t: int, token: torch.Tensor, eos_token_id: int, stop_token_id: int | None) -> None:
+        """A row stops at end-of-text, or at ``stop_token_id`` once it has generated the marker."""
+        stop = token == eos_token_id
+        if stop_token_id is not None:
+            stop |= self.after_marker & (token == stop_token_id)
+        n = len(self.marker)
+        if n and t + 1 >= n:
+            self.after_marker |= (self.tokens[:, t + 1 - n : t + 1] == self.marker).all(-1)
+        self.finished |= stop & ~self.done
+        self.done |= stop
+
+    def result(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Generation:
+        """The Generation of these prompts (B, P), completions cut to the longest row's length T."""
+        B, P = input_ids.shape
+        T = int(self.lengths.max().item()) if B else 0
+        completion_mask = torch.arange(T, device=input_ids.device)[None, :] < self.lengths[:, None]  # (B, T)
+        return Generation(
+            sequences=torch.cat([input_ids, self.tokens[:, :T]], 1),
+            attention_mask=torch.cat([prompt_mask, completion_mask.long()], 1),
+            prompt_length=P,
+            completion_mask=completion_mask,
+            logprobs=self.logprobs[:, :T],
+            certainty=None if self.certainty is None else self.certainty[:, :T],
+            finished=self.finished,
+        )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -146,105 +274,28 @@ def generate(
     drawn at every step, whatever else is still running.
     """
     device = next(model.parameters()).device
-    gpu = device.type == "cuda"
-    check_every = GPU_CHECK_EVERY if gpu and noise_rows is None else 1
+    check_every = GPU_CHECK_EVERY if device.type == "cuda" and noise_rows is None else 1
     if decoder not in ("auto", "hf", "static"):
         raise ValueError(f"decoder must be auto, hf or static, got {decoder!r}")
     static = decoder == "static" or (decoder == "auto" and static_decode.supports(model))
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # (B, P)
-    B, P = input_ids.shape
-    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # (B, T)
-    logprobs = torch.zeros((B, max_new_tokens), device=device)
-    certainty = torch.zeros((B, max_new_tokens), device=device) if certainty_method else None
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    marker = torch.tensor(list(stop_after), dtype=torch.long, device=device)
-    after_marker = torch.full((B,), len(marker) == 0, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    rows = None  # CPU static path: the batch rows still in the decoder (None: all of them)
-    if static and gpu:  # one cache length per 64 tokens, so that a run's calls share a captured graph
-        step_decoder = static_decode.decoder_for(model, B, 64 * -(-(P + max_new_tokens) // 64))
-        logits = step_decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
-    elif static:  # a CPU has no graph to reuse: a decoder of this call's size, whose rows can leave
-        step_decoder = static_decode.StaticDecoder(model, B, P + max_new_tokens)
-        logits = step_decoder.prefill(input_ids, prompt_mask, position_ids)  # (B, V)
-        rows = torch.arange(B)
-    else:  # model(...) calls: the cache, the attention mask and the next positions are kept here
-        attention_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], 1)
-        cache_arg = _cache_argument(model)
-        cache = _preallocated_cache(model, P + max_new_tokens) if cache_arg == "cache" else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
-                        **({cache_arg: cache} if cache is not None else {}))
-        next_position = position_ids[:, -1:] + 1  # (B, 1)
+    B = input_ids.shape[0]
+    record = _Record(B, max_new_tokens, pad_token_id, bool(certainty_method), stop_after, device)
+    forward = _Forward(model, input_ids, prompt_mask, max_new_tokens, static)
     for t in range(max_new_tokens):
-        if not static:
-            logits = out.logits[:, -1].float()  # (B, V)
-        if temperature > 0:
-            logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, V), or (R, V) for the R rows left
-            if noise_rows is None:
-                u = torch.rand((B, logp.shape[1]), generator=generator, device="cpu")
-            else:
-                u = torch.rand((noise_rows[0], logp.shape[1]), generator=generator, device="cpu")[noise_rows[1]]
-            u = u.pin_memory().to(device, non_blocking=True) if gpu else u
-            u = u if rows is None else u[rows]
-            token = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # Gumbel-max sampling
-        else:
-            logp = torch.log_softmax(logits, dim=-1)
-            token = logp.argmax(-1)
-        step_logprobs = logp.gather(-1, token[:, None])[:, 0]
-        step_certainty = None if certainty is None else kl.certainty(logits, certainty_method, certainty_temperature)
+        logits, rows = forward.logits, forward.rows  # (R, V) for the R rows running, R = B unless rows
+        token, step_logprobs = _next_token(logits, temperature, generator, noise_rows, B, rows)  # (R,)
+        step_certainty = kl.certainty(logits, certainty_method, certainty_temperature) if certainty_method else None
         if rows is not None:  # back to the whole batch: the rows that left are done (padding)
             token, step_logprobs, step_certainty = (
                 None if x is None else torch.zeros(B, dtype=x.dtype).index_copy_(0, rows, x) for x in (token, step_logprobs, step_certainty))
-        token = torch.where(done, pad_token_id, token)  # (B,)
-        tokens[:, t] = token
-        logprobs[:, t] = step_logprobs.masked_fill(done, 0.0)
-        if certainty is not None:
-            certainty[:, t] = step_certainty.masked_fill(done, 0.0)
-        lengths += (~done).long()
-
-        stop = token == eos_token_id
-        if stop_token_id is not None:
-            stop |= after_marker & (token == stop_token_id)
-        if len(marker) and t + 1 >= len(marker):
-            after_marker |= (tokens[:, t + 1 - len(marker) : t + 1] == marker).all(-1)
-        finished |= stop & ~done
-        done |= stop
-        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+        token = record.write(t, token, step_logprobs, step_certainty)  # (B,)
+        record.apply_stop_rule(t, token, eos_token_id, stop_token_id)
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(record.done.all())):
             break
-        if rows is not None and int(done[rows].sum()) >= max(1, len(rows) // 8):  # an eighth has finished: they leave
-            running = (~done[rows]).nonzero()[:, 0]
-            step_decoder.keep(running)
-            rows = rows[running]
-        if static:
-            logits = step_decoder.step(token if rows is None else token[rows])
-            continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            out = model(
-                input_ids=token[:, None],
-                attention_mask=attention_mask[:, : P + t + 1],
-                position_ids=next_position,
-                use_cache=True,
-                **{cache_arg: out["cache"] if "cache" in out else out.past_key_values},
-            )
-        next_position = next_position + 1
-
-    T = int(lengths.max().item()) if B else 0
-    completion_mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (B, T)
-    sequences = torch.cat([input_ids, tokens[:, :T]], 1)
-    full_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
-    return Generation(
-        sequences=sequences,
-        attention_mask=full_mask,
-        prompt_length=P,
-        completion_mask=completion_mask,
-        logprobs=logprobs[:, :T],
-        certainty=None if certainty is None else certainty[:, :T],
-        finished=finished,
-    )
+        forward.drop_finished(record.done)
+        forward.step(token, t)
+    return record.result(input_ids, prompt_mask)
 
 
 def concatenate(parts: Sequence[Generation], pad_token_id: int) -> Generation:

@@ -261,9 +261,7 @@ class IgnoreTokens(Rule):
         return "*".join(parts)
 
     def bind(self, tokenizer):
-        if not self.texts or self.text_ids is not None:
-            return self
-        return replace(self, text_ids=token_ids_of(tokenizer, self.texts))
+        return self if not self.texts or self.text_ids is not None else replace(self, text_ids=token_ids_of(tokenizer, self.texts))
 
 
 @dataclass(frozen=True)
@@ -277,8 +275,7 @@ class EntropyQuantile(Rule):
         object.__setattr__(self, "q", _number(self.q, "entropy_quantile: q", 0.0, True, 1.0, True))
 
     def weights(self, stats, token_ids, completion_mask):
-        batch = stats.gather(stats.entropy[completion_mask])
-        return entropy_quantile_weights(stats.entropy, completion_mask, self.q, batch)
+        return entropy_quantile_weights(stats.entropy, completion_mask, self.q, stats.gather(stats.entropy[completion_mask]))
 
     @property
     def spec(self):
@@ -295,8 +292,7 @@ class Custom(Rule):
     def __post_init__(self):
         if not callable(self.fn):
             raise UserError(f"custom: a KL weight rule must be callable, got {type(self.fn).__name__}")
-        unknown = set(self.statistics) - set(STATISTICS)
-        if unknown:
+        if unknown := set(self.statistics) - set(STATISTICS):
             raise UserError(f"custom: unknown statistics {sorted(unknown)}; expected some of {', '.join(STATISTICS)}")
         object.__setattr__(self, "statistics", frozenset(self.statistics))
 
@@ -438,12 +434,9 @@ def _parse_factor(part: str, spec: str) -> Rule:
     name = name.strip()
     if not colon or not argument:
         raise UserError(f"KL weights {spec!r}: {part!r} needs NAME:ARGUMENT, e.g. prioritized:8")
-    if name == "prioritized":
-        return prioritized(argument.strip())
-    if name == "uniform":
-        return uniform(argument.strip())
-    if name == "entropy_quantile":
-        return entropy_quantile(argument.strip())
+    numeric = {"prioritized": prioritized, "uniform": uniform, "entropy_quantile": entropy_quantile}  # one number each
+    if name in numeric:
+        return numeric[name](argument.strip())
     items = [_unescape(item) for item in re.split(r"(?<!\\),", argument)]
     if name == "ignore":
         return ignore_tokens(items)

@@ -1,7 +1,8 @@
 """Supervised pre-training on scratchpad addition with operands of 1..N digits (docs/method.md section 3).
 
-The loop is written out top to bottom: data -> model -> AdamW with warmup + cosine decay ->
-per-step loss on the completion tokens -> periodic in-distribution accuracy -> checkpoints.
+:func:`pretrain` runs the steps, each a function: 1. data (``_data``) -> 2. model, AdamW with warmup +
+cosine decay (``_build_model``) -> 3. per-step loss on the completion tokens (``_train_step``) ->
+4. periodic in-distribution accuracy and checkpoints (``_write_back``).
 A checkpoint (``model/``, Hugging Face format, plus ``trainer_state.pt``) lets ``--resume`` continue
 with the same data order and give the same numbers as an uninterrupted run.
 """
@@ -132,140 +133,197 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer_state.pt")
 
 
-def pretrain(config: PretrainConfig) -> Path:
-    config, run_dir, ranks = distributed.start_run(config, validate)
-    device = ranks.device
+@dataclass
+class _Run:
+    """What the training loop works with, set up once by :func:`pretrain`."""
 
-    # 1. Data: balanced over operand lengths 1..N (plus, if asked, a dose of N+1), tokenized once.
+    config: PretrainConfig
+    run_dir: Path
+    ranks: distributed.Ranks
+    tokenizer: object
+    examples: list[tuple[list[int], int]]  # (token ids, prompt length), see encode_examples
+    lengths: list[int]  # the examples' lengths in tokens
+    steps_per_epoch: int
+    total_steps: int
+    model: torch.nn.Module = None  # the weights (what is saved and evaluated)
+    train_model: torch.nn.Module = None  # the model the step calls: wrapped by DDP under torchrun, compiled on a GPU
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    gpu: bool = False
+    pad_multiple: int = 1  # batch widths rounded up to this multiple (collate)
+    log_every: int = 1  # steps between the host's reads of the loss
+
+
+def _data(config: PretrainConfig, run_dir: Path, ranks: distributed.Ranks) -> _Run:
+    """1. Data: balanced over operand lengths 1..N (plus, if asked, a dose of N+1), tokenized once."""
     tokenizer = build_tokenizer()
     pairs = addition.pretraining_pairs(config.n_digits, config.examples_per_length, config.seed, config.n_plus_one_fraction)
     examples = encode_examples(tokenizer, pairs)
-    lengths = [len(seq) for seq, _ in examples]
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total_steps = math.ceil(config.epochs * steps_per_epoch)
     if min(config.batch_size, len(examples) % config.batch_size or config.batch_size) < ranks.world:
         raise UserError(f"every batch needs a row per rank: --batch-size {config.batch_size} with {len(examples)} examples "
                         f"leaves a batch of {len(examples) % config.batch_size} for {ranks.world} ranks")
+    return _Run(config, run_dir, ranks, tokenizer, examples, [len(seq) for seq, _ in examples], steps_per_epoch,
+                math.ceil(config.epochs * steps_per_epoch))
 
-    # 2. Model: a fresh GPT-2 preset, or GPT-2's weights with the character vocabulary.
+
+def _build_model(run: _Run) -> None:
+    """2. Model: a fresh GPT-2 preset, or GPT-2's weights with the character vocabulary (or the run's
+    checkpoint, or another pre-training run's weights); then the optimizer and its schedule.
+
+    On a GPU: bf16 autocast, widths padded to multiples of 64, one compiled step for every width
+    (dynamic sequence length), fused AdamW, and the host reads the loss back only every LOG_EVERY
+    steps. On a CPU: eager, float32, every step logged as it ends.
+    """
+    config, device = run.config, run.ranks.device
     if config.resume:
-        model = load_model(run_dir / "model")
+        model = load_model(run.run_dir / "model")
     elif config.init_from:
         model, _, _ = load_pretrained(config.init_from, config.n_digits)
     elif config.init == "gpt2":
-        model = gpt2_reduced_vocab(config.gpt2_source, tokenizer)
+        model = gpt2_reduced_vocab(config.gpt2_source, run.tokenizer)
     else:
-        model = build_model(config.preset, tokenizer, config.n_digits)
+        model = build_model(config.preset, run.tokenizer, config.n_digits)
     model.config.critical_tokens_n_digits = config.n_digits  # read back by evaluate / rl / critical
     model.to(device)
-    if max(lengths) > model.config.n_positions:
-        raise UserError(f"the longest example has {max(lengths)} tokens, more than the model's {model.config.n_positions} positions")
-    # On a GPU: bf16 autocast, widths padded to multiples of 64, one compiled step for every width
-    # (dynamic sequence length), fused AdamW, and the host reads the loss back only every LOG_EVERY
-    # steps. On a CPU: eager, float32, every step logged as it ends.
-    gpu = device.type == "cuda"
-    train_model = ranks.wrap(model)  # DistributedDataParallel under torchrun
-    train_model = torch.compile(train_model, dynamic=True) if gpu and config.compile else train_model
-    pad_multiple, log_every = (64, LOG_EVERY) if gpu else (1, 1)
+    if max(run.lengths) > model.config.n_positions:
+        raise UserError(f"the longest example has {max(run.lengths)} tokens, more than the model's {model.config.n_positions} positions")
+    run.model, run.gpu = model, device.type == "cuda"
+    train_model = run.ranks.wrap(model)  # DistributedDataParallel under torchrun
+    run.train_model = torch.compile(train_model, dynamic=True) if run.gpu and config.compile else train_model
+    run.pad_multiple, run.log_every = (64, LOG_EVERY) if run.gpu else (1, 1)
+    run.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                      **({"fused": True} if run.gpu else {}))
+    run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, int(config.warmup_fraction * run.total_steps), run.total_steps)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
-                                  **({"fused": True} if gpu else {}))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+
+def _start(run: _Run) -> int:
+    """The step to start at: the checkpoint's (``--resume``, which restores the optimizer and the
+    schedule) or 0 (a new run directory). Rank 0 writes the config and announces the run."""
+    config, ranks, run_dir = run.config, run.ranks, run.run_dir
     step = 0
     if config.resume:
-        state = torch.load(run_dir / "model" / "trainer_state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = torch.load(run_dir / "model" / "trainer_state.pt", map_location=ranks.device, weights_only=False)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         if ranks.main:
-            print(f"resuming {run_dir} at step {step}/{total_steps}")
+            print(f"resuming {run_dir} at step {step}/{run.total_steps}")
     elif ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    n_params = count_parameters(model)
+    n_params = count_parameters(run.model)
     if ranks.main:
-        save_config(run_dir, config, kind="pretrain", n_params=n_params, n_examples=len(examples), total_steps=total_steps,
-                    n_positions=model.config.n_positions, vocab_size=len(tokenizer), device=str(device),
+        n_positions = run.model.config.n_positions
+        save_config(run_dir, config, kind="pretrain", n_params=n_params, n_examples=len(run.examples), total_steps=run.total_steps,
+                    n_positions=n_positions, vocab_size=len(run.tokenizer), device=str(ranks.device),
                     **({"ranks": ranks.world} if ranks.world > 1 else {}))
-    if ranks.main:
-        print(f"pre-training {config.preset} ({n_params / 1e6:.2f}M parameters, {model.config.n_positions} positions) "
-              f"on {len(examples):,} additions of 1..{config.n_digits} digits, {total_steps:,} steps of {config.batch_size}"
+        print(f"pre-training {config.preset} ({n_params / 1e6:.2f}M parameters, {n_positions} positions) "
+              f"on {len(run.examples):,} additions of 1..{config.n_digits} digits, {run.total_steps:,} steps of {config.batch_size}"
               + (f" split over {ranks.world} ranks" if ranks.world > 1 else ""))
+    return step
 
+
+def _batch(run: _Run, batch: list[int], step: int) -> tuple[tuple[torch.Tensor, ...], int]:
+    """(ids, attention mask, labels, position ids), each (b, w) on the device: this rank's rows of the
+    examples ``batch``; and the tokens of the whole batch (all ranks)."""
+    config, ranks = run.config, run.ranks
+    # The offset generator is seeded per step, so a resumed run draws the same offsets.
+    offset_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    max_offset = run.model.config.n_positions if config.random_position_offset else 0
+    ids, mask, labels, position_ids = collate(run.examples, batch, run.tokenizer.pad_token_id, config.loss_on, max_offset, offset_rng,
+                                              run.pad_multiple)  # (B, W)
+    if ranks.world > 1:  # this rank's rows of the global batch
+        mask, ids, labels, position_ids = distributed.shard(ranks, mask, ids, labels, position_ids)  # (b, w)
+    tokens = int(ranks.sum(mask.sum()))
+    return tuple(t.to(ranks.device, non_blocking=True) for t in (ids, mask, labels, position_ids)), tokens
+
+
+def _train_step(run: _Run, ids, mask, labels, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """3. One optimizer step on the next-token loss of the completion tokens; (loss of the global
+    batch, gradient norm before clipping), both still on the device."""
+    ranks = run.ranks
+    with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=run.gpu):
+        loss = run.train_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
+    rank_loss = loss  # what this rank differentiates
+    if ranks.world > 1:  # its part of the global batch's mean over the label tokens (distributed.py)
+        rank_loss = loss * ranks.token_share((labels[:, 1:] != -100).sum())
+        loss = ranks.sum(rank_loss.detach()) / ranks.world  # the global batch's loss
+    run.optimizer.zero_grad(set_to_none=True)
+    rank_loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss, grad_norm
+
+
+def _write_back(run: _Run, pending: list[dict], step: int, check: bool, out_of_time: bool, metrics, eval_pairs, bar) -> None:
+    """4. The host reads the ``pending`` records' losses; rank 0 then adds the in-distribution
+    accuracy (greedy) at a ``check``, logs the records and saves a checkpoint when one is due."""
+    config = run.config
+    for record in pending:
+        record["loss"], record["grad_norm"] = record["loss"].item(), record["grad_norm"].item()
+        if not math.isfinite(record["loss"]):
+            raise UserError(f"non-finite loss at step {record['step'] - 1}; the last good checkpoint is in {run.run_dir / 'model'}")
+    bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}", tok_s=f"{pending[-1]['tokens_per_s']:,.0f}")
+    if not run.ranks.main:
+        return
+    record = pending[-1]
+    if check:
+        run.model.eval()
+        record["accuracy_identical_n"] = accuracy_on(run.model, run.tokenizer, eval_pairs).mean().item()
+        run.model.train()
+        bar.write(f"step {step}: loss {record['loss']:.4f}, in-distribution accuracy {record['accuracy_identical_n']:.3f}")
+    if out_of_time and step < run.total_steps:
+        record["stopped_early"] = True  # --max-minutes: the run ends here, its schedule unfinished
+    for r in pending:
+        metrics.log(r)
+    if step % config.checkpoint_every == 0 or step == run.total_steps or out_of_time:
+        save_checkpoint(run.run_dir, run.model, run.tokenizer, run.optimizer, run.scheduler, step)
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Pre-trains (or, with ``--resume``, goes on pre-training) the run of ``config``; returns its
+    directory. Steps 1-4 of the module docstring: :func:`_data`, :func:`_build_model` (and
+    :func:`_start`), :func:`_train_step`, :func:`_write_back`."""
+    config, run_dir, ranks = distributed.start_run(config, validate)
+    run = _data(config, run_dir, ranks)
+    _build_model(run)
+    step = _start(run)
     metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if config.resume else None) if ranks.main else None
     eval_pairs = addition.eval_pairs(config.n_digits, "identical", config.eval_examples, seed=10_000 + config.seed)
-    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not ranks.main)
+    bar = tqdm(total=run.total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not ranks.main)
     tokens_seen, t0 = 0, time.perf_counter()
     previous = read_metrics(run_dir) if config.resume else []
     elapsed_before = previous[-1].get("elapsed_s", 0.0) if previous else 0.0  # wall time before a resume
     deadline = t0 + 60 * config.max_minutes if config.max_minutes else math.inf
     pending: list[dict] = []  # records whose loss and gradient norm are still on the device
-    model.train()
+    run.model.train()
     start_step = step
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
+    while step < run.total_steps:
+        epoch, index = divmod(step, run.steps_per_epoch)
         if index == 0 or step == start_step:  # the epoch's batches, computed once per epoch
-            batches = epoch_batches(len(examples), lengths, config.batch_size, config.seed, epoch)
-        batch = batches[index]
-        # The offset generator is seeded per step, so a resumed run draws the same offsets.
-        offset_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        max_offset = model.config.n_positions if config.random_position_offset else 0
-        ids, mask, labels, position_ids = collate(examples, batch, tokenizer.pad_token_id, config.loss_on, max_offset, offset_rng,
-                                                  pad_multiple)  # (B, W)
-        if ranks.world > 1:  # this rank's rows of the global batch
-            mask, ids, labels, position_ids = distributed.shard(ranks, mask, ids, labels, position_ids)  # (b, w)
-        tokens_seen += int(ranks.sum(mask.sum()))
-        ids, mask, labels, position_ids = (t.to(device, non_blocking=True) for t in (ids, mask, labels, position_ids))
-
-        # 3. One optimizer step on the next-token loss of the completion tokens.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            loss = train_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
-        rank_loss = loss  # what this rank differentiates
-        if ranks.world > 1:  # its part of the global batch's mean over the label tokens (distributed.py)
-            rank_loss = loss * ranks.token_share((labels[:, 1:] != -100).sum())
-            loss = ranks.sum(rank_loss.detach()) / ranks.world  # the global batch's loss
-        optimizer.zero_grad(set_to_none=True)
-        rank_loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
+            batches = epoch_batches(len(run.examples), run.lengths, config.batch_size, config.seed, epoch)
+        (ids, mask, labels, position_ids), tokens = _batch(run, batches[index], step)  # (b, w)
+        tokens_seen += tokens
+        loss, grad_norm = _train_step(run, ids, mask, labels, position_ids)
         step += 1
         bar.update(1)
-        pending.append({"step": step, "loss": loss.detach(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.detach(),
+        pending.append({"step": step, "loss": loss.detach(), "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm.detach(),
                         "tokens_per_s": tokens_seen / (time.perf_counter() - t0), "elapsed_s": elapsed_before + time.perf_counter() - t0})
 
-        # 4. Every LOG_EVERY steps (each step on a CPU), at the end and at a check: the host reads the
-        #    losses, and every eval_every steps the in-distribution accuracy (greedy) and a checkpoint.
+        # Every LOG_EVERY steps (each step on a CPU), at the end and at a check (every eval_every
+        # steps, or out of time), or at a checkpoint: _write_back.
         out_of_time = time.perf_counter() > deadline
         if ranks.world > 1 and config.max_minutes:  # every rank stops at the same step
             out_of_time = bool(ranks.sum(torch.tensor(float(out_of_time))) > 0)
-        check = step % config.eval_every == 0 or step == total_steps or out_of_time
-        if len(pending) < log_every and not check and step % config.checkpoint_every:
+        check = step % config.eval_every == 0 or step == run.total_steps or out_of_time
+        if len(pending) < run.log_every and not check and step % config.checkpoint_every:
             continue
-        for record in pending:
-            record["loss"], record["grad_norm"] = record["loss"].item(), record["grad_norm"].item()
-            if not math.isfinite(record["loss"]):
-                raise UserError(f"non-finite loss at step {record['step'] - 1}; the last good checkpoint is in {run_dir / 'model'}")
-        bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}", tok_s=f"{pending[-1]['tokens_per_s']:,.0f}")
-        if not ranks.main:
-            pending = []
-            if out_of_time:
-                break
-            continue
-        record = pending[-1]
-        if check:
-            model.eval()
-            record["accuracy_identical_n"] = accuracy_on(model, tokenizer, eval_pairs).mean().item()
-            model.train()
-            bar.write(f"step {step}: loss {record['loss']:.4f}, in-distribution accuracy {record['accuracy_identical_n']:.3f}")
-        if out_of_time and step < total_steps:
-            record["stopped_early"] = True  # --max-minutes: the run ends here, its schedule unfinished
-        for r in pending:
-            metrics.log(r)
+        _write_back(run, pending, step, check, out_of_time, metrics, eval_pairs, bar)
         pending = []
-        if step % config.checkpoint_every == 0 or step == total_steps or out_of_time:
-            save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step)
         if out_of_time:
-            bar.write(f"--max-minutes {config.max_minutes}: stopped at step {step} of {total_steps}")
+            if ranks.main:
+                bar.write(f"--max-minutes {config.max_minutes}: stopped at step {step} of {run.total_steps}")
             break
     bar.close()
     if ranks.main:

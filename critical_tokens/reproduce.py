@@ -1,12 +1,12 @@
-"""The ``critical-tokens reproduce`` command: the paper in one command (docs/method.md section 7).
+"""The ``critical-tokens reproduce`` command: a study in one command, the paper's by default (docs/method.md section 7).
 
-It loads a preset and makes its plan (:mod:`critical_tokens.experiments`), then `run_plan` executes
-the jobs in parallel, in worker processes here, as Ray tasks or as SLURM jobs
-(:mod:`critical_tokens.launchers`); a finished job (``DONE.json``) is skipped, an interrupted one
-resumed from its checkpoint, a failed one retried a bounded number of times
-(:mod:`critical_tokens.jobs` says where a job stands and runs it). ``OUT/reproduce.json`` records
-the options, the preset and the plan, ``OUT/timing.json`` the hardware and the wall time of every
-invocation. The report is built from the files by :mod:`critical_tokens.report`.
+It loads a preset (:mod:`critical_tokens.study.preset`) and makes its plan (`study.plan`), then
+`run_plan` executes the jobs in parallel, in worker processes here, as Ray tasks or as SLURM jobs
+(`study.launchers`); a finished job (``DONE.json``) is skipped, an interrupted one resumed from its
+checkpoint, a failed one retried a bounded number of times (`study.jobs` says where a job stands and
+runs it). ``OUT/reproduce.json`` records the options, the preset and the plan, ``OUT/timing.json``
+the hardware and the wall time of every invocation. Last, it writes the study's report from those
+files (:mod:`critical_tokens.report`): it stands above both packages, which do not import it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import arg, check_range, check_types
-from .experiments import CHECKPOINTS_DIR, EXPERIMENTS, PRESETS_DIR, Job, jobs_to_run, load_preset, plan, preset_names, selected, with_seeds
-from .jobs import execute, job_status, log_path, now
-from .launchers import LocalLauncher, RayLauncher, SlurmLauncher, check_installed
 from .runs import UserError, check_output, describe_kind, git_commit, read_json, run_kind, write_json
+from .study.jobs import execute, job_status, log_path, now
+from .study.launchers import LocalLauncher, RayLauncher, SlurmLauncher, check_installed
+from .study.plan import Job, jobs_to_run, plan, selected
+from .study.preset import PRESETS_DIR, load_preset, preset_names, with_seeds
+from .study.preset_fields import CHECKPOINTS_DIR, EXPERIMENTS
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,102 @@ def _last_line(path: Path) -> dict:
 
 
 def start_launcher(config: ReproduceConfig, root: Path, n_jobs: int, gpus: int, threads: int):
-    """The launcher of ``--launcher`` (launchers.py): where the jobs run."""
+    """The launcher of ``--launcher`` (study/launchers.py): where the jobs run."""
     if config.launcher == "ray":
         return RayLauncher(execute, config.ray_address, threads, config.gpus_per_job)
     if config.launcher == "slurm":
         return SlurmLauncher(execute, str((root / "submitit").resolve()), n_jobs, threads, config.gpus_per_job,
                              config.slurm_partition, config.slurm_minutes)
     return LocalLauncher(execute, n_jobs, gpus, threads)
+
+
+class _PlanRun:
+    """One `run_plan`: the jobs to do, running (future -> (job, its bar's slot)), finished and failed,
+    and how they show: a bar overall and one per worker on a terminal, one plain line per run in a log."""
+
+    def __init__(self, jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, config: ReproduceConfig):
+        self.runnable = [j for j in jobs if j.same_as is None]
+        self.todo = [j for j in self.runnable if status[j.name] != "done"]
+        self.finished = {j.name for j in self.runnable if status[j.name] == "done"}
+        self.walls: dict[str, float] = {}
+        self.failed: dict[str, str] = {}
+        self.attempts: dict[str, int] = {}
+        self.running: dict[Any, tuple[Job, int]] = {}
+        self.status, self.root, self.n_jobs, self.config = status, root, n_jobs, config
+        self.interactive = sys.stderr.isatty()
+        self.slots: list[Any] = [None] * n_jobs  # per-run bars, one line per worker, fed from the runs' files
+        self.overall: Any = None
+        self.t0, self.ended = time.perf_counter(), 0
+
+    def say(self, text: str) -> None:
+        (self.overall.write if self.interactive else print)(text)
+
+    def announce(self, text: str, job: Job, ran: bool = True) -> None:
+        self.ended += ran and job.kind != "copy"  # copying a shipped checkpoint (or skipping) takes no time: not a run to average
+        self.overall.update(1)
+        if self.interactive:
+            self.overall.write(text)
+            return
+        elapsed = time.perf_counter() - self.t0  # a log file: one plain line per run, with the count and an estimate of the time left
+        left = sum(j.kind != "copy" for j in [*self.todo, *(j for j, _ in self.running.values())])
+        eta = "no run left" if not left else f"about {_duration(elapsed / self.ended * left)} left" if self.ended else "time left: known after the first run"
+        print(f"[{len(self.finished) + len(self.failed)}/{len(self.runnable)}] {text}; elapsed {_duration(elapsed)}, {eta}", flush=True)
+
+    def start_ready(self, pool, where: str, wandb: bool) -> None:
+        """Submits the jobs whose model is ready, while a worker is free; skips those whose model failed."""
+        from tqdm.auto import tqdm
+
+        for job in list(self.todo):
+            if len(self.running) >= self.n_jobs:
+                break
+            if job.needs in self.failed:
+                self.todo.remove(job)
+                self.failed[job.name] = f"its model {job.needs} failed"
+                self.announce(f"skipped {job.name}: {self.failed[job.name]}", job, ran=False)
+            elif job.needs is None or job.needs in self.finished:
+                self.todo.remove(job)
+                slot = next(i for i, bar in enumerate(self.slots) if bar is None)
+                self.slots[slot] = tqdm(desc=job.name, position=slot + 1, leave=False, dynamic_ncols=True, disable=not self.interactive,
+                                        unit={"rl": "ep", "pretrain": "step"}.get(job.kind, "it"))
+                self.running[pool.submit(job, where, self.status[job.name] == "resume", wandb)] = (job, slot)
+
+    def collect(self, future) -> None:
+        """A job that ended: finished, to retry (from its last checkpoint), or failed."""
+        job, slot = self.running.pop(future)
+        self.slots[slot].close()
+        self.slots[slot] = None
+        try:
+            outcome = future.result()
+        except Exception as e:  # noqa: BLE001 - the worker itself died (killed, lost node): one failed run must not stop the others
+            outcome = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "retry": True}
+        log = log_path(self.root, job)
+        if "wall_s" in outcome:
+            self.walls[job.name] = outcome["wall_s"]
+            self.finished.add(job.name)
+            self.announce(f"done   {job.name} in {_duration(self.walls[job.name])}", job)
+        elif outcome["retry"] and self.attempts.get(job.name, 0) < self.config.retries:
+            self.attempts[job.name] = self.attempts.get(job.name, 0) + 1
+            self.status[job.name] = job_status(job, self.root)  # from its last checkpoint, if it made one
+            self.todo.insert(0, job)
+            self.say(f"retrying {job.name} ({self.attempts[job.name]}/{self.config.retries}, "
+                     f"{'resumed' if self.status[job.name] == 'resume' else 'from the start'}): it failed with {outcome['error']} (log: {log})")
+        else:
+            tries = f" after {self.attempts[job.name] + 1} attempts" if job.name in self.attempts else ""
+            self.failed[job.name] = outcome["error"]
+            self.announce(f"FAILED {job.name}{tries}: {self.failed[job.name]} (log: {log})", job)
+
+    def show_progress(self) -> None:
+        for job, slot in self.running.values():
+            progress = _progress(job, self.root) if self.interactive else None
+            if progress:
+                self.slots[slot].total, self.slots[slot].n = progress[1], progress[0]
+                self.slots[slot].refresh()
+
+    def close_bars(self) -> None:
+        for bar in self.slots:
+            if bar is not None:
+                bar.close()
+        self.overall.close()
 
 
 def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, gpus: int, wandb: bool,
@@ -107,94 +198,31 @@ def run_plan(jobs: list[Job], status: dict[str, str], root: Path, n_jobs: int, g
     -> ({name: wall seconds} of the jobs run, {name: error} of the failed ones)."""
     from tqdm.auto import tqdm
 
-    runnable = [j for j in jobs if j.same_as is None]
-    todo = [j for j in runnable if status[j.name] != "done"]
-    finished = {j.name for j in runnable if status[j.name] == "done"}
-    walls: dict[str, float] = {}
-    failed: dict[str, str] = {}
-    if not todo:
-        return walls, failed
+    run = _PlanRun(jobs, status, root, n_jobs, config)
+    if not run.todo:
+        return run.walls, run.failed
     threads = threads_per_job(config, n_jobs)
     where = str(root) if config.launcher == "local" else str(root.resolve())  # a remote worker's directory is not ours
-    attempts: dict[str, int] = {}
-    interactive = sys.stderr.isatty()
-    overall = tqdm(total=len(runnable), initial=len(finished), desc="reproduce", unit="run", position=0,
-                   dynamic_ncols=True, smoothing=0, disable=not interactive)
-    slots: list[Any] = [None] * n_jobs  # per-run bars, one line per worker, fed from the runs' files
-    running: dict[Any, tuple[Job, int]] = {}
-    t0, ended = time.perf_counter(), 0
-
-    def announce(text: str, job: Job, ran: bool = True) -> None:
-        nonlocal ended
-        ended += ran and job.kind != "copy"  # copying a shipped checkpoint (or skipping) takes no time: not a run to average
-        overall.update(1)
-        if interactive:
-            overall.write(text)
-        else:  # a log file: one plain line per run, with the count and an estimate of the time left
-            elapsed = time.perf_counter() - t0
-            left = sum(j.kind != "copy" for j in [*todo, *(j for j, _ in running.values())])
-            eta = "no run left" if not left else f"about {_duration(elapsed / ended * left)} left" if ended else "time left: known after the first run"
-            print(f"[{len(finished) + len(failed)}/{len(runnable)}] {text}; elapsed {_duration(elapsed)}, {eta}", flush=True)
-
+    run.overall = tqdm(total=len(run.runnable), initial=len(run.finished), desc="reproduce", unit="run", position=0,
+                       dynamic_ncols=True, smoothing=0, disable=not run.interactive)
     pool = start_launcher(config, root, n_jobs, gpus, threads)
     try:
-        while todo or running:
-            for job in list(todo):
-                if len(running) >= n_jobs:
-                    break
-                if job.needs in failed:
-                    todo.remove(job)
-                    failed[job.name] = f"its model {job.needs} failed"
-                    announce(f"skipped {job.name}: {failed[job.name]}", job, ran=False)
-                elif job.needs is None or job.needs in finished:
-                    todo.remove(job)
-                    slot = next(i for i, bar in enumerate(slots) if bar is None)
-                    slots[slot] = tqdm(desc=job.name, position=slot + 1, leave=False, dynamic_ncols=True, disable=not interactive,
-                                       unit={"rl": "ep", "pretrain": "step"}.get(job.kind, "it"))
-                    future = pool.submit(job, where, status[job.name] == "resume", wandb)
-                    running[future] = (job, slot)
-            if not running:
+        while run.todo or run.running:
+            run.start_ready(pool, where, wandb)
+            if not run.running:
                 continue
-            done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+            done, _ = wait(list(run.running), timeout=1.0, return_when=FIRST_COMPLETED)
             for future in done:
-                job, slot = running.pop(future)
-                slots[slot].close()
-                slots[slot] = None
-                try:
-                    outcome = future.result()
-                except Exception as e:  # noqa: BLE001 - the worker itself died (killed, lost node): one failed run must not stop the others
-                    outcome = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "retry": True}
-                if "wall_s" in outcome:
-                    walls[job.name] = outcome["wall_s"]
-                    finished.add(job.name)
-                    announce(f"done   {job.name} in {_duration(walls[job.name])}", job)
-                elif outcome["retry"] and attempts.get(job.name, 0) < config.retries:
-                    attempts[job.name] = attempts.get(job.name, 0) + 1
-                    status[job.name] = job_status(job, root)  # from its last checkpoint, if it made one
-                    todo.insert(0, job)
-                    (overall.write if interactive else print)(
-                        f"retrying {job.name} ({attempts[job.name]}/{config.retries}, {'resumed' if status[job.name] == 'resume' else 'from the start'}): "
-                        f"it failed with {outcome['error']} (log: {log_path(root, job)})")
-                else:
-                    tries = f" after {attempts[job.name] + 1} attempts" if job.name in attempts else ""
-                    failed[job.name] = outcome["error"]
-                    announce(f"FAILED {job.name}{tries}: {failed[job.name]} (log: {log_path(root, job)})", job)
-            for job, slot in running.values():
-                progress = _progress(job, root) if interactive else None
-                if progress:
-                    slots[slot].total, slots[slot].n = progress[1], progress[0]
-                    slots[slot].refresh()
+                run.collect(future)
+            run.show_progress()
     except KeyboardInterrupt:
-        overall.write("interrupted: finished runs are kept and the others resume from their last checkpoint; run the same command again")
+        run.overall.write("interrupted: finished runs are kept and the others resume from their last checkpoint; run the same command again")
         pool.shutdown(cancel=True)
         raise
     finally:
-        for bar in slots:
-            if bar is not None:
-                bar.close()
-        overall.close()
+        run.close_bars()
     pool.shutdown()
-    return walls, failed
+    return run.walls, run.failed
 
 
 def threads_per_job(config: ReproduceConfig, n_jobs: int) -> int:

@@ -16,7 +16,7 @@ measures how well a set hits the template's critical tokens. Method (source): me
 
 Tensors are (B, T) with a bool or 0/1 float `completion_mask`. Per-token results are float32 (float64
 when given float64); scalar losses are float32 token means over the valid tokens (kl.masked_mean).
-Entropies are those of the current policy at the sampling temperature (a2c.entropy_from_logits), as in
+Entropies are those of the current policy at the sampling temperature (policy.entropy_from_logits), as in
 the sources. Statistics (quantiles, means, top-k) are over the tensors passed: in this project one
 process's minibatch, where TRL gathers across processes and verl works per micro-batch.
 """
@@ -124,13 +124,15 @@ def clipped_surrogate_per_token(logprobs, old_logprobs, advantages, eps_low=0.2,
         dual clip (clip_ratio_c = C > 1):  P_t = min(P_t, -A_t C) where A_t < 0
 
     Archer uses C = 10 (its script); Clip-Cov and KL-Cov none. eps_low, eps_high: floats or (B, T).
-    logprobs (with gradient), old_logprobs, advantages: (B, T). Returns (B, T).
+    logprobs (with gradient), old_logprobs, advantages: (B, T). Returns (B, T). The project's one PPO
+    clip: policy_gradient.clipped_surrogate is its token mean.
     """
     logprobs = _real(logprobs)
     ratio = torch.exp(logprobs - old_logprobs.to(logprobs.dtype))  # (B, T)
-    lo = 1.0 - torch.as_tensor(eps_low, dtype=ratio.dtype, device=ratio.device)
-    hi = 1.0 + torch.as_tensor(eps_high, dtype=ratio.dtype, device=ratio.device)
-    clipped = torch.minimum(torch.maximum(ratio, lo), hi)
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high  # floats, or (B, T) tensors (Archer's)
+    if torch.is_tensor(lo):
+        lo, hi = lo.to(ratio), hi.to(ratio)
+    clipped = ratio.clamp(lo, hi)
     loss = torch.maximum(-advantages * ratio, -advantages * clipped)  # (B, T)
     if clip_ratio_c is not None:
         if clip_ratio_c <= 1.0:

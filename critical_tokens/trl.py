@@ -2,7 +2,7 @@
 
     from critical_tokens.trl import PrioritizedGRPOConfig, PrioritizedGRPOTrainer
 
-    args = PrioritizedGRPOConfig(output_dir="out", beta=0.04, prioritized_beta=150)  # beta: TRL's KL coefficient
+    args = PrioritizedGRPOConfig(output_dir="out", kl_coef=0.04, prioritized_beta=150)  # kl_coef: TRL's beta
     trainer = PrioritizedGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
     trainer.train()
 
@@ -19,10 +19,12 @@ and is held to it where the reference was confident. ``prioritized_beta=0`` give
 ``ignore_tokens([...])``, ``entropy_quantile(q)``, a function, and their products); ``prioritized_beta=B``
 is ``kl_weights=prioritized(B)``, the default.
 
-- GRPO: TRL adds ``beta * k3_t`` to the loss of every completion token. :class:`PrioritizedGRPOTrainer`
-  makes that term ``beta * w_t * k_t`` (k: TRL's k3 by default; the paper: k2).
-- RLOO: TRL subtracts ``beta * sum_t k1_t`` from each completion's reward, before the leave-one-out
-  baseline. :class:`PrioritizedRLOOTrainer` subtracts ``beta * sum_t w_t * k_t`` (k: TRL's k1 by default).
+The KL coefficient is ``kl_coef`` (beta is the exponent), handed to TRL as its ``beta`` (also taken).
+
+- GRPO: TRL adds ``kl_coef * k3_t`` to the loss of every completion token. :class:`PrioritizedGRPOTrainer`
+  makes that term ``kl_coef * w_t * k_t`` (k: TRL's k3 by default; the paper: k2).
+- RLOO: TRL subtracts ``kl_coef * sum_t k1_t`` from each completion's reward, before the leave-one-out
+  baseline. :class:`PrioritizedRLOOTrainer` subtracts ``kl_coef * sum_t w_t * k_t`` (k: TRL's k1 by default).
 
 Everything else is TRL's: its reference model, generation, rewards, advantages, loss type and logging.
 Only the reference pass changes: it runs the reference once, and from its logits at the completion
@@ -47,7 +49,7 @@ and tested against TRL 1.16, and refuses other TRL versions at import with the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import trl
@@ -62,7 +64,7 @@ if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
                       f"found TRL {trl.__version__}: pip install 'trl>={TESTED_TRL},<1.17'")
 
 from . import checks, kl, kl_rules
-from .rl.a2c import entropy_from_logits, token_logprobs
+from .policy import entropy_from_logits, token_logprobs
 
 # TRL's GRPO loss types whose aggregation of per-token terms `token_aggregate` reproduces.
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
@@ -95,8 +97,11 @@ def _logit_transform(config):
 @dataclass
 class PrioritizedKLOptions:
     """The prioritized KL penalty's options, mixed into a TRL config (``PrioritizedGRPOConfig``,
-    ``PrioritizedRLOOConfig``) and checked after TRL's own ``__post_init__``. ``beta`` stays TRL's KL
-    coefficient (0 disables the KL and the reference model, as in TRL)."""
+    ``PrioritizedRLOOConfig``) and checked after TRL's own ``__post_init__``. ``kl_coef`` is the KL
+    coefficient (0 disables the KL and the reference model, as in TRL), handed to TRL as its ``beta``;
+    ``beta=`` (TRL's name) is taken as well, and after ``__post_init__`` both hold the coefficient."""
+
+    kl_coef: float | None = field(default=None, metadata={"help": "the KL coefficient (the paper's alpha), handed to TRL as its beta; default: beta (TRL's name for it, and its default)"})
 
     prioritized_beta: float | str = field(default=DEFAULT_PRIORITIZED_BETA, metadata={"help": "exponent of the KL weights w = c^prioritized_beta (the paper: 150; 0: TRL's standard KL), or 'auto': calibrated on the reference's certainty over the first batch of all processes (kl.calibrate_beta); the rule prioritized(prioritized_beta) when kl_weights is not given"})
     certainty: str = field(default="max_prob", metadata={"help": "certainty c(s) of the reference: 'max_prob' (the paper's eq. 2) or 'negentropy' (eq. 1)"})
@@ -107,8 +112,14 @@ class PrioritizedKLOptions:
     kl_weights: str | None = field(default=None, metadata={"help": "the rule of the per-token KL weights (critical_tokens.kl_rules): a kl_rules.Rule such as prioritized(8) * ignore_tokens(['<|im_end|>']), uniform(0.1), entropy_quantile(0.2) or a function, or its text ('prioritized:8*ignore:<|im_end|>'); default: prioritized(prioritized_beta)"})
 
     def __post_init__(self):
+        if self.kl_coef is not None:  # the project's name; TRL's trainers read the coefficient as args.beta
+            trl_default = next(f.default for f in fields(self) if f.name == "beta")
+            if self.beta not in (trl_default, self.kl_coef):
+                raise ValueError(f"give the KL coefficient once: kl_coef={self.kl_coef} or beta={self.beta} (TRL's name for it), not both")
+            self.beta = self.kl_coef
         super().__post_init__()
-        checks.in_range("beta", self.beta, 0)  # TRL's KL coefficient: TRL takes NaN and turns every weight into NaN
+        checks.in_range("beta" if self.kl_coef is None else "kl_coef", self.beta, 0)  # TRL takes NaN and turns every weight into NaN
+        self.kl_coef = self.beta
         if self.kl_weights is not None and self.prioritized_beta != DEFAULT_PRIORITIZED_BETA:
             raise ValueError(f"give the KL weights once: kl_weights={self.kl_weights!s} or prioritized_beta={self.prioritized_beta}, not both")
         beta = checks.parse_beta("prioritized_beta", self.prioritized_beta)
@@ -162,7 +173,7 @@ class _PrioritizedKLMixin:
         if not isinstance(self.args, self._config_class):
             raise TypeError(f"args must be a {self._config_class.__name__}, got {type(self.args).__name__}")
         self._tuner_layers = []  # PEFT's adapter layers, whose state says whether TRL is in its reference pass
-        if self.beta != 0.0 and self.ref_model is None:
+        if self.args.kl_coef != 0.0 and self.ref_model is None:
             model = self.accelerator.unwrap_model(self.model)
             if not is_peft_model(model):  # TRL keeps a reference model unless the policy has PEFT adapters
                 raise ValueError("the prioritized KL penalty needs TRL's reference model, or a policy with PEFT adapters")
@@ -190,7 +201,7 @@ class _PrioritizedKLMixin:
         """Whether TRL is calling ``_get_per_token_logps_and_entropies`` for its reference log-probs: on
         its reference model; or, with PEFT (no reference model), on the policy with its adapters disabled
         (``model.disable_adapter()``) or its adapter "ref" active, the states TRL's ``use_adapter`` sets."""
-        if self.beta == 0.0:
+        if self.args.kl_coef == 0.0:
             return False
         if self.ref_model is not None:
             return model is self.ref_model
@@ -322,7 +333,7 @@ class _PrioritizedKLMixin:
 
 # --- GRPO: the weights in the loss --------------------------------------------------------------------
 class PrioritizedGRPOTrainer(_PrioritizedKLMixin, GRPOTrainer):
-    """TRL's ``GRPOTrainer`` whose per-token KL term ``beta * k3`` in the loss becomes ``beta * w * k``
+    """TRL's ``GRPOTrainer`` whose per-token KL term ``kl_coef * k3`` in the loss becomes ``kl_coef * w * k``
     (module docstring). Takes a :class:`PrioritizedGRPOConfig` as ``args``; otherwise as ``GRPOTrainer``,
     ``peft_config`` included."""
 
@@ -341,25 +352,25 @@ class PrioritizedGRPOTrainer(_PrioritizedKLMixin, GRPOTrainer):
     # --- the KL weights, once per generation batch ---------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if self.beta != 0.0:
+        if self.args.kl_coef != 0.0:
             output["kl_weights"] = self._kl_weights(self._ref_stats, output["completion_ids"], output["completion_mask"].bool())  # (B, T)
         return output
 
-    # --- the loss: TRL's, with beta * w * k in place of beta * k3 ------------------------------------
+    # --- the loss: TRL's, with kl_coef * w * k in place of kl_coef * k3 ------------------------------
     def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)  # TRL's loss, beta * k3 on every token included
-        if self.beta == 0.0:
+        loss = super()._compute_loss(model, inputs)  # TRL's loss, kl_coef * k3 on every token included
+        if self.args.kl_coef == 0.0:
             return loss
         logprobs, ref_logprobs = self._policy_logprobs, inputs["ref_per_token_logps"]  # (B, T), set by the pass TRL just ran
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        # The paper's eq. 1 in place of TRL's term: add beta * (w * k - k3) to each token's loss. (TRL writes
+        # The paper's eq. 1 in place of TRL's term: add kl_coef * (w * k - k3) to each token's loss. (TRL writes
         # k3 as exp(d) - d - 1, kl.kl_estimate as expm1(d) - d: the same function up to float32 rounding.)
         prioritized = inputs["kl_weights"] * kl.kl_estimate(logprobs, ref_logprobs, self.args.kl_estimator)  # (B, T)
         standard = kl.kl_estimate(logprobs, ref_logprobs, "k3")  # (B, T)
         change = prioritized - standard  # (B, T)
         if self.args.use_bias_correction_kl:  # TRL's default: its KL times the importance ratio (DeepSeek-V3.2)
             change = change * self.importance_ratio(logprobs, inputs, mask)
-        loss = loss + self.beta * self.token_aggregate(change, mask, inputs)
+        loss = loss + self.args.kl_coef * self.token_aggregate(change, mask, inputs)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["kl_prioritized"].append(self._global_masked_mean(prioritized.detach(), mask))
         return loss
@@ -398,15 +409,15 @@ class PrioritizedGRPOTrainer(_PrioritizedKLMixin, GRPOTrainer):
 
 # --- RLOO: the weights in the reward ------------------------------------------------------------------
 class PrioritizedRLOOTrainer(_PrioritizedKLMixin, RLOOTrainer):
-    """TRL's ``RLOOTrainer`` whose KL penalty in the reward, ``beta * sum_t k1_t``, becomes
-    ``beta * sum_t w_t * k_t`` (module docstring). Takes a :class:`PrioritizedRLOOConfig` as ``args``;
+    """TRL's ``RLOOTrainer`` whose KL penalty in the reward, ``kl_coef * sum_t k1_t``, becomes
+    ``kl_coef * sum_t w_t * k_t`` (module docstring). Takes a :class:`PrioritizedRLOOConfig` as ``args``;
     otherwise as ``RLOOTrainer``, ``peft_config`` included.
 
     How: in ``_generate_and_score_completions`` TRL computes the policy's log-probs ``old`` (no gradient),
-    then the reference's ``ref``, and subtracts ``beta * sum_t (old_t - ref_t)`` over the completion
+    then the reference's ``ref``, and subtracts ``kl_coef * sum_t (old_t - ref_t)`` over the completion
     tokens from the reward; ``ref`` is used for nothing else. Our reference pass returns
     ``old - w * k`` in place of ``ref``, so that TRL's ``old_t - ref_t`` is ``w_t * k_t``, and TRL's
-    own code sums it, scales it by ``beta``, takes it out of the reward and computes the leave-one-out
+    own code sums it, scales it by ``kl_coef``, takes it out of the reward and computes the leave-one-out
     advantages. TRL's ``kl`` metric is then the weighted KL that entered the reward; ``kl_unweighted``
     logs the mean of k. With weights 1 (``prioritized_beta=0`` or ``kl_weights=uniform(1)``) and
     ``kl_estimator='k1'`` (k = TRL's k1) the reference pass is TRL's own, and the trainer is TRL's RLOO

@@ -123,8 +123,8 @@ def prepare(args) -> dict:
     dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs], "a": [a for a, _ in pairs], "b": [b for _, b in pairs]})
     options = dict(
         output_dir=args.out,
-        # TRL's own options
-        beta=args.kl_coef, temperature=args.temperature, learning_rate=args.lr, max_steps=args.max_steps, seed=args.seed,
+        # TRL's own options (and kl_coef, which the config hands to TRL as its beta)
+        kl_coef=args.kl_coef, temperature=args.temperature, learning_rate=args.lr, max_steps=args.max_steps, seed=args.seed,
         num_generations=args.num_generations, per_device_train_batch_size=args.num_generations,
         max_completion_length=addition.max_completion_length(n_digits + 1) + RL_SLACK,  # docs/method.md section 4
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False,
@@ -174,7 +174,7 @@ def train_and_report(trainer, run: dict, args, algorithm: str, kl_key: str, weig
     if main:
         print(f"{algorithm} with KL weights {trainer.kl_rule} from {args.pretrained} (N = {n}) on {n + 1}-digit additions: "
               f"{args.max_steps} steps of {args.num_generations} completions per process, {processes} process(es), "
-              f"beta {args.kl_coef}", flush=True)
+              f"kl_coef {args.kl_coef}", flush=True)
     trainer.remove_callback(PrinterCallback)  # TRL's dict of every metric, each step ...
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLine(kl_key, weighted_kl_key))  # ... becomes one line

@@ -7,7 +7,7 @@
 The reward is the project's grader (+1 if the result line is the true sum, else -1; docs/method.md section 4).
 The only change from a plain TRL script is the config and the trainer class:
 
-    GRPOConfig(beta=...)   ->  PrioritizedGRPOConfig(beta=..., prioritized_beta=8, kl_estimator="k2")
+    GRPOConfig(beta=...)   ->  PrioritizedGRPOConfig(kl_coef=..., prioritized_beta=8, kl_estimator="k2")   # kl_coef: TRL's beta
     GRPOTrainer(...)       ->  PrioritizedGRPOTrainer(...)
 
 Each step samples --num-generations completions of one prompt. One prompt per step also means no left
@@ -35,7 +35,7 @@ from critical_tokens.trl import PrioritizedGRPOConfig, PrioritizedGRPOTrainer
 
 def main() -> None:
     args = parser(__doc__.split("\n")[0], "grpo", kl_coef=5.0,
-                  kl_help="TRL's beta, the KL coefficient (the paper's alpha: 5)",
+                  kl_help="the KL coefficient, TRL's beta (the paper's alpha: 5)",
                   lr=5e-5, lr_help="learning rate").parse_args()
     run = prepare(args)
     config = PrioritizedGRPOConfig(**run["options"])

@@ -7,8 +7,8 @@
 
 The rule is one option of the config (critical_tokens/kl_rules.py; docs/own-rl.md section 2):
 
-    PrioritizedGRPOConfig(beta=5, kl_weights=ignore_tokens([" ", ",", "\\n"]))   # no KL on the separators
-    PrioritizedGRPOConfig(beta=5, kl_weights=prioritized(8))                     # w = c^8 (the default rule)
+    PrioritizedGRPOConfig(kl_coef=5, kl_weights=ignore_tokens([" ", ",", "\\n"]))   # no KL on the separators
+    PrioritizedGRPOConfig(kl_coef=5, kl_weights=prioritized(8))                     # w = c^8 (the default rule)
 
 Both runs share everything else: the seed, the prompts, the options of examples/trl_grpo_prioritized.py
 (KL coefficient 5, learning rate 5e-5, 8 completions of one prompt per step, temperature 1), and each
@@ -42,7 +42,7 @@ from addition_task import addition_reward, parser, prepare, run_or_exit, train_a
 from critical_tokens import addition, kl
 from critical_tokens.kl_rules import ReferenceStats, ignore_tokens, prioritized
 from critical_tokens.model import load_pretrained
-from critical_tokens.rl.a2c import entropy_from_logits
+from critical_tokens.policy import entropy_from_logits
 from critical_tokens.runs import write_json
 from critical_tokens.tokenizer import encode
 from critical_tokens.trl import PrioritizedGRPOConfig, PrioritizedGRPOTrainer
@@ -93,7 +93,7 @@ def print_table(rule, table: dict[str, dict], examples: int) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__.split("\n")[0], "grpo", kl_coef=5.0, kl_help="TRL's beta, the KL coefficient (the paper's alpha: 5)",
+    p = parser(__doc__.split("\n")[0], "grpo", kl_coef=5.0, kl_help="the KL coefficient, TRL's beta (the paper's alpha: 5)",
                lr=5e-5, lr_help="learning rate (examples/trl_grpo_prioritized.py's)")
     p.set_defaults(out="runs/trl-kl-weights", max_steps=40, eval_examples=100)
     args = p.parse_args()

@@ -9,7 +9,7 @@ TRL's RLOO takes beta * (the KL summed over the completion's tokens) out of each
 each token's KL is weighted by w = c^prioritized_beta before the sum. The only change from a plain TRL
 script is the config and the trainer class:
 
-    RLOOConfig(beta=...)   ->  PrioritizedRLOOConfig(beta=..., prioritized_beta=8, kl_estimator="k2")
+    RLOOConfig(beta=...)   ->  PrioritizedRLOOConfig(kl_coef=..., prioritized_beta=8, kl_estimator="k2")   # kl_coef: TRL's beta
     RLOOTrainer(...)       ->  PrioritizedRLOOTrainer(...)
 
 Each step samples --num-generations completions of one prompt (RLOO's group: each completion's baseline
@@ -38,7 +38,7 @@ from critical_tokens.trl import PrioritizedRLOOConfig, PrioritizedRLOOTrainer
 
 def main() -> None:
     args = parser(__doc__.split("\n")[0], "rloo", kl_coef=0.05,
-                  kl_help="TRL's beta, the KL coefficient (TRL's RLOO default; the KL is summed over the completion's tokens, up to ~390 here, not averaged as in GRPO)",
+                  kl_help="the KL coefficient, TRL's beta (TRL's RLOO default; the KL is summed over the completion's tokens, up to ~390 here, not averaged as in GRPO)",
                   lr=2e-5, lr_help="learning rate (RLOO's sequence-level ratio sums the tokens' log-probs: the `rl` command's RLOO default, below the GRPO example's)").parse_args()
     run = prepare(args)
     config = PrioritizedRLOOConfig(**run["options"])

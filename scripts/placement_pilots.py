@@ -6,7 +6,7 @@ runs on seeds disjoint from the study's (issue 35):
     python scripts/placement_pilots.py preset --out runs/placement-pilot.json     # from the instance search
     critical-tokens reproduce --preset runs/placement-pilot.json --out runs/placement-pilot --jobs 2
     python scripts/placement_pilots.py calibrate runs/placement-pilot                # docs/placement-pilots.{json,md}
-    python scripts/placement_pilots.py study docs/placement-pilots.json              # critical_tokens/presets/cpu-placement.json
+    python scripts/placement_pilots.py study docs/placement-pilots.json              # critical_tokens/study/presets/cpu-placement.json
 
 (``preset --found-so-far`` writes the pilots of the instances found so far, so that they can start
 while the search goes on; ``calibrate`` then reads the two reproductions together.)
@@ -71,7 +71,7 @@ def chosen_instances(rows: Path, partial: bool = False) -> list[int]:
 
 def pilot_preset(seeds: list[int]) -> dict:
     """cpu-confirm's preset with the chosen instances and the pilot arms in place of its study."""
-    base = json.loads((ROOT / "critical_tokens" / "presets" / "cpu-confirm.json").read_text())
+    base = json.loads((ROOT / "critical_tokens" / "study" / "presets" / "cpu-confirm.json").read_text())
     template = base["models"]["i21"]
     models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
     models.update({f"i{s}": {**copy.deepcopy(template), "seed": s} for s in seeds})
@@ -172,7 +172,7 @@ def study_preset(result: dict) -> dict:
     matched per instance to its realized penalty), per beta superiority and TOST on sampled N+1 accuracy
     and on log10 of the comfort KL (lower is better), the replication of cpu-confirm's H1 as a
     comparison, and the placement decision rule."""
-    base = json.loads((ROOT / "critical_tokens" / "presets" / "cpu-confirm.json").read_text())
+    base = json.loads((ROOT / "critical_tokens" / "study" / "presets" / "cpu-confirm.json").read_text())
     template = base["models"]["i21"]
     instances = list(result["instances"])
     models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
@@ -259,7 +259,7 @@ def main() -> None:
     read.add_argument("--to", default="docs/placement-pilots", help="writes TO.json and TO.md")
     study = sub.add_parser("study", help="write the study's preset from the calibration, and print the power of its hypotheses")
     study.add_argument("calibration", nargs="?", default="docs/placement-pilots.json", help="the calibration that calibrate wrote")
-    study.add_argument("--out", default="critical_tokens/presets/cpu-placement.json", help="the preset file to write")
+    study.add_argument("--out", default="critical_tokens/study/presets/cpu-placement.json", help="the preset file to write")
     args = parser.parse_args()
     try:
         if args.command == "preset":

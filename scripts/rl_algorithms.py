@@ -17,8 +17,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from critical_tokens.experiments import load_preset
-from critical_tokens.preset_fields import section_fields
+from critical_tokens.study.preset import load_preset
+from critical_tokens.study.preset_fields import section_fields
 from critical_tokens.rl.loop import train
 from critical_tokens.rl.config import RLConfig
 from critical_tokens.runs import atomic_write_text, read_json, read_metrics

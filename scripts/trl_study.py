@@ -28,7 +28,7 @@ from critical_tokens.runs import UserError, atomic_write_text, check_output, rea
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo_prioritized.py"
 SEEDS = range(500, 508)  # fresh: no run of this project used them
 ALPHA = 5.0  # the example's KL coefficient (TRL's beta)
-MATCHED_WEIGHT = 0.21266  # E[c^8] on the reference's own rollouts (critical_tokens.rl.loop.matched_weight: 512 prompts, T = 1)
+MATCHED_WEIGHT = 0.21266  # E[c^8] on the reference's own rollouts (critical_tokens.rl.calibration.matched_weight: 512 prompts, T = 1)
 MATCHED_PENALTY = 0.02948  # median of kl_prioritized / kl over the steps of two prioritized runs at seeds 0 and 2 (docs/preregistration/trl-grpo.md)
 ARMS = {  # name: the example's options
     "standard": ["--prioritized-beta", "0", "--kl-coef", f"{ALPHA:g}"],

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from critical_tokens.rl.a2c import ValueHead, entropy_from_logits, gae, token_logprobs
+from critical_tokens.policy import entropy_from_logits, token_logprobs
+from critical_tokens.rl.a2c import ValueHead, gae
 
 
 def test_gae_three_steps_by_hand():

@@ -7,7 +7,7 @@ from scipy import stats
 
 from critical_tokens.report.confirm_section import section_confirm
 from critical_tokens.report.plots import Plots
-from critical_tokens.report.reproduction import Reproduction
+from critical_tokens.report.study_dir import StudyDir
 from critical_tokens.report.summary import summary
 
 MODELS, SEEDS = ("i21", "i22"), (100, 101, 102)
@@ -71,7 +71,7 @@ def fake_reproduction(root, h2b=H2B_STRENGTH, h3=H3, with_confirm=True):
         "command": "critical-tokens reproduce --preset fake", "preset_name": "fake", "preset_source": "fake.json", "parallel_jobs": 1,
         "threads_per_job": 1, "preset": {"name": "fake", "experiments": experiments}, "jobs": jobs if with_confirm else [],
         "models": {m: {"config": {"n_digits": 3}, "init": "scratch"} for m in MODELS}, "git_commit": "abc1234", "preregistration_commit": "def5678"})
-    return Reproduction(root)
+    return StudyDir(root)
 
 
 def section(tmp_path, **kwargs):
@@ -165,7 +165,7 @@ def test_the_per_arm_rule_gives_each_arm_its_verdict(tmp_path):
         *[hypothesis(f"S-{a}", a, "standard", "comfort_accuracy_greedy", -0.02, "safety") for a in ("prioritized", "matched-weight", "no-kl")],
         hypothesis("P-matched-weight", "prioritized", "matched-weight", "accuracy_sampled", 0.0, "comparison")])
     write_json(rep.root / "reproduce.json", meta)
-    s = section_confirm(Reproduction(rep.root), Plots(tmp_path / "plots"))
+    s = section_confirm(StudyDir(rep.root), Plots(tmp_path / "plots"))
     n, text = s.numbers, "\n".join(s.lines)
     # prioritized: +10 points, comfort equal; matched-weight: +5, comfort +1; no-kl: below standard at every unit.
     assert n["verdicts"] == {"prioritized": "gains and keeps the comfort zone", "matched-weight": "gains and keeps the comfort zone",
@@ -185,5 +185,5 @@ def test_the_header_says_when_the_wall_time_leaves_out_an_interrupted_invocation
     line = next(x for x in _header(rep) if x.startswith("- Wall time"))
     assert "30 of the 30 finished jobs ran in an invocation that was stopped" in line
     write_json(rep.root / "timing.json", {"invocations": [{"runs": 30, "wall_s": 20.0}], "wall_s": 20.0, "hardware": {}})
-    line = next(x for x in _header(Reproduction(rep.root)) if x.startswith("- Wall time"))
+    line = next(x for x in _header(StudyDir(rep.root)) if x.startswith("- Wall time"))
     assert "stopped" not in line  # every finished job is in a recorded invocation

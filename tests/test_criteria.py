@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from critical_tokens import cli
-from critical_tokens.criteria import METHODS, TokenStats, auc, measure, precision_at_k
+from critical_tokens.critical.criteria import METHODS, TokenStats, auc, measure, precision_at_k
 from critical_tokens.runs import PACKAGE_DIR
 
 

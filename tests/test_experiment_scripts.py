@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from critical_tokens.rl import config as rl_config
-from critical_tokens.experiments import check_preset, comparable, load_preset, plan, preset_names
+from critical_tokens.study.plan import comparable, plan
+from critical_tokens.study.preset import check_preset, load_preset, preset_names
 from critical_tokens.runs import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def test_the_study_preset_matches_each_instance_and_beta_and_fixes_the_margins_b
 
 
 def test_the_committed_cpu_placement_preset_is_the_calibrations_and_runs_fresh_seeds():
-    """critical_tokens/presets/cpu-placement.json is what `placement_pilots.py study` makes of the committed
+    """critical_tokens/study/presets/cpu-placement.json is what `placement_pilots.py study` makes of the committed
     calibration, and its 420 RL runs use seeds no other preset uses."""
     pilots = script("placement_pilots")
     committed, _ = load_preset("cpu-placement")

@@ -7,8 +7,9 @@ from concurrent.futures import Future
 
 import pytest
 
-from critical_tokens import launchers, reproduce
-from critical_tokens.experiments import Job
+from critical_tokens import reproduce
+from critical_tokens.study import launchers
+from critical_tokens.study.plan import Job
 from critical_tokens.reproduce import ReproduceConfig, run_plan
 from critical_tokens.runs import UserError
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from critical_tokens.experiments import check_preset, load_preset
 from critical_tokens.report.confirm_section import section_confirm
 from critical_tokens.report.hypotheses_section import equivalence_text
 from critical_tokens.report.paired import HypothesisResult, tost
 from critical_tokens.report.plots import Plots
-from critical_tokens.report.reproduction import Reproduction
+from critical_tokens.report.study_dir import StudyDir
 from critical_tokens.report.summary import summary
+from critical_tokens.study.design import Hypothesis
+from critical_tokens.study.preset import check_preset, load_preset
 
 MODELS, SEEDS = ("i1", "i2", "i3", "i4"), (100, 101, 102)
 UNITS = [(m, s) for m in MODELS for s in SEEDS]
@@ -81,7 +82,7 @@ def fake_study(root):
         "command": "critical-tokens reproduce --preset fake", "preset_name": "fake", "preset_source": "fake.json", "parallel_jobs": 1,
         "threads_per_job": 1, "preset": {"name": "fake", "experiments": {"confirm": SPEC}}, "jobs": jobs,
         "models": {m: {"config": {"n_digits": 3}, "init": "scratch"} for m in MODELS}, "git_commit": "abc1234", "preregistration_commit": "def5678"}))
-    return Reproduction(root)
+    return StudyDir(root)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +199,7 @@ def test_the_instance_level_analysis_can_be_the_pre_registered_one(tmp_path):
     meta = json.loads((rep.root / "reproduce.json").read_text())
     meta["preset"]["experiments"]["confirm"]["analysis"] = "instances"
     (rep.root / "reproduce.json").write_text(json.dumps(meta))
-    s = section_confirm(Reproduction(rep.root), Plots(tmp_path / "plots"))
+    s = section_confirm(StudyDir(rep.root), Plots(tmp_path / "plots"))
     h = s.numbers["hypotheses"]
     assert s.numbers["analysis"] == "instances"
     held = ", ".join(name for name, x in h.items() if x["by_instance"]["rejects"])
@@ -233,4 +234,4 @@ def test_an_instance_level_analysis_needs_two_instances(tmp_path):
 ])
 def test_what_an_equivalence_test_shows_in_words(differences, p_holm, text):
     r = HypothesisResult("E", "equivalence", 0.03, tost(differences, 0.03), p_holm)  # p_holm as Holm would give it among 12
-    assert equivalence_text({"metric": ACC, "margin": 0.03}, r, 0.05, 12) == text
+    assert equivalence_text(Hypothesis("E", "prio-b4", "matched-b4", ACC, 0.03, "equivalence"), r, 0.05, 12) == text

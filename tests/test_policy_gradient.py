@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from critical_tokens.rl.policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
+from critical_tokens.policy_gradient import clipped_surrogate, group_advantages, leave_one_out_advantages
 
 
 def test_clipped_surrogate_by_hand():

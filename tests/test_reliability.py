@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from critical_tokens import checks, cli, criteria
-from critical_tokens.experiments import PRESETS_DIR, check_preset, preset_names
+from critical_tokens import checks, cli
+from critical_tokens.critical import criteria
+from critical_tokens.study.preset import PRESETS_DIR, check_preset, preset_names
 from critical_tokens.runs import PACKAGE_DIR, UserError, read_json
 
 ROOT = Path(__file__).resolve().parents[1]

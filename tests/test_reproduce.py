@@ -16,27 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from critical_tokens import cli, launchers
+from critical_tokens import cli
 from critical_tokens.critical.command import CriticalConfig
 from critical_tokens.evaluate import EvaluateConfig
-from critical_tokens.experiments import (
-    CHECKPOINTS_DIR,
-    PRESETS_DIR,
-    SECTIONS,
-    check_preset,
-    load_preset,
-    plan,
-    preset_names,
-    selected,
-    with_seeds,
-)
 from critical_tokens.pretrain import PretrainConfig
-from critical_tokens.report.reproduction import Runs
+from critical_tokens.report.study_dir import Runs
 from critical_tokens.report.rl_sections import _mean_kl_weight
 from critical_tokens.report import readme
 from critical_tokens.report.statistics import Estimate, over_seeds, pct, proportion_interval, seeds_at, t_interval, versus, wilson_interval
 from critical_tokens.rl.config import RLConfig
 from critical_tokens.runs import UserError, read_json
+from critical_tokens.study import launchers
+from critical_tokens.study.plan import plan, selected
+from critical_tokens.study.preset import PRESETS_DIR, check_preset, load_preset, preset_names, with_seeds
+from critical_tokens.study.preset_fields import CHECKPOINTS_DIR, SECTIONS
 
 CONFIG_CLASSES = {"pretrain": PretrainConfig, "evaluate": EvaluateConfig, "critical": CriticalConfig, "rl": RLConfig}
 
@@ -478,8 +471,8 @@ def test_accuracies_are_summarised_as_proportions_and_gains_with_t():
 
 
 def test_a_run_made_before_a_field_existed_is_the_same_run_while_the_field_keeps_its_default(tmp_path):
-    from critical_tokens.experiments import Job
-    from critical_tokens.jobs import job_status
+    from critical_tokens.study.jobs import job_status
+    from critical_tokens.study.plan import Job
 
     preset, where = load_preset("smoke")
     job = next(j for j in plan(preset, where)[0] if j.kind == "rl")
@@ -495,7 +488,7 @@ def test_a_run_made_before_a_field_existed_is_the_same_run_while_the_field_keeps
 def test_an_interrupted_continued_pretraining_resumes(tmp_path):
     """A continued model's config.json holds init_from under OUT (as the worker resolved it), the plan
     holds it relative to OUT: the same run, to resume (it was refused as 'other hyper-parameters')."""
-    from critical_tokens.jobs import _absolute, job_status
+    from critical_tokens.study.jobs import _absolute, job_status
 
     preset, where = load_preset("smoke")
     job = next(j for j in plan(preset, where)[0] if j.kind == "pretrain" and j.config.get("init_from"))
@@ -509,7 +502,7 @@ def test_an_interrupted_continued_pretraining_resumes(tmp_path):
 def test_a_pretraining_field_at_its_default_leaves_the_model_directory_as_it_was(tmp_path):
     """compile and max_minutes were added after reproductions were made: at their defaults a model
     keeps its directory (config hash) and job config; a value that changes the run changes both."""
-    from critical_tokens.experiments import LATER_FIELDS
+    from critical_tokens.study.plan import LATER_FIELDS
 
     preset, where = load_preset("smoke")
     jobs, models = plan(preset, where)

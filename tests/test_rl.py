@@ -14,8 +14,10 @@ from critical_tokens import cli
 from critical_tokens.rl import loop as rl
 from critical_tokens.rl.a2c import ValueHead
 from critical_tokens.pretrain import load_pretrained
-from critical_tokens.rl.loop import method_actor_loss
-from critical_tokens.rl.config import RLConfig
+from critical_tokens.policy import Policy
+from critical_tokens.rl import calibration
+from critical_tokens.rl.config import RLConfig, derive
+from critical_tokens.rl.loss import actor_loss
 
 # A micro RL run: 2 iterations of 8 episodes, evaluation at the end only, on 3-digit additions.
 MICRO_RL_ARGS = ["--episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--eval-every", "16",
@@ -201,7 +203,7 @@ def test_detach_critic_keeps_value_gradients_out_of_the_language_model(pretraine
         lm, tokenizer, n = load_pretrained(pretrained_run)
         sequences = torch.randint(0, lm.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
         torch.manual_seed(0)
-        policy = rl.Policy(lm, ValueHead(lm.config.n_embd), detach_critic=detach)
+        policy = Policy(lm, ValueHead(lm.config.n_embd), detach_critic=detach)
         logits, values = policy(sequences, torch.ones_like(sequences), prompt_length=4, temperature=1.0)
         values.pow(2).sum().backward()
         lm_grads = [p.grad for p in lm.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
@@ -226,7 +228,8 @@ def test_matched_weight_control_scales_the_uniform_penalty_by_the_mean_prioritiz
     saved = json.loads((tmp_path / "m8" / "config.json").read_text())
     ref, tokenizer, n_digits = load_pretrained(pretrained_run / "model")
     config = rl.RLConfig(pretrained=str(pretrained_run), kl="standard", match_weight_beta=8.0)
-    c = rl.certainty_on_own_rollouts(ref, tokenizer, n_digits, config, rl.MATCH_CALIBRATION_PROMPTS, rl.MATCH_CALIBRATION_SEED)
+    c = calibration.certainty_on_own_rollouts(ref, tokenizer, derive(config, n_digits, None), config,
+                                              calibration.MATCH_CALIBRATION_PROMPTS, calibration.MATCH_CALIBRATION_SEED)
     expected = float((c ** 8).mean())
     assert 0 < expected < 1
     assert saved["kl_calibration"]["mean_weight"] == pytest.approx(expected, rel=1e-5)
@@ -294,8 +297,9 @@ def test_each_token_method_s_actor_loss_has_a_gradient_through_the_log_probs(met
     entropy = torch.rand(4, 6, generator=generator)
     mask = torch.ones(4, 6, dtype=torch.bool)
     config = RLConfig(pretrained="x", algorithm="grpo", group_size=4, method=method, cov_ratio=0.2, clip_cov_low=-100, clip_cov_high=100)
-    loss, selected = method_actor_loss(config, logprobs, old, advantages, entropy, mask, generator)
-    loss.backward()
+    terms = actor_loss(config)(logprobs, old, advantages, entropy, mask, generator)
+    terms.loss.backward()
+    selected = terms.selected
     assert selected.shape == (4, 6) and selected.any()
     assert logprobs.grad is not None and logprobs.grad.abs().sum() > 0
 

@@ -7,7 +7,7 @@ import pytest
 
 from critical_tokens import addition
 from critical_tokens.rl import evaluation as rl
-from critical_tokens.rl.config import RLConfig
+from critical_tokens.rl.config import RLConfig, derive
 from critical_tokens.seeding import PURPOSES, stream_seed
 
 
@@ -41,7 +41,8 @@ def test_no_evaluation_or_probe_prompt_is_a_training_prompt(algorithm, batch_siz
     iterations = -(-base.episodes // base.batch_size)
     for seed in range(100):
         config = dataclasses.replace(base, seed=seed)
-        held_out = rl.held_out_prompts(3, config)
+        resolved = derive(config, 3, None)
+        held_out = rl.held_out_prompts(resolved, config)
         assert len(held_out.task) >= 200 and len(held_out.probe) >= 100
-        training = {pair for i in range(iterations) for pair in rl.training_prompts(3, config, i, held_out)}
+        training = {pair for i in range(iterations) for pair in rl.training_prompts(resolved, config, i, held_out)}
         assert not training & held_out.exclude, f"seed {seed}"

@@ -3,7 +3,7 @@
 import torch
 
 from critical_tokens import addition
-from critical_tokens.selection import SelectionCounts, template_masks
+from critical_tokens.critical.selection import SelectionCounts, template_masks
 
 
 def test_counts_only_the_tokens_on_the_template():

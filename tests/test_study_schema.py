@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from critical_tokens.experiments import PRESETS_DIR, check_preset, plan
+from critical_tokens.study.plan import plan
+from critical_tokens.study.preset import PRESETS_DIR, check_preset
 from critical_tokens.runs import UserError
 
 BETAS = (4, 8, 16)

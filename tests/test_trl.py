@@ -21,7 +21,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from critical_tokens import addition, kl  # noqa: E402
 from critical_tokens.kl_rules import entropy_quantile, ignore_tokens, prioritized, uniform  # noqa: E402
-from critical_tokens.rl.a2c import entropy_from_logits  # noqa: E402
+from critical_tokens.policy import entropy_from_logits  # noqa: E402
 from critical_tokens.runs import UserError  # noqa: E402
 from critical_tokens.model import load_pretrained  # noqa: E402
 from critical_tokens.runs import UserError  # noqa: E402
@@ -179,7 +179,7 @@ def test_the_reference_pass_in_chunks_of_positions_equals_the_whole_logits(pretr
     log-softmax and the certainty to chunks of positions. In chunks of a size below T that does not divide
     it (and 3 sequences at a time out of 4), it gives the log-probs, the certainty and the entropy of one chunk, and
     those of the model's whole logits."""
-    from critical_tokens.rl.a2c import entropy_from_logits, token_logprobs
+    from critical_tokens.policy import entropy_from_logits, token_logprobs
     from critical_tokens.trl import REFERENCE_CHUNK_ELEMENTS
 
     trainer, dataset = make_trainer(pretrained_run, tmp_path, PrioritizedGRPOTrainer, PrioritizedGRPOConfig, prioritized_beta=2.0)
@@ -217,7 +217,7 @@ def test_the_chunked_reference_pass_gives_the_models_own_logits(family, cast_lm_
     import transformers
     from accelerate import Accelerator
 
-    from critical_tokens.rl.a2c import token_logprobs
+    from critical_tokens.policy import token_logprobs
     from critical_tokens.trl import _PrioritizedKLMixin
 
     torch.manual_seed(0)
@@ -286,6 +286,8 @@ def test_config_takes_a_rule_or_its_text_and_saves_its_text(tmp_path):
     ({"prioritized_beta": "nan"}, "prioritized_beta"),
     ({"beta": float("nan")}, "beta must be a finite number"),  # TRL's KL coefficient: NaN made every weight NaN
     ({"beta": -1.0}, "beta must be >= 0"),
+    ({"kl_coef": -1.0}, "kl_coef must be >= 0"),
+    ({"kl_coef": 0.5, "beta": 0.2}, "give the KL coefficient once"),
     ({"certainty_temperature": float("nan")}, "certainty_temperature"),
     ({"auto_beta_quantile": 1.0}, "auto_beta_quantile"),
     ({"certainty": "entropy"}, "certainty"),
@@ -295,6 +297,19 @@ def test_config_takes_a_rule_or_its_text_and_saves_its_text(tmp_path):
 def test_config_rejects_bad_options(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         PrioritizedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+
+@pytest.mark.parametrize("config_class", [PrioritizedGRPOConfig, PrioritizedRLOOConfig])
+def test_kl_coef_is_the_kl_coefficient_handed_to_trl_as_beta(tmp_path, config_class):
+    """The project names TRL's KL coefficient kl_coef; TRL's trainers read args.beta, and TRL's name still works."""
+    def config(**options):
+        return config_class(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+    assert (config(kl_coef=0.3).beta, config(kl_coef=0.3).kl_coef) == (0.3, 0.3)
+    assert (config(beta=0.3).beta, config(beta=0.3).kl_coef) == (0.3, 0.3)
+    default = config()
+    assert default.kl_coef == default.beta == config_class.beta  # TRL's default (GRPO 0, RLOO 0.05)
+    assert config(kl_coef=0.0).beta == 0.0  # 0 disables the KL, as TRL's beta=0
 
 
 @pytest.mark.parametrize("beta", ["0", "8", "150", "auto", "-1", "inf", "nan", "x", "1e400"])

@@ -1,8 +1,8 @@
-"""The reproduction's report: REPORT.md, summary.json and plots/, rebuilt from a reproduction's files alone.
+"""A study's report: REPORT.md, summary.json and plots/, rebuilt from the files of its directory alone.
 
 From the bottom up:
 
-- `reproduction`: reading a reproduction directory (the plan, each job's results, the timing);
+- `study_dir`: reading a study directory (the plan, each job's results, the timing);
 - `statistics`: means over seeds with 95% intervals, comparisons, and how they print;
 - `paper`: the paper's numbers and claims, and the rules that give each verdict;
 - `plots`: the figures, drawn from the sections' numbers;
@@ -16,11 +16,9 @@ From the bottom up:
   (``python -m critical_tokens.report.power``);
 - `summary`: summary.json, the headline numbers for programs;
 - `command`: ``critical-tokens report``;
-- `readme`: the README's numbers, generated from a committed summary.json;
-- `tracking`: a run's metrics exported to TensorBoard and Weights & Biases.
+- `readme`: the README's numbers, generated from a committed summary.json.
 """
 
 from .command import ReportConfig, report
-from .tracking import log_wandb, write_tensorboard
 
-__all__ = ["ReportConfig", "report", "log_wandb", "write_tensorboard"]
+__all__ = ["ReportConfig", "report"]

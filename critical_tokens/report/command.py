@@ -16,7 +16,7 @@ from .document import markdown
 from .html import html_page
 from .plots import Plots
 from .pretraining_sections import section_levels, section_table1
-from .reproduction import Reproduction
+from .study_dir import StudyDir
 from .rl_sections import section_beta_sweep, section_kl_by_model, section_kl_comparison, section_rl_levels, section_tracked_tokens
 from .confirm_section import section_confirm
 from .summary import summary
@@ -38,7 +38,7 @@ def report(config: ReportConfig) -> Path:
     if config.run is None:
         raise UserError("give the reproduction directory: critical-tokens report RUN_DIR")
     check_output(config.to, "--to", directory=True)  # before reading the reproduction
-    rep = Reproduction(config.run)
+    rep = StudyDir(config.run)
     target = Path(config.to) if config.to else rep.root
     check_output(str(target), "--to", directory=True)
     target.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..study.design import Hypothesis, Study
 from . import hypotheses_section
 from .document import Section, not_run
 from .paired import decide, decide_per_arm, decision_summary
 from .paper import PAPER_CLAIMS
 from .placement_section import placement_lines, point_numbers, strength_curve_lines
 from .plots import ACCURACY_PANELS, Plots, plot_curves
-from .reproduction import Reproduction
 from .statistics import num, pct, proportion_interval, t_interval, weight_text
+from .study_dir import StudyDir
 from .study_runs import CONTINUOUS, SELECTION, finished, study_runs, unit_table, value_text, values
 
 TITLE = "Pre-registered confirmation: prioritized KL against standard KL and strength-matched controls"
@@ -44,10 +45,9 @@ def _coef_range(coefs: list[float]) -> list[float] | None:
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
-def _deviations(spec: dict) -> list[str]:
-    """The deviations from the pre-registration, written by hand beside it as ``<name>-deviations.md``
+def _deviations(document: str | None) -> list[str]:
+    """The deviations from the pre-registration ``document``, written by hand beside it as ``<name>-deviations.md``
     (its lines, without a title), or a line saying that none is recorded."""
-    document = spec.get("preregistration")
     path = REPOSITORY / document.replace(".md", "-deviations.md") if document else None
     if path is None or not path.is_file():
         return ["None recorded" + (f" (`{path.relative_to(REPOSITORY)}` does not exist)." if path else ".")]
@@ -94,108 +94,121 @@ def _unreadable(runs: dict) -> list[str]:
     return [f"{arm} ({m}, seed {s})" for arm, r in runs.items() for (m, s), x in r.items() if x["done"] and not x["final"]]
 
 
-def section_confirm(rep: Reproduction, plots: Plots) -> Section:
+def section_confirm(rep: StudyDir, plots: Plots) -> Section:
     spec = rep.preset["experiments"].get("confirm")
     state = rep.state("confirm")
     title = (spec or {}).get("title", TITLE)
     finding = FINDING if title == TITLE else f"{title} (pre-registered)"
     if spec is None or state == "not run":
         return not_run(title, "not in the preset" if spec is None else state, [(finding, "kl_comparison")])
-    alpha, rule = spec.get("alpha", 0.05), spec.get("decision", "confirm")
-    instances, hypotheses = list(spec["models"]), spec["hypotheses"]
+    study = Study.from_spec(spec)
     arm_jobs: dict[str, list[dict]] = {}
     for key, jobs in rep.arms("confirm").items():
         arm_jobs.setdefault(key.split("/", 1)[1], []).extend(jobs)
-    arm_names = [a["name"] for a in spec["arms"] if a["name"] in arm_jobs]
+    arm_names = [a.name for a in study.arms if a.name in arm_jobs]
     runs = study_runs(rep)
     jobs = rep.experiment_jobs("confirm")
     unreadable = _unreadable(runs)
-    complete = len(rep.finished(jobs))  # done, and with a readable final evaluation (Reproduction.unreadable)
+    complete = len(rep.finished(jobs))  # done, and with a readable final evaluation (StudyDir.unreadable)
     if unreadable:  # a finished run without its final evaluation is not a complete run
         state = (f"incomplete: {complete} of {len(jobs)} runs have a readable final evaluation ({', '.join(unreadable)} "
                  f"finished without one)")
     commit = rep.meta.get("preregistration_commit") or "not recorded"
     lines = [f"## {title}", "",
-             f"State: {state}. Pre-registration: `{spec.get('preregistration', 'none')}` (first committed in `{commit}`); "
-             f"code: git commit `{rep.meta.get('git_commit') or 'not recorded'}`. Instances {', '.join(instances)}, the same RL seeds in "
+             f"State: {state}. Pre-registration: `{study.preregistration or 'none'}` (first committed in `{commit}`); "
+             f"code: git commit `{rep.meta.get('git_commit') or 'not recorded'}`. Instances {', '.join(study.instances)}, the same RL seeds in "
              f"every arm; endpoints from each run's final evaluation on the held-out sets.", ""]
     table, per_arm = _arm_table(arm_names, arm_jobs, runs)
-    lines += table
-
-    # The tokens each method frees, against the template's critical tokens (arms that log them).
-    selecting = [arm for arm in arm_names if any(x["share"] is not None for x in runs.get(arm, {}).values())]
-    if selecting:
-        lines += ["", "The tokens each arm frees or favours, against the template's critical tokens of the same rollouts (tokens up to "
-                  "a rollout's first wrong character): precision (the share of the freed tokens that are critical), recall (the share "
-                  "of the critical tokens freed) and share (of all those tokens freed); per run the mean over its collects, then "
-                  "the mean over runs [95% interval].", "", "| arm | precision | recall | share freed |", "|---|---|---|---|"]
-        for arm in selecting:
-            cells = {key: t_interval([x[key] for x in finished(runs[arm]).values() if x[key] is not None]) for key in SELECTION}
-            per_arm[arm]["selection"] = cells
-            lines.append(f"| {arm} | " + " | ".join(num(cells[key]) for key in SELECTION) + " |")
-        over_training = plot_curves(plots, "confirm_selection", "The tokens each arm frees, against the critical tokens, during RL",
-                                    {arm: rep.metrics(arm_jobs[arm]) for arm in selecting},
-                                    [(f"selection/{key}", key) for key in SELECTION], ylabel="fraction")
-        lines += ["", f"![selection during RL]({over_training})"] if over_training else []
+    lines += table + _selection_lines(rep, plots, arm_names, arm_jobs, runs, per_arm)
 
     # The hypotheses: paired differences, tests (pooled and by instance), Holm over all of them, the decision.
-    analysis = hypotheses_section.analyse(hypotheses, runs, alpha)
-    lines += hypotheses_section.lines(hypotheses, analysis, alpha, instances)
-    results = analysis.instances if spec.get("analysis", "pooled") == "instances" else analysis.pooled
-    verdicts, groups = {}, {}
-    if rule == "per-arm":
-        verdicts = decide_per_arm(results, {h["name"]: h["arm"] for h in hypotheses}, alpha)
-        decision = decision_summary(verdicts, results, alpha)
-    elif rule == "placement":
-        placement, decision, groups = placement_lines(spec, results, runs, alpha)
-        verdicts = {g: x["verdict"] for g, x in groups.items()}
-    else:
-        decision = decide(results, {h["name"]: h["role"] for h in hypotheses}, alpha)
-    rejected = [h for h, r in results.items() if r.rejects(alpha)]
-    kept = [h for h in results if h not in rejected]
-    holds = " (an equivalence: holds)" if any(h["role"] == "equivalence" for h in hypotheses) else ""
-    why = f"rejected{holds} at {alpha:g} after Holm: {', '.join(rejected) or 'none'}; not rejected: {', '.join(kept) or 'none'}"
-    analysed = "" if spec.get("analysis", "pooled") == "pooled" else ", on the instance-level analysis as pre-registered"
-    lines += ["", f"Decision (the pre-registered rule{analysed}): **{decision}** ({why}).", ""]
-    if rule == "per-arm":
-        lines += ["Verdict per arm (its gain hypothesis and its comfort-zone hypothesis, after Holm):", "",
-                  "| arm | verdict |", "|---|---|", *[f"| {arm} | {verdict} |" for arm, verdict in verdicts.items()], ""]
-    if rule == "placement":
-        lines += [*placement, ""]
+    analysis = hypotheses_section.analyse(study.hypotheses, runs, study.alpha)
+    lines += hypotheses_section.lines(study.hypotheses, analysis, study.alpha, study.instances)
+    results = analysis.instances if study.analysis == "instances" else analysis.pooled
+    decided, decision, verdicts, groups = _decision(study, results, runs)
+    lines += decided
 
     # Every endpoint a hypothesis (or the placement share) reads, per unit, so that a reader can check the pairs.
-    metrics = dict.fromkeys([h["metric"] for h in hypotheses] + ([spec["placement"]["metric"]] if rule == "placement" else []))
-    for metric in metrics:
-        lines += [*unit_table(runs, arm_names, metric, instances), ""]
-    lines += [f"![confirm]({hypotheses_section.plot_paired(plots, hypotheses, analysis, instances)})", ""]
+    for metric in study.metrics():
+        lines += [*unit_table(runs, arm_names, metric, study.instances), ""]
+    lines += [f"![confirm]({hypotheses_section.plot_paired(plots, study.hypotheses, analysis, study.instances)})", ""]
     curve, points = strength_curve_lines(plots, arm_names, {a: arm_jobs[a][0]["config"] for a in arm_names}, runs)
     lines += curve
     curves = plot_curves(plots, "confirm_curves", "The study's arms during RL (intermediate evaluations, mean over instances and seeds)",
                          {arm: rep.metrics(arm_jobs[arm]) for arm in arm_names}, ACCURACY_PANELS)
     lines += ["The curves: each arm's intermediate evaluations (32 N+1 / 8 in-distribution prompts each, so noisier than the final "
               "evaluation above), mean over instances and seeds with 95% intervals.", "", f"![confirm curves]({curves})", ""] if curves else []
-    lines += ["### Deviations from the pre-registration", "", *_deviations(spec), ""]
+    lines += ["### Deviations from the pre-registration", "", *_deviations(study.preregistration), ""]
 
-    ours = _placement_headline(groups) if groups else _headline(hypotheses, results, results is analysis.pooled, decision)
-    per_instance = {h["name"]: {m: {"mean": analysis.means[h["name"]].get(m), "n": sum(1 for (x, _), _ in analysis.pairs[h["name"]] if x == m)}
-                                for m in instances} for h in hypotheses}
-    numbers = {"state": state, "decision": decision, "rule": rule, "verdicts": verdicts, "alpha": alpha, "analysis": spec.get("analysis", "pooled"),
+    ours = _placement_headline(groups) if groups else _headline(study.hypotheses, results, results is analysis.pooled, decision)
+    numbers = {"state": state, "decision": decision, "rule": study.rule, "verdicts": verdicts, "alpha": study.alpha, "analysis": study.analysis,
                "runs": complete, "of": len(jobs), "compute_s": rep.compute_s("confirm"), "git_commit": rep.meta.get("git_commit"),
-               "preregistration": {"path": spec.get("preregistration"), "commit": rep.meta.get("preregistration_commit")},
-               "arms": per_arm, "hypotheses": {h["name"]: hypotheses_section.numbers(h, analysis, alpha) for h in hypotheses},
-               "per_instance": per_instance, **({"groups": groups} if groups else {}), **({"strength_curve": point_numbers(points)} if points else {})}
+               "preregistration": {"path": study.preregistration, "commit": rep.meta.get("preregistration_commit")},
+               "arms": per_arm, "hypotheses": {h.name: hypotheses_section.numbers(h, analysis, study.alpha) for h in study.hypotheses},
+               "per_instance": _per_instance(study, analysis), **({"groups": groups} if groups else {}),
+               **({"strength_curve": point_numbers(points)} if points else {})}
     return Section(lines, [(finding, PAPER_CLAIMS["kl_comparison"], ours, decision)], numbers)
 
 
-def _headline(hypotheses: list[dict], results: dict, pooled: bool, decision: str) -> str:
+def _selection_lines(rep: StudyDir, plots: Plots, arm_names: list[str], arm_jobs: dict[str, list[dict]], runs: dict, per_arm: dict) -> list[str]:
+    """The tokens each method frees, against the template's critical tokens (arms that log them); adds
+    each arm's numbers to ``per_arm``."""
+    selecting = [arm for arm in arm_names if any(x["share"] is not None for x in runs.get(arm, {}).values())]
+    if not selecting:
+        return []
+    lines = ["", "The tokens each arm frees or favours, against the template's critical tokens of the same rollouts (tokens up to "
+             "a rollout's first wrong character): precision (the share of the freed tokens that are critical), recall (the share "
+             "of the critical tokens freed) and share (of all those tokens freed); per run the mean over its collects, then "
+             "the mean over runs [95% interval].", "", "| arm | precision | recall | share freed |", "|---|---|---|---|"]
+    for arm in selecting:
+        cells = {key: t_interval([x[key] for x in finished(runs[arm]).values() if x[key] is not None]) for key in SELECTION}
+        per_arm[arm]["selection"] = cells
+        lines.append(f"| {arm} | " + " | ".join(num(cells[key]) for key in SELECTION) + " |")
+    over_training = plot_curves(plots, "confirm_selection", "The tokens each arm frees, against the critical tokens, during RL",
+                                {arm: rep.metrics(arm_jobs[arm]) for arm in selecting},
+                                [(f"selection/{key}", key) for key in SELECTION], ylabel="fraction")
+    return lines + (["", f"![selection during RL]({over_training})"] if over_training else [])
+
+
+def _decision(study: Study, results: dict, runs: dict) -> tuple[list[str], str, dict, dict]:
+    """The study's rule applied to ``results``: (its lines, the decision in one line, the verdicts per
+    arm or group, the placement groups' numbers)."""
+    alpha, hypotheses = study.alpha, study.hypotheses
+    verdicts, groups, after = {}, {}, []
+    if study.rule == "per-arm":
+        verdicts = decide_per_arm(results, {h.name: h.arm for h in hypotheses}, alpha)
+        decision = decision_summary(verdicts, results, alpha)
+        after = ["Verdict per arm (its gain hypothesis and its comfort-zone hypothesis, after Holm):", "",
+                 "| arm | verdict |", "|---|---|", *[f"| {arm} | {verdict} |" for arm, verdict in verdicts.items()], ""]
+    elif study.rule == "placement":
+        placement, decision, groups = placement_lines(study, results, runs)
+        verdicts = {g: x["verdict"] for g, x in groups.items()}
+        after = [*placement, ""]
+    else:
+        decision = decide(results, {h.name: h.role for h in hypotheses}, alpha)
+    rejected = [h for h, r in results.items() if r.rejects(alpha)]
+    kept = [h for h in results if h not in rejected]
+    holds = " (an equivalence: holds)" if any(h.role == "equivalence" for h in hypotheses) else ""
+    why = f"rejected{holds} at {alpha:g} after Holm: {', '.join(rejected) or 'none'}; not rejected: {', '.join(kept) or 'none'}"
+    analysed = "" if study.analysis == "pooled" else ", on the instance-level analysis as pre-registered"
+    return ["", f"Decision (the pre-registered rule{analysed}): **{decision}** ({why}).", "", *after], decision, verdicts, groups
+
+
+def _per_instance(study: Study, analysis: hypotheses_section.Analysis) -> dict:
+    """Per hypothesis, per instance: the mean paired difference over its seeds and their number."""
+    return {h.name: {m: {"mean": analysis.means[h.name].get(m), "n": sum(1 for (x, _), _ in analysis.pairs[h.name] if x == m)}
+                     for m in study.instances} for h in study.hypotheses}
+
+
+def _headline(hypotheses: tuple[Hypothesis, ...], results: dict, pooled: bool, decision: str) -> str:
     """The summary table's "ours" for a study: its primary hypothesis's difference and Holm p, and the decision."""
-    h = next((h for h in hypotheses if h["role"] == "primary"), hypotheses[0])
-    t, metric = results[h["name"]].test, h["metric"]
+    h = next((h for h in hypotheses if h.role == "primary"), hypotheses[0])
+    t, metric = results[h.name].test, h.metric
     if t is None:
-        return f"{h['name']} ({hypotheses_section.compared(h)}): no paired runs; decision: {decision}"
+        return f"{h.name} ({h.compared()}): no paired runs; decision: {decision}"
     interval = f" [{value_text(metric, t.low)}, {value_text(metric, t.high)}]" if t.low is not None else ""
-    return (f"{h['name']} ({hypotheses_section.compared(h)}): {value_text(metric, t.mean)}{' points' if 'accuracy' in metric else ''}{interval} "
-            f"over {t.n} {'pairs' if pooled else 'instances'}, Holm p {hypotheses_section.p_text(results[h['name']].p_holm)}; decision: {decision}")
+    return (f"{h.name} ({h.compared()}): {value_text(metric, t.mean)}{' points' if 'accuracy' in metric else ''}{interval} "
+            f"over {t.n} {'pairs' if pooled else 'instances'}, Holm p {hypotheses_section.p_text(results[h.name].p_holm)}; decision: {decision}")
 
 
 def _placement_headline(groups: dict) -> str:

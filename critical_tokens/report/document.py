@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .paper import PAPER_CLAIMS, VERDICT_RULES
-from .reproduction import Reproduction
+from .study_dir import StudyDir
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _machine(hardware: dict) -> str:
             + f"; {hw.get('platform', '?')}; Python {hw.get('python', '?')}, torch {hw.get('torch', '?')}") if hw else "not recorded"
 
 
-def _header(rep: Reproduction) -> list[str]:
+def _header(rep: StudyDir) -> list[str]:
     meta, timing = rep.meta, rep.timing or {}
     wall = timing.get("wall_s")
     invocations = timing.get("invocations", [])
@@ -61,7 +61,7 @@ def _header(rep: Reproduction) -> list[str]:
     return lines
 
 
-def _init(rep: Reproduction, model: dict) -> str:
+def _init(rep: StudyDir, model: dict) -> str:
     """How a model of the plan starts: its ``init`` (scratch, gpt2), or the model it continues (``init_from``:
     a name, or the directory of a model of the plan)."""
     parent = model.get("config", {}).get("init_from")
@@ -70,7 +70,7 @@ def _init(rep: Reproduction, model: dict) -> str:
     return "continued from " + next((m for m, d in rep.models.items() if d.get("dir") == parent), parent)
 
 
-def _unrecorded(rep: Reproduction, invocations: list[dict]) -> str:
+def _unrecorded(rep: StudyDir, invocations: list[dict]) -> str:
     """What the wall time leaves out: an invocation that was killed records none, so when fewer runs are
     recorded than have finished, the sum of the finished runs' own wall times says what they cost."""
     own = [j for j in rep.jobs if not j.get("same_as") and rep.done(j)]
@@ -86,7 +86,7 @@ def _unrecorded(rep: Reproduction, invocations: list[dict]) -> str:
             f"({n_rl} RL runs: {duration(rl)}; {len(finished) - n_rl} other jobs, pre-trainings and evaluations: {duration(compute - rl)})")
 
 
-def _hyperparameters(rep: Reproduction) -> list[str]:
+def _hyperparameters(rep: StudyDir) -> list[str]:
     preset = rep.preset
     lines = ["## Hyper-parameters", "", f"Everything the preset `{rep.meta['preset_name']}` fixes; the fully resolved config of every run is in "
              "`reproduce.json` and in each run's `config.json`.", "", "**Pre-trained models** (`PretrainConfig`)", ""]
@@ -104,7 +104,7 @@ def _hyperparameters(rep: Reproduction) -> list[str]:
         if section == "rl":  # the shared base: RLConfig's defaults under the preset's "rl" section
             from dataclasses import asdict
 
-            from ..preset_fields import section_fields
+            from ..study.preset_fields import section_fields
             from ..rl.config import RLConfig
 
             resolved = {k: v for k, v in asdict(RLConfig(**section_fields(preset, "rl", {}))).items() if k in resolved}
@@ -117,7 +117,7 @@ def _hyperparameters(rep: Reproduction) -> list[str]:
     return lines + [""]
 
 
-def _runs_table(rep: Reproduction) -> list[str]:
+def _runs_table(rep: StudyDir) -> list[str]:
     lines = ["## Runs", "", "| run | state | wall time | directory |", "|---|---|---|---|"]
     for job in rep.jobs:
         done = rep.done(job)
@@ -131,7 +131,7 @@ def _runs_table(rep: Reproduction) -> list[str]:
     return lines
 
 
-def markdown(rep: Reproduction, sections: Sequence[Section]) -> str:
+def markdown(rep: StudyDir, sections: Sequence[Section]) -> str:
     lines = _header(rep)
     ran = [s for s in sections if any(v != "not run" for *_, v in s.summary)]  # a section without a run: one line, not a table row
     lines += ["## Summary", "", "| finding | the paper | ours | verdict |", "|---|---|---|---|"]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..study.design import Hypothesis
 from .paired import EquivalenceResult, HypothesisResult, hypothesis_results, instance_means, paired_differences
 from .plots import Plots
 from .study_runs import Unit, in_points, left_out, margin_text, unit_order, value_text, values
@@ -32,27 +33,20 @@ class Analysis:
     instances: dict[str, HypothesisResult]
 
 
-def differences(hypothesis: dict, runs: dict[str, dict[Unit, dict]]) -> list[tuple[Unit, float]]:
+def differences(hypothesis: Hypothesis, runs: dict[str, dict[Unit, dict]]) -> list[tuple[Unit, float]]:
     """The hypothesis's paired differences, oriented so that positive is better for ``arm``."""
-    a, b = (values(runs.get(hypothesis[k], {}), hypothesis["metric"]) for k in ("arm", "versus"))
-    return paired_differences(b, a) if hypothesis.get("direction", "higher") == "lower" else paired_differences(a, b)
+    a, b = (values(runs.get(arm, {}), hypothesis.metric) for arm in (hypothesis.arm, hypothesis.versus))
+    return paired_differences(b, a) if hypothesis.direction == "lower" else paired_differences(a, b)
 
 
-def analyse(hypotheses: list[dict], runs: dict[str, dict[Unit, dict]], alpha: float) -> Analysis:
-    pairs = {h["name"]: differences(h, runs) for h in hypotheses}
-    margins, roles = {h["name"]: h["margin"] for h in hypotheses}, {h["name"]: h["role"] for h in hypotheses}
+def analyse(hypotheses: tuple[Hypothesis, ...], runs: dict[str, dict[Unit, dict]], alpha: float) -> Analysis:
+    pairs = {h.name: differences(h, runs) for h in hypotheses}
+    margins, roles = {h.name: h.margin for h in hypotheses}, {h.name: h.role for h in hypotheses}
     means = {h: instance_means(p) for h, p in pairs.items()}
     pooled = hypothesis_results({h: [d for _, d in p] for h, p in pairs.items()}, margins, roles, alpha)
     by_instance = hypothesis_results({h: list(m.values()) if len(m) > 1 else [] for h, m in means.items()}, margins, roles, alpha)
-    gaps = {h["name"]: left_out(runs, (h["arm"], h["versus"]), h["metric"]) for h in hypotheses}
+    gaps = {h.name: left_out(runs, (h.arm, h.versus), h.metric) for h in hypotheses}
     return Analysis(pairs, gaps, means, pooled, by_instance)
-
-
-def compared(h: dict) -> str:
-    """The difference a hypothesis tests, as the tables write it."""
-    if h.get("direction", "higher") == "lower":
-        return f"{h['versus']} - {h['arm']} (lower is better)"
-    return f"{h['arm']} - {h['versus']}"
 
 
 def p_text(p: float | None) -> str:
@@ -63,19 +57,19 @@ def _interval(metric: str, mean: float, low: float | None, high: float | None) -
     return value_text(metric, mean) + (f" [{value_text(metric, low)}, {value_text(metric, high)}]" if low is not None else "")
 
 
-def equivalence_text(h: dict, r: HypothesisResult, alpha: float, family: int) -> str:
+def equivalence_text(h: Hypothesis, r: HypothesisResult, alpha: float, family: int) -> str:
     """What a TOST shows, in words: equivalence holds, or why it is not shown."""
-    t, metric = r.test, h["metric"]
-    within = margin_text(metric, h["margin"], plus_minus=True)
+    t, metric = r.test, h.metric
+    within = margin_text(metric, h.margin, plus_minus=True)
     if t is None or t.low_tost is None:
         return f"not tested ({t.n if t else 0} pairs)"
     interval = f"the {100 * t.level:g}% interval [{value_text(metric, t.low_tost)}, {value_text(metric, t.high_tost)}]"
     if r.rejects(alpha):
         return f"equivalent within {within} ({interval} lies inside)"
-    outside = [value_text(metric, m) for m, beyond in ((-h["margin"], t.low_tost <= -h["margin"]), (h["margin"], t.high_tost >= h["margin"])) if beyond]
+    outside = [value_text(metric, m) for m, beyond in ((-h.margin, t.low_tost <= -h.margin), (h.margin, t.high_tost >= h.margin)) if beyond]
     if outside:
         return f"not shown equivalent within {within}: {interval} does not exclude {' or '.join(outside)}"
-    return (f"not shown equivalent within {within}: {interval} excludes ±{value_text(metric, h['margin'], sign=False)}, but Holm's "
+    return (f"not shown equivalent within {within}: {interval} excludes ±{value_text(metric, h.margin, sign=False)}, but Holm's "
             f"correction over the {family} hypotheses leaves p = {p_text(r.p_holm)}")
 
 
@@ -83,23 +77,23 @@ def _table(text: str, columns: list[str], rows: list[str]) -> list[str]:
     return ["", text, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows]
 
 
-def _one_sided_row(h: dict, a: Analysis, alpha: float) -> str:
-    r, t, m = a.pooled[h["name"]], a.pooled[h["name"]].test, h["metric"]
+def _one_sided_row(h: Hypothesis, a: Analysis, alpha: float) -> str:
+    r, t, m = a.pooled[h.name], a.pooled[h.name].test, h.metric
     shown = "-" if t is None else _interval(m, t.mean, t.low, t.high)
-    return (f"| {h['name']} | {h['role']} | {compared(h)} | `{m}` | {value_text(m, h['margin'])} | {t.n if t else 0} | "
+    return (f"| {h.name} | {h.role} | {h.compared()} | `{m}` | {value_text(m, h.margin)} | {t.n if t else 0} | "
             f"{shown} | {p_text(t and t.p_t)} | {p_text(r.p_holm)} | {p_text(t and t.p_wilcoxon)} | {'yes' if r.rejects(alpha) else 'no'} |")
 
 
-def _equivalence_row(h: dict, a: Analysis, alpha: float, family: int) -> str:
-    r, t, m = a.pooled[h["name"]], a.pooled[h["name"]].test, h["metric"]
+def _equivalence_row(h: Hypothesis, a: Analysis, alpha: float, family: int) -> str:
+    r, t, m = a.pooled[h.name], a.pooled[h.name].test, h.metric
     ts = "-" if t is None or t.t_lower is None else f"{t.t_lower:+.2f}, {t.t_upper:+.2f}"
-    return (f"| {h['name']} | {compared(h)} | `{m}` | {margin_text(m, h['margin'], True)} | {t.n if t else 0} | "
+    return (f"| {h.name} | {h.compared()} | `{m}` | {margin_text(m, h.margin, True)} | {t.n if t else 0} | "
             f"{'-' if t is None else _interval(m, t.mean, t.low, t.high)} | {ts} | {p_text(t and t.p_t)} | {p_text(r.p_holm)} | "
             f"{p_text(t and t.p_wilcoxon)} | {equivalence_text(h, r, alpha, family)} |")
 
 
-def _instance_row(h: dict, a: Analysis, alpha: float, instances: list[str]) -> str:
-    name, m = h["name"], h["metric"]
+def _instance_row(h: Hypothesis, a: Analysis, alpha: float, instances: tuple[str, ...]) -> str:
+    name, m = h.name, h.metric
     counts = {i: sum(1 for (x, _), _ in a.pairs[name] if x == i) for i in instances}
     cells = [f"{value_text(m, a.means[name].get(i))} (n={counts[i]})" for i in instances]
     pooled, r = a.pooled[name].test, a.instances[name]
@@ -109,10 +103,10 @@ def _instance_row(h: dict, a: Analysis, alpha: float, instances: list[str]) -> s
             f"{by} | {p_text(r.test and r.test.p_t)} | {p_text(r.p_holm)} | {'-' if r.test is None else 'yes' if r.rejects(alpha) else 'no'} |")
 
 
-def lines(hypotheses: list[dict], a: Analysis, alpha: float, instances: list[str]) -> list[str]:
+def lines(hypotheses: tuple[Hypothesis, ...], a: Analysis, alpha: float, instances: tuple[str, ...]) -> list[str]:
     """The tables: one-sided tests, equivalence tests, by instance; then the units left out."""
-    one_sided = [h for h in hypotheses if h["role"] != "equivalence"]
-    equivalence = [h for h in hypotheses if h["role"] == "equivalence"]
+    one_sided = [h for h in hypotheses if h.role != "equivalence"]
+    equivalence = [h for h in hypotheses if h.role == "equivalence"]
     family, out = len(hypotheses), []
     if one_sided:
         out += _table(f"Each hypothesis tests mean(arm - versus) > margin (versus - arm where lower is better) over the (instance, seed) "
@@ -134,39 +128,39 @@ def lines(hypotheses: list[dict], a: Analysis, alpha: float, instances: list[str
     return out + ["", *left_out_lines(hypotheses, a, instances)]
 
 
-def left_out_lines(hypotheses: list[dict], a: Analysis, instances: list[str]) -> list[str]:
+def left_out_lines(hypotheses: tuple[Hypothesis, ...], a: Analysis, instances: tuple[str, ...]) -> list[str]:
     """Per hypothesis, the pairs it used and each planned unit it left out, with the reason."""
-    gaps = {h["name"]: a.left_out[h["name"]] for h in hypotheses if a.left_out[h["name"]]}
+    gaps = {h.name: a.left_out[h.name] for h in hypotheses if a.left_out[h.name]}
     if not gaps:
         return ["Units: every hypothesis used every planned (instance, seed) unit of its two arms."]
     out = ["Units left out (a unit is used only where both arms have the metric):", ""]
     for h in hypotheses:
-        gap = gaps.get(h["name"])
+        gap = gaps.get(h.name)
         if gap:
             units = "; ".join(f"({m}, {s}): {gap[(m, s)]}" for m, s in unit_order(gap, instances))
-            out.append(f"- {h['name']}: {len(a.pairs[h['name']])} pairs used, {len(gap)} left out: {units}")
+            out.append(f"- {h.name}: {len(a.pairs[h.name])} pairs used, {len(gap)} left out: {units}")
     return out
 
 
-def numbers(h: dict, a: Analysis, alpha: float) -> dict:
+def numbers(h: Hypothesis, a: Analysis, alpha: float) -> dict:
     """A hypothesis's numbers for summary.json: its definition, the pooled test and the instance-level one."""
-    r, by = a.pooled[h["name"]], a.instances[h["name"]]
-    return {"arm": h["arm"], "versus": h["versus"], "metric": h["metric"], "margin": h["margin"], "role": h["role"],
-            "direction": h.get("direction", "higher"), **({"group": h["group"]} if "group" in h else {}),
+    r, by = a.pooled[h.name], a.instances[h.name]
+    return {"arm": h.arm, "versus": h.versus, "metric": h.metric, "margin": h.margin, "role": h.role,
+            "direction": h.direction, **({"group": h.group} if h.group is not None else {}),
             **(asdict(r.test) if r.test else {"n": 0}), "p_holm": r.p_holm, "rejects": r.rejects(alpha),
-            "left_out": {f"{m}/seed{s}": why for (m, s), why in a.left_out[h["name"]].items()},
-            "by_instance": {**(asdict(by.test) if by.test else {"n": len(a.means[h["name"]])}), "p_holm": by.p_holm, "rejects": by.rejects(alpha)}}
+            "left_out": {f"{m}/seed{s}": why for (m, s), why in a.left_out[h.name].items()},
+            "by_instance": {**(asdict(by.test) if by.test else {"n": len(a.means[h.name])}), "p_holm": by.p_holm, "rejects": by.rejects(alpha)}}
 
 
-def plot_paired(plots: Plots, hypotheses: list[dict], a: Analysis, instances: list[str]) -> str:
+def plot_paired(plots: Plots, hypotheses: tuple[Hypothesis, ...], a: Analysis, instances: tuple[str, ...]) -> str:
     """One panel per hypothesis: its paired differences as dots per instance, then the pooled mean
     with its 95% t interval (an equivalence: its TOST interval, the margins dashed at ±margin); a
     margin other than 0 dashed. Accuracies in points."""
     fig, axes = plots.figure(len(hypotheses), width=3.4, rows=max(1, math.ceil(len(hypotheses) / 4)))  # at most 4 panels a row
     for ax, h in zip(axes, hypotheses):
-        r, scale = a.pooled[h["name"]], 100 if in_points(h["metric"]) else 1
+        r, scale = a.pooled[h.name], 100 if in_points(h.metric) else 1
         for i, m in enumerate(instances):
-            ys = [scale * d for (model, _), d in a.pairs[h["name"]] if model == m]
+            ys = [scale * d for (model, _), d in a.pairs[h.name] if model == m]
             ax.plot(i + np.linspace(-0.15, 0.15, len(ys)) if len(ys) > 1 else [i] * len(ys), ys, "o", color=f"C{i % 10}", alpha=0.6, markersize=4)
         t = r.test
         if t is not None:
@@ -174,12 +168,12 @@ def plot_paired(plots: Plots, hypotheses: list[dict], a: Analysis, instances: li
             err = None if low is None else [[scale * (t.mean - low)], [scale * (high - t.mean)]]
             ax.errorbar([len(instances)], [scale * t.mean], yerr=err, fmt="s", color="black", capsize=4)
         ax.axhline(0, color="black", linewidth=0.8)
-        for margin in ([h["margin"], -h["margin"]] if h["role"] == "equivalence" else [h["margin"]] if h["margin"] else []):
+        for margin in ([h.margin, -h.margin] if h.role == "equivalence" else [h.margin] if h.margin else []):
             ax.axhline(scale * margin, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xticks(range(len(instances) + 1), instances + ["pooled"])
+        ax.set_xticks(range(len(instances) + 1), [*instances, "pooled"])
         ax.set_ylabel("difference (points)" if scale == 100 else "difference")
         interval = f" ({100 * t.level:g}% interval)" if isinstance(t, EquivalenceResult) else ""
-        ax.set_title(f"{h['name']} ({h['role']}): {compared(h)}\n{h['metric'].removeprefix('final/')}{interval}", fontsize=9)
+        ax.set_title(f"{h.name} ({h.role}): {h.compared()}\n{h.metric.removeprefix('final/')}{interval}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle("Paired differences per (instance, seed); pooled mean and 95% t interval", fontsize=10)
     return plots.save(fig, "confirm")

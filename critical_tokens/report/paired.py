@@ -21,8 +21,9 @@ from typing import Hashable, Literal, Mapping, Sequence, TypeVar
 import numpy as np
 from scipy import stats
 
+from ..study.design import ALPHA, Role
+
 K = TypeVar("K", bound=Hashable)
-Role = Literal["primary", "control", "safety", "comparison", "superiority", "equivalence"]
 
 # Differences are of accuracies on a few hundred prompts (multiples of 1/100 or 1/200): rounding
 # d - margin to 12 decimals makes a difference that equals the margin a zero, not a ±1e-17.
@@ -91,7 +92,7 @@ class HypothesisResult:
     test: PairedResult | EquivalenceResult | None
     p_holm: float | None
 
-    def rejects(self, alpha: float = 0.05) -> bool:
+    def rejects(self, alpha: float = ALPHA) -> bool:
         """H0 rejected at ``alpha`` after Holm's correction; no test never rejects."""
         return self.p_holm is not None and self.p_holm < alpha
 
@@ -141,7 +142,7 @@ def _wilcoxon(x: np.ndarray, alternative: Literal["greater", "less"]) -> float:
     return 1.0 if not x.any() else float(stats.wilcoxon(x, zero_method="wilcox", alternative=alternative).pvalue)
 
 
-def tost(differences: Sequence[float], margin: float, alpha: float = 0.05) -> EquivalenceResult:
+def tost(differences: Sequence[float], margin: float, alpha: float = ALPHA) -> EquivalenceResult:
     """Two one-sided paired t-tests of equivalence within ±``margin`` (Schuirmann 1987).
 
     se = sd / sqrt(n); t_lower = (mean + margin) / se, p_lower = P(T_{n-1} >= t_lower) (H0: d <= -margin);
@@ -189,7 +190,7 @@ def holm(pvalues: Mapping[K, float | None]) -> dict[K, float | None]:
 
 
 def hypothesis_results(differences: Mapping[str, Sequence[float]], margins: Mapping[str, float],
-                       roles: Mapping[str, Role], alpha: float = 0.05) -> dict[str, HypothesisResult]:
+                       roles: Mapping[str, Role], alpha: float = ALPHA) -> dict[str, HypothesisResult]:
     """Each hypothesis's test on its ``differences`` at its margin (`tost` for the role
     "equivalence", `paired_test` for every other), and its `holm` p-value over all of them (the
     t-tests' p-values: the pre-registered test)."""
@@ -205,13 +206,13 @@ DECISIONS = ("confirmed", "beats standard, explained by strength", "beats standa
              "not confirmed", "not run")
 
 
-def decide(results: Mapping[str, HypothesisResult], roles: Mapping[str, Role], alpha: float = 0.05) -> str:
+def decide(results: Mapping[str, HypothesisResult], roles: Mapping[str, Role], alpha: float = ALPHA) -> str:
     """The pre-registered decision rule.
 
     Roles: "primary" (H1: prioritized > standard), "control" (H2a, H2b: prioritized > each
     strength-matched control), "safety" (H3: prioritized's in-distribution accuracy at most 2
     points below standard's, tested as a non-inferiority test with margin -0.02). A hypothesis
-    "rejects" when its Holm-adjusted t-test p-value < alpha (0.05). Decision:
+    "rejects" when its Holm-adjusted t-test p-value < alpha (`ALPHA` unless the study sets it). Decision:
 
     - "confirmed" when the primary and every control reject and every safety rejects (holds);
     - "beats standard, explained by strength" when the primary rejects but some control does not;
@@ -239,7 +240,7 @@ def decide(results: Mapping[str, HypothesisResult], roles: Mapping[str, Role], a
 VERDICTS = ("gains and keeps the comfort zone", "gains, loses the comfort zone", "no gain shown", "not run")
 
 
-def decide_per_arm(results: Mapping[str, HypothesisResult], arms: Mapping[str, str], alpha: float = 0.05) -> dict[str, str]:
+def decide_per_arm(results: Mapping[str, HypothesisResult], arms: Mapping[str, str], alpha: float = ALPHA) -> dict[str, str]:
     """The pre-registered per-arm rule of a study that compares several methods with one baseline.
 
     ``arms`` maps each hypothesis to the arm it judges. For each arm with a "primary" hypothesis
@@ -282,7 +283,7 @@ def instance_means(pairs: Sequence[tuple[tuple[str, int], float]]) -> dict[str, 
 PLACEMENT_VERDICTS = ("placement adds", "strength explains it, within the margins", "undecided", "not run")
 
 
-def decide_placement(results: Mapping[str, HypothesisResult], groups: Mapping[str, str], alpha: float = 0.05) -> dict[str, str]:
+def decide_placement(results: Mapping[str, HypothesisResult], groups: Mapping[str, str], alpha: float = ALPHA) -> dict[str, str]:
     """The pre-registered rule of a study of placement against strength, one verdict per group
     (a strength, e.g. "beta 4", with its prioritized arm and the uniform arm matched to it).
 

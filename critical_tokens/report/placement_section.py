@@ -11,6 +11,7 @@ where the reference is uncertain adds anything beyond a uniform penalty of the s
 
 from __future__ import annotations
 
+from ..study.design import Study
 from .paired import PLACEMENT_VERDICTS, HypothesisResult, decide_placement, decision_summary, placement_share
 from .plots import Plots, plot_strength_curve
 from .statistics import proportion_interval, t_interval
@@ -29,14 +30,13 @@ def _share_text(share) -> str:
     return f"{share.share:.2f}{interval} ({share.n} units)"
 
 
-def placement_lines(spec: dict, results: dict[str, HypothesisResult], runs: dict[str, dict[Unit, dict]],
-                    alpha: float) -> tuple[list[str], str, dict]:
+def placement_lines(study: Study, results: dict[str, HypothesisResult], runs: dict[str, dict[Unit, dict]]) -> tuple[list[str], str, dict]:
     """The verdict and placement share of each group: (lines, the decision in one line, numbers)."""
-    placement, hypotheses = spec["placement"], spec["hypotheses"]
-    groups = {h["name"]: h["group"] for h in hypotheses}
+    placement, hypotheses, alpha = study.placement, study.hypotheses, study.alpha
+    groups = {h.name: h.group for h in hypotheses}
     found = decide_placement(results, groups, alpha)
-    verdicts = {g["name"]: found.get(g["name"], PLACEMENT_VERDICTS[3]) for g in placement["groups"]}
-    metric, baseline = placement["metric"], placement["baseline"]
+    verdicts = {g.name: found.get(g.name, PLACEMENT_VERDICTS[3]) for g in placement.groups}
+    metric, baseline = placement.metric, placement.baseline
     base = values(runs.get(baseline, {}), metric)
     lines = [f"Verdict per group (the pre-registered rule, after Holm): \"{PLACEMENT_VERDICTS[0]}\" where a superiority hypothesis "
              f"rejects; \"{PLACEMENT_VERDICTS[1]}\" where every equivalence hypothesis holds and none rejects; \"{PLACEMENT_VERDICTS[2]}\" "
@@ -46,18 +46,18 @@ def placement_lines(spec: dict, results: dict[str, HypothesisResult], runs: dict
              "| group | prioritized | matched | verdict | superiority (Holm p) | equivalence (Holm p) | placement share [95%] |",
              "|---|---|---|---|---|---|---|"]
     numbers = {}
-    for g in placement["groups"]:
-        mine = [h for h in hypotheses if h["group"] == g["name"]]
-        share = placement_share(values(runs.get(g["prioritized"], {}), metric), values(runs.get(g["matched"], {}), metric), base)
-        verdict = verdicts[g["name"]]
+    for g in placement.groups:
+        mine = [h for h in hypotheses if h.group == g.name]
+        share = placement_share(values(runs.get(g.prioritized, {}), metric), values(runs.get(g.matched, {}), metric), base)
+        verdict = verdicts[g.name]
         if verdict == PLACEMENT_VERDICTS[1]:  # the margins it was shown within
             verdict = "strength explains it, within " + ", ".join(
-                f"{margin_text(h['metric'], h['margin'], True)} on `{h['metric']}`" for h in mine if h["role"] == "equivalence")
-        cells = {role: ", ".join(f"{h['name']} {_p(results[h['name']].p_holm)}" for h in mine if h["role"] == role) or "-"
+                f"{margin_text(h.metric, h.margin, True)} on `{h.metric}`" for h in mine if h.role == "equivalence")
+        cells = {role: ", ".join(f"{h.name} {_p(results[h.name].p_holm)}" for h in mine if h.role == role) or "-"
                  for role in ("superiority", "equivalence")}
-        lines.append(f"| {g['name']} | {g['prioritized']} | {g['matched']} | {verdict} | {cells['superiority']} | {cells['equivalence']} | "
+        lines.append(f"| {g.name} | {g.prioritized} | {g.matched} | {verdict} | {cells['superiority']} | {cells['equivalence']} | "
                      f"{_share_text(share)} |")
-        numbers[g["name"]] = {"prioritized": g["prioritized"], "matched": g["matched"], "verdict": verdicts[g["name"]],
+        numbers[g.name] = {"prioritized": g.prioritized, "matched": g.matched, "verdict": verdicts[g.name],
                               "share": {"metric": metric, "baseline": baseline, "n": share.n, "mean": share.share, "low": share.low,
                                         "high": share.high, "method": "percentile bootstrap over units", "resamples": share.resamples,
                                         "seed": share.seed}}

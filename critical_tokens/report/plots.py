@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .paper import PAPER_TABLE4, PAPER_TABLE5, VERDICT_METRIC
-from .reproduction import Runs
+from .study_dir import Runs
 from .statistics import Estimate, band, seeds_at
 
 ACCURACY_PANELS = (("eval/accuracy_sampled", "RL task, sampled (test)"), ("eval/accuracy_greedy", "RL task, greedy"),

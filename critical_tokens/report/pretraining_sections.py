@@ -11,7 +11,7 @@ from ..runs import read_json, read_metrics
 from .document import Section, not_run
 from .paper import PAPER_CLAIMS, PAPER_TABLE1, PAPER_TABLE4, PAPER_TABLE4_CI, PAPER_TABLE5, PAPER_TABLE5_CI
 from .plots import Plots, plot_certainty, plot_levels, plot_table1
-from .reproduction import Reproduction
+from .study_dir import StudyDir
 from .statistics import Estimate, num
 
 
@@ -19,7 +19,7 @@ def _digits(offset: int) -> str:
     return "N" if offset == 0 else f"N+{offset}"
 
 
-def section_levels(rep: Reproduction, plots: Plots) -> Section:
+def section_levels(rep: StudyDir, plots: Plots) -> Section:
     title = "Pre-training levels (figure 2, tables 4-5)"
     state = rep.state("levels")
     findings = [("Accuracy drops beyond N (tables 4-5)", "levels_drop"), ("More digits generalise further (figure 2)", "levels_more")]
@@ -103,7 +103,7 @@ def section_levels(rep: Reproduction, plots: Plots) -> Section:
     return Section(lines, summary, numbers)
 
 
-def pretraining_progress(rep: Reproduction, models: list[str]) -> tuple[list[str], dict]:
+def pretraining_progress(rep: StudyDir, models: list[str]) -> tuple[list[str], dict]:
     """How far each model pre-trained by this reproduction got (a shipped checkpoint has no lines):
     steps of its schedule, stopped by --max-minutes or not, last loss and accuracy, tokens/s."""
     lines, numbers = [], {}
@@ -141,7 +141,7 @@ def _row(table: dict, name: str) -> Estimate | None:
     return Estimate(r["mean"], r["ci_low"], r["ci_high"], r["outputs"])
 
 
-def section_table1(rep: Reproduction, plots: Plots) -> Section:
+def section_table1(rep: StudyDir, plots: Plots) -> Section:
     title = "Certainty gap of critical tokens (table 1)"
     state = rep.state("table1")
     if state == "not run":

@@ -16,19 +16,19 @@ from typing import Literal
 from .document import Section, not_run
 from .paper import PAPER_CLAIMS, VERDICT_METRIC
 from .plots import ACCURACY_PANELS, Plots, plot_beta_sweep, plot_curves, plot_kl_by_model
-from .reproduction import Reproduction, Runs, at, gains, series
+from .study_dir import StudyDir, Runs, at, gains, series
 from .statistics import VERDICT, Estimate, band, num, pct, seeds_at, t_interval, versus, weight_text
 
 
-def _arm_runs(rep: Reproduction, experiment: str) -> dict[str, Runs]:
+def _arm_runs(rep: StudyDir, experiment: str) -> dict[str, Runs]:
     return {arm: rep.metrics(jobs) for arm, jobs in rep.arms(experiment).items()}
 
 
-def _seeds(rep: Reproduction, jobs: list[dict]) -> str:
+def _seeds(rep: StudyDir, jobs: list[dict]) -> str:
     return f"{len(rep.finished(jobs))}/{len(jobs)}"
 
 
-def _beta_range(rep: Reproduction, jobs: list[dict]) -> list[float] | None:
+def _beta_range(rep: StudyDir, jobs: list[dict]) -> list[float] | None:
     """The lowest and highest beta the finished runs of a prioritized arm used (from their config.json:
     'auto' is resolved there); None for another KL or before any run finished."""
     if jobs[0]["config"]["kl"] != "prioritized":
@@ -99,7 +99,7 @@ def _extremes(runs: Runs) -> dict | None:
     return {"lowest": point(means.index(min(means))), "highest": point(means.index(max(means)))}
 
 
-def section_rl_levels(rep: Reproduction, plots: Plots) -> Section:
+def section_rl_levels(rep: StudyDir, plots: Plots) -> Section:
     title = "RL from different pre-training levels (figure 3)"
     state = rep.state("rl_levels")
     if state == "not run":
@@ -151,7 +151,7 @@ def _rl_settings(config: dict) -> str:
     return f"RL by {_algorithm(config)} at lr {config['lr']:g}, {config['episodes']} episodes on {config['task']}"
 
 
-def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
+def section_kl_comparison(rep: StudyDir, plots: Plots) -> Section:
     title = "Prioritized vs standard KL (figure 4)"
     state = rep.state("kl_comparison")
     finding = "Prioritized KL beats standard KL (figure 4)"
@@ -203,7 +203,7 @@ def section_kl_comparison(rep: Reproduction, plots: Plots) -> Section:
     return Section(lines, [(finding, PAPER_CLAIMS["kl_comparison"], "; ".join(ours) or "-", overall)], numbers)
 
 
-def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
+def section_beta_sweep(rep: StudyDir, plots: Plots) -> Section:
     title = "Sensitivity to beta (figure 6)"
     state = rep.state("beta_sweep")
     finding = "Prioritized KL is robust over beta (figure 6)"
@@ -255,7 +255,7 @@ def section_beta_sweep(rep: Reproduction, plots: Plots) -> Section:
     return Section(lines, [(finding, PAPER_CLAIMS["beta_sweep"], ours, verdict)], numbers)
 
 
-def section_tracked_tokens(rep: Reproduction, plots: Plots) -> Section:
+def section_tracked_tokens(rep: StudyDir, plots: Plots) -> Section:
     from ..addition import TRACKED_TOKENS, tracked_token_key
 
     title = "Critical-token probabilities during RL (figures 4 right and 7)"
@@ -291,7 +291,7 @@ def section_tracked_tokens(rep: Reproduction, plots: Plots) -> Section:
     return Section(lines, [(finding, PAPER_CLAIMS["tracked_tokens"], ours, verdict)], numbers)
 
 
-def section_kl_by_model(rep: Reproduction, plots: Plots) -> Section:
+def section_kl_by_model(rep: StudyDir, plots: Plots) -> Section:
     title = "The KL comparison from several starting models (beyond the paper)"
     finding = "Prioritized KL's gain vs the starting N+1 competence"
     state = rep.state("kl_by_model")

@@ -13,7 +13,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .reproduction import ACCURACY_EPISODES, at, series
+from .study_dir import ACCURACY_EPISODES, at, series
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond, 1.96 + 2.4/df is
 # within 0.003 of the exact value.

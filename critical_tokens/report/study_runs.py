@@ -11,10 +11,10 @@ anything else (a KL, a log-probability, a ratio) as it is, to three significant 
 from __future__ import annotations
 
 from ..runs import read_metrics
-from .reproduction import Reproduction, series
+from .study_dir import StudyDir, series
 
 Unit = tuple[str, int]  # (model instance, RL seed): the unit the arms are paired on
-SELECTION = ("precision", "recall", "share")  # of the tokens a method frees, against the critical ones (selection.py)
+SELECTION = ("precision", "recall", "share")  # of the tokens a method frees, against the critical ones (critical/selection.py)
 # The continuous endpoints of the final evaluation, shown per arm where the runs have them (older
 # studies do not): the realized penalty ratio (median over collects of kl_term / kl), the mean
 # per-token KL(policy || reference) on the policy's greedy in-distribution completions (lower:
@@ -26,7 +26,7 @@ CONTINUOUS = {"penalty_ratio": ("final/penalty_ratio", "realized penalty ratio")
               "n_plus_1_kl": ("final/n_plus_1_kl", "N+1 KL to the reference")}
 
 
-def study_runs(rep: Reproduction) -> dict[str, dict[Unit, dict]]:
+def study_runs(rep: StudyDir) -> dict[str, dict[Unit, dict]]:
     """Per arm, per planned (instance, seed) unit: ``done`` (the run finished), ``final`` (its last
     record when that holds the final evaluation, else {}), the mean over iterations of its
     ``weight_mean`` and of its selection metrics (None without them) and the KL coefficient it applied."""

@@ -45,7 +45,7 @@ from typing import Any
 
 from .document import Section
 from .paper import VERDICT_METRIC
-from .reproduction import Reproduction
+from .study_dir import StudyDir
 from .statistics import Estimate
 
 FORMAT = 1
@@ -62,7 +62,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def summary(rep: Reproduction, sections: dict[str, Section]) -> dict:
+def summary(rep: StudyDir, sections: dict[str, Section]) -> dict:
     timing = rep.timing or {}
     return {
         "format": FORMAT,

@@ -1,11 +1,11 @@
-"""A2C pieces (docs/method.md section 4): advantages by GAE, the value head, entropy and token log-probs.
+"""A2C pieces (docs/method.md section 4): advantages by GAE and the critic's value head.
 
-Pure functions on tensors; the RL loop assembles the loss from them:
-    loss = actor_loss + vf_coef * value_loss - ent_coef * entropy + alpha * kl_term
+The per-token log-probs and entropies are the policy's (critical_tokens/policy.py); the loss that
+uses them all is rl/loss.py's:
+    loss = actor_loss + vf_coef * value_loss - ent_coef * entropy + kl_coef * kl_term
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -62,23 +62,3 @@ class ValueHead(nn.Module):
         # The language model may run in bfloat16 while the head stays in its own dtype.
         hidden_states = hidden_states.to(self.mlp[0].weight.dtype)
         return self.mlp(hidden_states).squeeze(-1)
-
-
-def entropy_from_logits(logits):
-    """Entropy H(softmax(z)) = -sum_a p(a) log p(a) at each position.
-
-    logits: (..., V), already divided by the policy temperature. Returns (...) float32.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    # Clamp -inf log-probs (from -inf logits) so that 0 * log 0 gives 0, not nan.
-    return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
-
-
-def token_logprobs(logits, tokens):
-    """log softmax(z)[token] at each position.
-
-    logits: (..., V), already divided by the policy temperature; tokens: (...) integer ids.
-    Returns (...) float32.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
-    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)

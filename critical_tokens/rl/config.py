@@ -1,13 +1,19 @@
-"""The RL command's options (``critical-tokens rl --help``) and their validation, checked before
-anything is written: :class:`RLConfig` and :func:`validate`."""
+"""The RL command's options (``critical-tokens rl --help``), their validation, checked before anything
+is written, and the values derived from them once: :class:`RLConfig`, :func:`validate`, and
+:class:`Resolved` (:func:`derive`, completed by rl/calibration.py), which config.json saves and
+``--resume`` reads back."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
-from .. import checks, kl_rules
+from .. import addition, checks, kl_rules
 from ..config import arg, check_fields, check_range, flag
+from ..model import RL_SLACK
 from ..runs import UserError
 
 
@@ -119,6 +125,10 @@ def validate(config: RLConfig) -> None:
     check_range(config, ("eval_comfort_episodes", "group_size"), 0, low_open=True)
     if config.minibatch_size > config.batch_size:
         raise UserError(f"--minibatch-size ({config.minibatch_size}) must be at most --batch-size ({config.batch_size}), the episodes of one collect")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the ranks torchrun starts (distributed.py)
+    if min(config.minibatch_size, config.batch_size % config.minibatch_size or config.minibatch_size) < world:
+        raise UserError(f"every minibatch needs an episode per rank: --minibatch-size {config.minibatch_size} with "
+                        f"--batch-size {config.batch_size} leaves a minibatch of {config.batch_size % config.minibatch_size} for {world} ranks")
 
 
 def kl_weight_rule(config: RLConfig, tokenizer=None) -> kl_rules.Rule | None:
@@ -132,3 +142,49 @@ def kl_weight_rule(config: RLConfig, tokenizer=None) -> kl_rules.Rule | None:
     else:
         rule = kl_rules.uniform(1.0) if config.kl == "standard" else kl_rules.prioritized(config.beta)
     return rule if tokenizer is None else rule.bind(tokenizer)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What an RL run derives from its options and its models, computed once at start-up, saved in
+    config.json (each field a top-level key) and read back on ``--resume``: the one source of every
+    value the loop uses beyond :class:`RLConfig`'s own fields."""
+
+    n_digits: int  # N, the digits the model was pre-trained on
+    plus: int  # the digits the RL task adds to N: 1 (plus1) or 2 (plus2)
+    group_size: int  # episodes per prompt: --group-size for grpo and rloo, 1 for a2c and ppo
+    prompts_per_collect: int  # --batch-size / group_size
+    update_epochs: int  # passes over each collect: --update-epochs, or 4 for ppo and 1 otherwise
+    iterations: int  # collects in the run: ceil(--episodes / --batch-size)
+    max_new_tokens: int  # the length limit of an episode (docs/method.md section 4)
+    beta: float  # the exponent of c^beta: --beta, or calibrated (rl/calibration.py); 0 for 'auto' before or without calibration
+    beta_calibration: dict  # --beta auto: the certainty quantiles it was calibrated on; else {}
+    kl_weights_rule: str | None  # the rule of the per-token KL weights (kl_rules), its beta resolved; None: no KL
+    kl_coef_used: float  # the KL coefficient applied: --kl-coef, or --kl-coef x E[c^beta] (--match-weight-beta)
+    kl_calibration: dict  # --match-weight-beta: how E[c^beta] was measured; else {}
+
+    def record(self) -> dict:
+        """The fields as config.json's top-level keys."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, record: dict, derived: Resolved) -> Resolved:
+        """The values a run saved (``record``: its config.json), read back on --resume; ``derived`` (:func:`derive`)
+        gives those an older run did not save."""
+        return dataclasses.replace(derived, **{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
+
+
+def derive(config: RLConfig, n_digits: int, kl_rule: kl_rules.Rule | None) -> Resolved:
+    """The values that follow from the options alone (``kl_rule``: kl_weight_rule's, None for no KL): a
+    beta 'auto' and the matched-weight coefficient are left to rl/calibration.py, which measures them on the
+    reference model."""
+    plus = int(config.task[-1])
+    group_size = config.group_size if config.algorithm in ("grpo", "rloo") else 1
+    beta = checks.parse_beta("--beta", config.beta)
+    beta = 0.0 if beta is None else beta
+    return Resolved(n_digits=n_digits, plus=plus, group_size=group_size, prompts_per_collect=config.batch_size // group_size,
+                    update_epochs=config.update_epochs or (4 if config.algorithm == "ppo" else 1),
+                    iterations=math.ceil(config.episodes / config.batch_size),
+                    max_new_tokens=addition.max_completion_length(n_digits + plus) + RL_SLACK,
+                    beta=beta, beta_calibration={}, kl_weights_rule=None if kl_rule is None else str(kl_rule),
+                    kl_coef_used=config.kl_coef, kl_calibration={})

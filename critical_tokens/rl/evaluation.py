@@ -17,7 +17,7 @@ import torch
 from .. import addition
 from ..evaluate import accuracy_on, completions, right_answers
 from ..seeding import stream_seed
-from .config import RLConfig
+from .config import Resolved, RLConfig
 from .endpoints import final_endpoints
 
 
@@ -38,9 +38,9 @@ class HeldOut:
         return frozenset(self.task) | frozenset(self.probe)
 
 
-def held_out_prompts(n_digits: int, config: RLConfig) -> HeldOut:
-    plus = int(config.task[-1])
-    task = addition.rl_pairs(n_digits, plus, max(config.eval_episodes, config.final_eval_episodes), seed=stream_seed(config.seed, "eval_prompts"))
+def held_out_prompts(resolved: Resolved, config: RLConfig) -> HeldOut:
+    n_digits = resolved.n_digits
+    task = addition.rl_pairs(n_digits, resolved.plus, max(config.eval_episodes, config.final_eval_episodes), seed=stream_seed(config.seed, "eval_prompts"))
     kind = "varying" if n_digits > 1 else "identical"  # N = 1: no shorter other operand
     comfort = addition.eval_pairs(n_digits, kind, max(config.eval_comfort_episodes, config.final_eval_comfort_episodes),
                                   seed=stream_seed(config.seed, "comfort_prompts"))
@@ -48,11 +48,10 @@ def held_out_prompts(n_digits: int, config: RLConfig) -> HeldOut:
     return HeldOut(task, comfort, probe)
 
 
-def training_prompts(n_digits: int, config: RLConfig, iteration: int, held_out: HeldOut) -> list[tuple[int, int]]:
+def training_prompts(resolved: Resolved, config: RLConfig, iteration: int, held_out: HeldOut) -> list[tuple[int, int]]:
     """The prompts of one collect (``batch_size / group_size`` of them), from the training stream of
     (seed, iteration), none of them a held-out prompt."""
-    group_size = config.group_size if config.algorithm in ("grpo", "rloo") else 1
-    return addition.rl_pairs(n_digits, int(config.task[-1]), config.batch_size // group_size,
+    return addition.rl_pairs(resolved.n_digits, resolved.plus, resolved.prompts_per_collect,
                              seed=stream_seed(config.seed, "train_prompts", iteration), exclude=held_out.exclude)
 
 

@@ -1,5 +1,6 @@
 """PPO, GRPO and RLOO pieces (the RL loop's ``--algorithm``): the clipped surrogate loss and the
-group baselines. Pure functions on tensors, as in :mod:`critical_tokens.rl.a2c`; the KL penalty, standard or
+group baselines, and the episode's terminal reward (+1 / -1) that the RL loop and the criteria command
+both use. Pure functions on tensors, as in :mod:`critical_tokens.rl.a2c`; the KL penalty, standard or
 prioritized, is added to every algorithm's loss the same way (:func:`critical_tokens.kl.kl_penalty`).
 
     a2c   actor = -A_t log pi(a_t|s_t),                  A_t by GAE on a critic (a2c.gae)
@@ -13,7 +14,9 @@ the ``G`` episodes of a prompt next to each other: ``(n_prompts * G,)``.
 
 import torch
 
-from ..kl import masked_mean
+from . import addition
+from .kl import masked_mean
+from .token_weights import clipped_surrogate_per_token
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, completion_mask, clip_range=0.2):
@@ -24,15 +27,15 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, completion_mask, clip_
         loss    = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
 
     With ratio = 1 (the first pass over a fresh collect) its gradient is A2C's -A_t grad log pi.
+    The per-token loss is token_weights.clipped_surrogate_per_token (the project's one PPO clip).
 
     logprobs (with gradient), old_logprobs, advantages, completion_mask: (B, T).
     Returns (loss, clip_fraction): float32 scalars, clip_fraction the share of tokens whose ratio was clipped.
     """
-    ratio = torch.exp(logprobs.float() - old_logprobs.float())  # (B, T)
-    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(-advantages * ratio, -advantages * clipped)  # (B, T)
+    loss = clipped_surrogate_per_token(logprobs.float(), old_logprobs.float(), advantages, clip_range, clip_range)  # (B, T)
+    ratio = torch.exp(logprobs.detach().float() - old_logprobs.float())  # (B, T)
     clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).float(), completion_mask)
-    return masked_mean(loss, completion_mask), clip_fraction.detach()
+    return masked_mean(loss, completion_mask), clip_fraction
 
 
 @torch.no_grad()
@@ -65,3 +68,14 @@ def leave_one_out_advantages(returns, group_size):
     groups = returns.float().view(-1, group_size)  # (n_prompts, G)
     others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
     return (groups - others).flatten()
+
+
+def terminal_rewards(pairs, texts, finished, completion_mask, wrong: float = -1.0) -> torch.Tensor:
+    """(B, T): 0 everywhere, +1 / ``wrong`` on each episode's last token (docs/method.md section 4)."""
+    correct = torch.tensor([addition.is_correct(a, b, t) for (a, b), t in zip(pairs, texts)])
+    correct &= finished.cpu()  # an episode that hit the length limit is wrong
+    final = torch.where(correct, 1.0, wrong)
+    rewards = torch.zeros(completion_mask.shape)
+    last = completion_mask.long().sum(-1) - 1  # (B,)
+    rewards[torch.arange(len(pairs)), last] = final
+    return rewards.to(completion_mask.device)

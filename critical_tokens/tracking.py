@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..runs import atomic_dir, read_metrics
+from .runs import atomic_dir, read_metrics
 
 
 def _scalars(record: dict) -> dict[str, float]:

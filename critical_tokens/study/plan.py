@@ -1,53 +1,12 @@
-"""The experiments of a reproduction: presets, and the plan of runs a preset makes (docs/method.md section 7).
-
-A preset (``presets/<name>.json``, or any JSON file of the same shape) fixes every hyper-parameter:
-
-- ``models``: name -> `PretrainConfig` fields. ``{"shipped": "tiny-n4", ...fields}`` means the
-  checkpoint shipped in the package at ``critical_tokens/checkpoints/tiny-n4/`` (the fields say how
-  it was made, so that ``--pretrain`` can redo it from scratch);
-- ``evaluate``: `EvaluateConfig` fields (tables 4-5); ``critical``: `CriticalConfig` fields (table 1);
-- ``rl``: the `RLConfig` fields every RL run shares;
-- ``experiments``, each optional (leave one out and it is "not run"):
-  - ``levels`` (figure 2, tables 4-5): ``{"models": [...]}``, each evaluated on N..N+3 digits;
-  - ``table1``: ``{"models": [...]}``, the certainty gap of critical tokens of each model;
-  - ``kl_comparison`` (figure 4): ``{"model", "seeds", "rl": {overrides}, "arms": [{"name", ...overrides}]}``;
-  - ``beta_sweep`` (figure 6): ``{"model", "seeds", "rl", "betas": [0, 10, ..., "auto"]}``, beta 0
-    being the standard KL penalty (w = c^0 = 1, as in the paper's figure);
-  - ``rl_levels`` (figure 3): ``{"models", "seeds", "rl"}``, one arm per pre-trained model;
-  - ``tracked_tokens`` (figures 4 right and 7): ``{}``, read from the kl_comparison runs;
-  - ``kl_by_model`` (beyond the paper): ``{"models", "seeds", "first_seed", "rl", "arms"}``, the arms of figure 4
-    from each of several models (e.g. pre-trained with different N+1 doses): how the gain of the
-    prioritized KL depends on where RL starts. Its runs are ``OUT/kl_by_model/<model>/<arm>/seed<k>/``.
-  - ``confirm`` (a pre-registered study): ``{"models", "seeds", "first_seed", "rl", "arms",
-    "hypotheses", "alpha", "preregistration", "decision", "title"}``: the arms from each model
-    instance at the seeds ``first_seed .. first_seed + seeds - 1``, the same seeds in every arm
-    (paired), and the hypotheses the report tests on them (checked by `hypotheses`, tested by
-    `report.paired`): each ``{"name", "arm",
-    "versus", "metric", "margin", "role"}`` and optionally ``"direction"`` ("higher", the default,
-    or "lower": the arm is better where the metric, e.g. a KL, is lower; the test is then on
-    versus - arm) and ``"group"``. ``metric`` is a ``final/...`` key; ``margin`` is in its units
-    (0.03: 3 points of accuracy). Roles: "primary", "control", "safety", "comparison",
-    "superiority" (one-sided paired t-test of difference > margin, margin >= 0) and "equivalence"
-    (TOST: |difference| < margin, margin > 0); Holm's correction runs over all of them.
-    ``decision`` is the rule: "confirm" (one primary hypothesis, its controls and safety:
-    `paired.decide`), "per-arm" (a verdict for each arm with a primary hypothesis, from it and
-    that arm's safety hypothesis: `paired.decide_per_arm`) or "placement" (a verdict per group of
-    "superiority", "equivalence" and "comparison" hypotheses: `paired.decide_placement`), which
-    needs ``"placement": {"baseline": arm, "metric": "final/...", "groups": [{"name", "prioritized",
-    "matched"}]}`` (each hypothesis's ``group`` names one, and compares its two arms; the share
-    (P - M) / (P - baseline) on ``metric`` is reported per group). ``analysis`` is the one the
-    decision reads: "pooled" (default: the (instance, seed) units) or "instances" (the per-instance
-    means); both are reported. ``title`` heads its report section. Its runs are
-    ``OUT/confirm/<model>/<arm>/seed<k>/``; ``preregistration`` is the path (in the repository) of
-    the document that fixed the study before it ran.
-  Every experiment may carry a ``"notes"`` string; so may the preset.
+"""A study's plan: the jobs a preset makes, each with its fully resolved config (docs/method.md section 7).
 
 `plan` turns a preset into jobs: one per model to pre-train (cached under ``OUT/pretrain/`` by a
 hash of its config), per evaluation, per critical-token analysis and per RL run
 (``OUT/<experiment>/<arm>/seed<k>/``), each with its fully resolved config. An RL run whose config
 equals an earlier one (beta 0 of the sweep and the standard arm, say) runs once and is shared.
+The arms of a pre-registered study that no hypothesis names run after the others (`design.Study`).
 `selected` and `jobs_to_run` narrow the plan to the experiments of ``--only``. Running the jobs is
-:mod:`critical_tokens.jobs` (one job) and :mod:`critical_tokens.reproduce` (the whole plan).
+`jobs` (one job) and :mod:`critical_tokens.reproduce` (the whole plan).
 """
 
 from __future__ import annotations
@@ -55,124 +14,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .critical import command as critical_command
-from . import checks, evaluate, pretrain as pretraining
-from .rl import config as rl_config
-from .critical.command import CriticalConfig
-from .evaluate import EvaluateConfig
-from .hypotheses import analysed_arms, check_study
-from .preset_fields import SECTIONS, check_keys, section_fields, typed_fields
-from .pretrain import PretrainConfig
-from .rl.config import RLConfig
-from .runs import UserError, read_json
-
-PRESETS_DIR = Path(__file__).parent / "presets"
-CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
-EXPERIMENTS = ("levels", "table1", "kl_comparison", "beta_sweep", "rl_levels", "tracked_tokens", "kl_by_model", "confirm")
-
-# What each experiment may hold besides "notes", and the fields reproduce sets itself.
-EXPERIMENT_KEYS = {
-    "levels": {"models"},
-    "table1": {"models"},
-    "kl_comparison": {"model", "seeds", "rl", "arms"},
-    "beta_sweep": {"model", "seeds", "rl", "betas"},
-    "rl_levels": {"models", "seeds", "rl"},
-    "tracked_tokens": set(),
-    "kl_by_model": {"models", "seeds", "first_seed", "rl", "arms"},
-    "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration", "decision", "title",
-                "analysis", "placement"},
-}
-OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration", "decision", "title", "analysis", "placement"}
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-
-# --- 1. Presets ---------------------------------------------------------------------------------------
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-
-
-def load_preset(name_or_path: str) -> tuple[dict, str]:
-    """(preset, where it came from), checked: every key is a known section, experiment or config
-    field, every value has its field's type and passes the command's own validation."""
-    path = PRESETS_DIR / f"{name_or_path}.json"
-    if not path.exists():
-        path = Path(name_or_path)
-        if path.suffix != ".json" and path.parent == Path("."):  # a name, not a path
-            raise UserError(f"unknown preset {name_or_path!r}: choose {', '.join(preset_names())}, or give the path of a preset JSON file")
-        if not path.is_file():
-            raise UserError(f"preset file {path} {'is not a file' if path.exists() else 'does not exist'}")
-    preset = read_json(path)
-    check_preset(preset, str(path))
-    return preset, str(path)
-
-
-def check_preset(preset: dict, where: str) -> None:
-    if not isinstance(preset, dict):
-        raise UserError(f"{where}: a preset is a JSON object")
-    check_keys(preset, {"name", "description", "notes", *SECTIONS, "experiments"}, where)
-    for key in ("models", "experiments"):
-        if not isinstance(preset.get(key), dict) or not preset[key]:
-            raise UserError(f"{where}: '{key}' must be a non-empty object")
-    for name, fields in preset["models"].items():
-        _check_name(name, f"{where}: model")
-        model_fields(preset, name, where)
-    for section in ("evaluate", "critical", "rl"):
-        section_fields(preset, section, {}, where)
-    for experiment, spec in preset["experiments"].items():
-        if experiment not in EXPERIMENT_KEYS:
-            raise UserError(f"{where}: unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
-        here = f"{where}: experiments.{experiment}"
-        check_keys(spec, EXPERIMENT_KEYS[experiment] | {"notes"}, here)
-        for model in spec.get("models", []) + ([spec["model"]] if "model" in spec else []):
-            if model not in preset["models"]:
-                raise UserError(f"{here}: no model {model!r} in 'models' ({', '.join(preset['models'])})")
-        missing = EXPERIMENT_KEYS[experiment] - OPTIONAL_KEYS - set(spec)
-        if missing:
-            raise UserError(f"{here}: missing {', '.join(sorted(missing))}")
-        if "seeds" in spec and (not isinstance(spec["seeds"], int) or spec["seeds"] < 1):
-            raise UserError(f"{here}: 'seeds' must be a positive integer")
-        if "first_seed" in spec and (not isinstance(spec["first_seed"], int) or spec["first_seed"] < 0):
-            raise UserError(f"{here}: 'first_seed' must be an integer >= 0")
-        if experiment == "confirm":
-            check_study(spec, here)
-    if "tracked_tokens" in preset["experiments"] and "kl_comparison" not in preset["experiments"]:
-        raise UserError(f"{where}: tracked_tokens reads the kl_comparison runs; add a kl_comparison experiment")
-    plan(preset, where)  # builds every config: a bad value fails here, not an hour into the run
-
-
-def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
-    fields = dict(preset["models"][name])
-    shipped = fields.pop("shipped", None)
-    if shipped is not None and not (isinstance(shipped, str) and NAME.match(shipped)):
-        raise UserError(f"{where}: models.{name}.shipped must be the name of a directory in {CHECKPOINTS_DIR}")
-    return typed_fields(PretrainConfig, fields, SECTIONS["models"][1], f"{where}: models.{name}")
-
-
-def _check_name(name: Any, where: str) -> None:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise UserError(f"{where} name {name!r} must be letters, digits, '_', '.', '+' or '-' (it names a directory)")
-
-
-def with_seeds(preset: dict, seeds: int = 0, first_seed: int | None = None) -> dict:
-    """The preset with every experiment's seed count (``--seeds``, unless 0) and first seed
-    (``--first-seed``, unless None) replaced."""
-    preset = json.loads(json.dumps(preset))
-    for spec in preset["experiments"].values():
-        if "seeds" in spec:
-            spec["seeds"] = seeds or spec["seeds"]
-            if first_seed is not None:
-                spec["first_seed"] = first_seed
-    return preset
-
-
-# --- 2. The plan: one job per directory -----------------------------------------------------------------
+from .. import checks, evaluate, pretrain as pretraining
+from ..critical import command as critical_command
+from ..critical.command import CriticalConfig
+from ..evaluate import EvaluateConfig
+from ..pretrain import PretrainConfig
+from ..rl import config as rl_config
+from ..rl.config import RLConfig
+from ..runs import UserError
+from .design import Arm, Study
+from .preset_fields import EXPERIMENTS, model_fields, section_fields
 
 
 @dataclass(frozen=True)
@@ -232,6 +87,7 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
         model_jobs[name] = job
 
     experiments = preset["experiments"]
+    study = Study.from_spec(experiments["confirm"], f"{where}: experiments.confirm") if "confirm" in experiments else None
     jobs: list[Job] = []
     for m in experiments.get("levels", {}).get("models", []):
         config = EvaluateConfig(run=models[m]["dir"], **section_fields(preset, "evaluate", {}, where))
@@ -241,12 +97,12 @@ def plan(preset: dict, where: str = "preset", pretrain: bool = False) -> tuple[l
         config = CriticalConfig(run=models[m]["dir"], **section_fields(preset, "critical", {}, where))
         _checked(critical_command.validate, config, f"{where}: critical")
         jobs.append(Job(f"table1/{m}", "critical", "table1", f"table1/{m}", asdict(config), needs=f"pretrain/{m}", arm=m))
-    for experiment, arms in _rl_arms(experiments, where):
+    for experiment, arms in _rl_arms(experiments, study, where):
         spec = experiments[experiment]
         first = spec.get("first_seed", 0)
         # A study's arms that no hypothesis names (context, e.g. no KL) run after all the others: a
         # study stopped by the clock has its hypotheses' pairs complete at as many seeds as it could.
-        tested = analysed_arms(spec)
+        tested = study.analysed_arms() if experiment == "confirm" else set()
         passes = [[a for a in arms if a[0].split("/")[-1] in tested], [a for a in arms if a[0].split("/")[-1] not in tested]] if tested else [arms]
         order = [(*a, seed) for part in passes for seed in range(first, first + spec["seeds"]) for a in part]  # seed-major: a
         # reproduction stopped early has every arm at (about) the same seeds
@@ -272,8 +128,8 @@ def _checked(validate, config, where: str) -> None:
         raise UserError(f"{where}: {e}") from None
 
 
-def _rl_arms(experiments: dict, where: str):
-    """(experiment, [(arm, model, RLConfig overrides)]) of each RL experiment."""
+def _rl_arms(experiments: dict, study: Study | None, where: str):
+    """(experiment, [(arm, model, RLConfig overrides)]) of each RL experiment (``study``: the ``confirm`` one's)."""
     # rl_levels first: its run from the least trained model is the longest (its rollouts run to the
     # maximum length); started last, it would run alone at the end with the other cores idle.
     if "rl_levels" in experiments:
@@ -295,10 +151,9 @@ def _rl_arms(experiments: dict, where: str):
     if "kl_by_model" in experiments:
         spec = experiments["kl_by_model"]
         yield "kl_by_model", [(f"{m}/{name}", m, overrides) for m in spec["models"] for name, overrides in _kl_arms(spec, "kl_by_model", where)]
-    if "confirm" in experiments:
-        spec = experiments["confirm"]
-        yield "confirm", [(f"{m}/{name}", m, _for_model(overrides, m, f"{where}: experiments.confirm arm {name}"))
-                          for m in spec["models"] for name, overrides in _kl_arms(spec, "confirm", where)]
+    if study is not None:
+        yield "confirm", [(f"{m}/{arm.name}", m, _for_model(arm.overrides, m, f"{where}: experiments.confirm arm {arm.name}"))
+                          for m in study.instances for arm in study.arms]
 
 
 def _for_model(overrides: dict, model: str, where: str) -> dict:
@@ -317,13 +172,7 @@ def _for_model(overrides: dict, model: str, where: str) -> dict:
 
 def _kl_arms(spec: dict, experiment: str, where: str) -> list[tuple[str, dict]]:
     """(name, RLConfig overrides) of each arm of a KL comparison."""
-    arms = []
-    for arm in spec["arms"]:
-        if not isinstance(arm, dict):
-            raise UserError(f"{where}: experiments.{experiment}: each arm is an object with a name and RLConfig fields")
-        _check_name(arm.get("name"), f"{where}: experiments.{experiment} arm")
-        arms.append((arm["name"], {k: v for k, v in arm.items() if k != "name"}))
-    return arms
+    return [(arm.name, arm.overrides) for arm in Arm.parse_all(spec["arms"], f"{where}: experiments.{experiment}")]
 
 
 def _beta_text(beta: Any, where: str) -> str:

@@ -9,8 +9,8 @@ gives all three:
 
 1. `token_stats`: ``group_size`` rollouts per N+1-digit prompt at the sampling temperature
    (generation.generate, which also gives c(s) at the certainty temperature), one teacher-forced pass
-   for the entropy and log-probs (rl.Policy, as the RL loop's step 5), the +1/-1 reward
-   (rl.terminal_rewards), RLOO advantages and the covariance over the whole batch;
+   for the entropy and log-probs (policy.Policy, as the RL loop's step 5), the +1/-1 reward
+   (policy_gradient.terminal_rewards), RLOO advantages and the covariance over the whole batch;
 2. `measure`: per method, over the on-template tokens, the ROC AUC of its score for "critical or not"
    (`auc`), the precision at k = the number of critical tokens (`precision_at_k`), and the precision,
    recall and share of the set it would select with its source's defaults (selection.SelectionCounts);
@@ -31,18 +31,17 @@ import torch
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from . import addition, kl
-from . import token_weights as tw
-from .rl.a2c import entropy_from_logits, token_logprobs
-from .config import arg, check_fields, check_range
-from .generation import addition_stop_rule, concatenate, generate
-from .model import RL_SLACK, check_fits
-from .rl.policy_gradient import leave_one_out_advantages
-from .rl.loop import Policy, terminal_rewards
-from .runs import UserError, check_output, write_json
-from .seeding import stream_seed
+from .. import addition, kl
+from .. import token_weights as tw
+from ..config import arg, check_fields, check_range
+from ..generation import addition_stop_rule, concatenate, generate
+from ..model import RL_SLACK, check_fits
+from ..policy import Policy, entropy_from_logits, token_logprobs
+from ..policy_gradient import leave_one_out_advantages, terminal_rewards
+from ..runs import UserError, check_output, write_json
+from ..seeding import stream_seed
+from ..tokenizer import encode
 from .selection import SelectionCounts, template_masks
-from .tokenizer import encode
 
 TEMPERATURE = 1.0  # the sampling temperature of the CPU presets
 CERTAINTY_TEMPERATURE = 4.0  # the paper's, RLConfig's default
@@ -211,7 +210,7 @@ def table_text(report: dict) -> str:
 
 def criteria(config: CriteriaConfig) -> dict:
     """`critical-tokens criteria RUN_DIR`: the table, and ``criteria.json`` in --out."""
-    from .model import load_pretrained, pick_device
+    from ..model import load_pretrained, pick_device
 
     out = validate(config)
     lm, tokenizer, n_digits = load_pretrained(config.run, kinds=("pretrain",))

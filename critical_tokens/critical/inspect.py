@@ -23,12 +23,12 @@ from typing import Literal
 
 import torch
 
-from . import checks, kl
-from .config import arg, check_fields, check_range
-from .critical.measure import teacher_forced_ids
-from .critical.pictures import CRITICAL_COLOR
-from .model import model_context, pick_device
-from .runs import UserError, atomic_write_text, check_output, describe_kind, read_text, run_kind, write_json
+from .. import checks, kl
+from ..config import arg, check_fields, check_range
+from ..model import model_context, pick_device
+from ..runs import UserError, atomic_write_text, check_output, describe_kind, read_text, run_kind, write_json
+from .measure import teacher_forced_ids
+from .pictures import CRITICAL_COLOR
 
 QUANTILES = (5, 25, 50, 75, 95)  # percent
 FREED = 0.5  # the penalty frees the tokens of weight below this (as criteria.py and selection.py count them)

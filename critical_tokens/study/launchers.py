@@ -1,4 +1,4 @@
-"""Where the jobs of a reproduction run: worker processes here, Ray tasks, or SLURM jobs (submitit).
+"""Where the jobs of a study run: worker processes here, Ray tasks, or SLURM jobs (submitit).
 
 A launcher has one method that matters, ``submit(job, root, resume, wandb) -> Future``: the future of
 :func:`run_job`, a ``{"wall_s": ...}`` or ``{"error": ..., "retry": ...}`` record. Everything else (which
@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
-from .runs import UserError
+from ..runs import UserError
 
 LAUNCHERS = ("local", "ray", "slurm")
 SUBMITIT_CLUSTER: str | None = None  # None: submitit's choice (SLURM where sbatch exists); the tests set "local"

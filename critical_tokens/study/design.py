@@ -1,11 +1,15 @@
-"""A pre-registered study's hypotheses and decision rule as a preset states them (the ``confirm``
-experiment, `experiments`), checked once when the preset loads, each mistake one line.
+"""The design of a pre-registered study, the ``confirm`` experiment of a preset, as frozen objects:
+`Study` (its instances, arms, hypotheses, decision rule, alpha and analysis), `Arm`, `Hypothesis`
+and, for the "placement" rule, `Placement` and its `Group` objects. The preset's JSON is checked once when it loads
+(`check_study`, each mistake one line); `Study.from_spec` builds the objects from it, for the plan
+from the preset and for the report from ``reproduce.json`` (which keeps the preset's JSON as it was,
+so that old study directories still report).
 
 A hypothesis: ``{"name", "arm", "versus", "metric", "margin", "role"}`` and optionally
 ``"direction"`` ("higher", the default, or "lower": the arm is better where the metric, a KL say,
 is lower, and the test is on versus - arm) and ``"group"`` (the "placement" rule). The rule
-(``"decision"``) chooses the roles it reads (`ROLES_OF`); the "placement" rule also needs
-``"placement": {"baseline", "metric", "groups": [{"name", "prioritized", "matched"}]}``.
+(``"decision"``, one of `RULES`) chooses the roles it reads (`ROLES_OF`); the "placement" rule also
+needs ``"placement": {"baseline", "metric", "groups": [{"name", "prioritized", "matched"}]}``.
 ``"analysis"``: "pooled" (the (instance, seed) units, the default) or "instances" (the
 per-instance means), the one the decision reads. The tests and rules themselves are
 `report.paired`.
@@ -14,23 +18,123 @@ per-instance means), the one the decision reads. The tests and rules themselves 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from .preset_fields import check_keys
-from .runs import UserError
+from ..runs import UserError
+from .preset_fields import check_keys, check_name
 
-HYPOTHESIS_KEYS = {"name", "arm", "versus", "metric", "margin", "role"}
-HYPOTHESIS_OPTIONAL = {"direction", "group"}
-DIRECTIONS = ("higher", "lower")  # where the metric is better: an accuracy higher, a KL to the reference lower
-DECISIONS = ("confirm", "per-arm", "placement")  # report.paired.decide, decide_per_arm and decide_placement
+ALPHA = 0.05  # the family-wise level of a study that does not set "alpha"
+Role = Literal["primary", "control", "safety", "comparison", "superiority", "equivalence"]
+RULES = ("confirm", "per-arm", "placement")  # the decision rules: report.paired.decide, decide_per_arm and decide_placement
 # The roles each rule reads; "comparison" and, outside placement, "equivalence" are tested (and in
 # Holm's family) but enter no verdict.
-ROLES_OF = {"confirm": ("primary", "control", "safety", "comparison", "equivalence"),
-            "per-arm": ("primary", "control", "safety", "comparison", "equivalence"),
-            "placement": ("superiority", "equivalence", "comparison")}
+ROLES_OF: dict[str, tuple[Role, ...]] = {"confirm": ("primary", "control", "safety", "comparison", "equivalence"),
+                                         "per-arm": ("primary", "control", "safety", "comparison", "equivalence"),
+                                         "placement": ("superiority", "equivalence", "comparison")}
+DIRECTIONS = ("higher", "lower")  # where the metric is better: an accuracy higher, a KL to the reference lower
 ANALYSES = ("pooled", "instances")  # the decision's units: (instance, seed) pairs, or per-instance means
+HYPOTHESIS_KEYS = {"name", "arm", "versus", "metric", "margin", "role"}
+HYPOTHESIS_OPTIONAL = {"direction", "group"}
 PLACEMENT_KEYS = {"baseline", "metric", "groups"}
 GROUP_KEYS = {"name", "prioritized", "matched"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of an RL experiment: its name (a directory) and its `RLConfig` overrides."""
+
+    name: str
+    overrides: dict = field(hash=False)
+
+    @staticmethod
+    def parse_all(arms: list, where: str) -> tuple[Arm, ...]:
+        """The ``arms`` of an experiment (``where``: ``"<preset>: experiments.<experiment>"``), each checked."""
+        out = []
+        for arm in arms:
+            if not isinstance(arm, dict):
+                raise UserError(f"{where}: each arm is an object with a name and RLConfig fields")
+            check_name(arm.get("name"), f"{where} arm")
+            out.append(Arm(arm["name"], {k: v for k, v in arm.items() if k != "name"}))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One pre-registered comparison of two arms on a ``final/...`` metric, at a margin in its units."""
+
+    name: str
+    arm: str
+    versus: str
+    metric: str
+    margin: float
+    role: Role
+    direction: str = "higher"
+    group: str | None = None
+
+    def compared(self) -> str:
+        """The difference it tests, as the tables write it."""
+        if self.direction == "lower":
+            return f"{self.versus} - {self.arm} (lower is better)"
+        return f"{self.arm} - {self.versus}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A strength of the "placement" rule: a prioritized arm and the uniform arm matched to it."""
+
+    name: str
+    prioritized: str
+    matched: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The "placement" rule's baseline arm, the metric of the placement share, and its groups."""
+
+    baseline: str
+    metric: str
+    groups: tuple[Group, ...]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A pre-registered study: its model ``instances``, ``arms`` and ``hypotheses``, the decision
+    ``rule`` (one of `RULES`), ``alpha``, the ``analysis`` the rule reads, the placement groups
+    (rule "placement"), the report section's ``title`` and the ``preregistration`` document."""
+
+    instances: tuple[str, ...]
+    arms: tuple[Arm, ...]
+    hypotheses: tuple[Hypothesis, ...]
+    rule: str = "confirm"
+    alpha: float = ALPHA
+    analysis: str = "pooled"
+    placement: Placement | None = None
+    title: str | None = None
+    preregistration: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: dict, where: str = "reproduce.json: experiments.confirm") -> Study:
+        """The study as a preset states it (``spec``: its ``confirm`` experiment, checked by `check_study`
+        when the preset loaded); the plan builds it from the preset, the report from reproduce.json."""
+        placement = spec.get("placement")
+        return cls(tuple(spec["models"]), Arm.parse_all(spec["arms"], where),
+                   tuple(Hypothesis(**h) for h in spec["hypotheses"]), spec.get("decision", "confirm"), spec.get("alpha", ALPHA),
+                   spec.get("analysis", "pooled"),
+                   None if placement is None else Placement(placement["baseline"], placement["metric"],
+                                                            tuple(Group(**g) for g in placement["groups"])),
+                   spec.get("title"), spec.get("preregistration"))
+
+    def analysed_arms(self) -> set[str]:
+        """The arms its analysis reads: those its hypotheses compare, and its placement groups' and baseline."""
+        named = {name for h in self.hypotheses for name in (h.arm, h.versus)}
+        if self.placement is None:
+            return named
+        return named | {self.placement.baseline} | {name for g in self.placement.groups for name in (g.prioritized, g.matched)}
+
+    def metrics(self) -> list[str]:
+        """Every endpoint a hypothesis (or the placement share) reads, in order, once."""
+        return list(dict.fromkeys([h.metric for h in self.hypotheses] + ([self.placement.metric] if self.placement else [])))
 
 
 def check_study(spec: dict, where: str) -> None:
@@ -38,29 +142,29 @@ def check_study(spec: dict, where: str) -> None:
     arms = {arm.get("name") for arm in spec["arms"] if isinstance(arm, dict)}
     if not isinstance(spec["hypotheses"], list) or not spec["hypotheses"]:
         raise UserError(f"{where}: 'hypotheses' must be a non-empty list")
-    decision = spec.get("decision", "confirm")
-    if decision not in DECISIONS:
-        raise UserError(f"{where}: 'decision' is one of {', '.join(DECISIONS)}, got {decision!r}")
-    if (decision == "placement") != ("placement" in spec):
+    rule = spec.get("decision", "confirm")
+    if rule not in RULES:
+        raise UserError(f"{where}: 'decision' is one of {', '.join(RULES)}, got {rule!r}")
+    if (rule == "placement") != ("placement" in spec):
         raise UserError(f"{where}: 'placement' (baseline, metric, groups) goes with, and only with, \"decision\": \"placement\"")
     names = []
     for h in spec["hypotheses"]:
-        _check_hypothesis(h, arms, ROLES_OF[decision], f"{where}: hypothesis")
+        _check_hypothesis(h, arms, ROLES_OF[rule], f"{where}: hypothesis")
         if h["name"] in names:
             raise UserError(f"{where}: two hypotheses are named {h['name']!r}")
         names.append(h["name"])
     primaries = [h["arm"] for h in spec["hypotheses"] if h["role"] == "primary"]
-    if decision == "confirm" and len(primaries) != 1:
+    if rule == "confirm" and len(primaries) != 1:
         raise UserError(f"{where}: exactly one hypothesis has the role 'primary'")
-    if decision == "per-arm" and (not primaries or len(set(primaries)) != len(primaries)):
+    if rule == "per-arm" and (not primaries or len(set(primaries)) != len(primaries)):
         raise UserError(f"{where}: decision per-arm: each arm it judges has exactly one 'primary' hypothesis (and at least one arm)")
-    if decision == "placement":
+    if rule == "placement":
         _check_placement(spec, arms, where)
     elif any("group" in h for h in spec["hypotheses"]):
-        raise UserError(f"{where}: a hypothesis's 'group' names a group of \"decision\": \"placement\"; this study's decision is {decision}")
+        raise UserError(f"{where}: a hypothesis's 'group' names a group of \"decision\": \"placement\"; this study's decision is {rule}")
     if not isinstance(spec.get("title", ""), str):
         raise UserError(f"{where}: 'title' must be a string")
-    alpha = spec.get("alpha", 0.05)
+    alpha = spec.get("alpha", ALPHA)
     if not isinstance(alpha, float) or not 0 < alpha < 1:
         raise UserError(f"{where}: 'alpha' must be a number in (0, 1)")
     if spec.get("analysis", "pooled") not in ANALYSES:
@@ -125,12 +229,3 @@ def _check_placement(spec: dict, arms: set, where: str) -> None:
     for group in pairs:
         if not any(h["group"] == group and h["role"] != "comparison" for h in spec["hypotheses"]):
             raise UserError(f"{here}: group {group!r} has no superiority or equivalence hypothesis to decide it")
-
-
-def analysed_arms(spec: dict) -> set[str]:
-    """The arms a study's analysis reads: those its hypotheses compare, and its placement groups' and baseline."""
-    named = {h[key] for h in spec.get("hypotheses", []) for key in ("arm", "versus")}
-    placement = spec.get("placement")
-    if not placement:
-        return named
-    return named | {placement["baseline"]} | {g[key] for g in placement["groups"] for key in ("prioritized", "matched")}

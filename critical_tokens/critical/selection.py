@@ -19,8 +19,8 @@ from typing import Sequence
 
 import torch
 
-from . import addition
-from .evaluate import first_difference
+from .. import addition
+from ..evaluate import first_difference
 
 
 def template_masks(pairs: Sequence[tuple[int, int]], texts: Sequence[str], n_digits: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

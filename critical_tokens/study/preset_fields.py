@@ -1,20 +1,40 @@
-"""The sections of a reproduction preset and their typed fields (read by `experiments` and `report`).
+"""The sections and experiments of a preset, and their typed fields (read by `preset`, `plan` and the report).
 
 Each section of a preset fills one command's frozen config; a JSON value is converted to its field's
 type (``150`` -> ``"150"`` for ``--beta``, a list -> a tuple) and an unknown key is a UserError.
+`EXPERIMENT_KEYS` says what each experiment may hold; a name (a model's, an arm's) names a directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from .critical.command import CriticalConfig
-from .evaluate import EvaluateConfig
-from .pretrain import PretrainConfig
-from .rl.config import RLConfig
-from .runs import UserError
+from ..critical.command import CriticalConfig
+from ..evaluate import EvaluateConfig
+from ..pretrain import PretrainConfig
+from ..rl.config import RLConfig
+from ..runs import UserError
+
+CHECKPOINTS_DIR = Path(__file__).parents[1] / "checkpoints"  # the pre-trained models the package ships
+EXPERIMENTS = ("levels", "table1", "kl_comparison", "beta_sweep", "rl_levels", "tracked_tokens", "kl_by_model", "confirm")
+# What each experiment may hold besides "notes", and the fields reproduce sets itself.
+EXPERIMENT_KEYS = {
+    "levels": {"models"},
+    "table1": {"models"},
+    "kl_comparison": {"model", "seeds", "rl", "arms"},
+    "beta_sweep": {"model", "seeds", "rl", "betas"},
+    "rl_levels": {"models", "seeds", "rl"},
+    "tracked_tokens": set(),
+    "kl_by_model": {"models", "seeds", "first_seed", "rl", "arms"},
+    "confirm": {"models", "seeds", "first_seed", "rl", "arms", "hypotheses", "alpha", "preregistration", "decision", "title",
+                "analysis", "placement"},
+}
+OPTIONAL_KEYS = {"rl", "first_seed", "alpha", "preregistration", "decision", "title", "analysis", "placement"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 SECTIONS = {  # preset section -> (config class, fields reproduce sets)
     "models": (PretrainConfig, {"out", "device", "resume"}),
@@ -22,6 +42,20 @@ SECTIONS = {  # preset section -> (config class, fields reproduce sets)
     "critical": (CriticalConfig, {"run", "out", "n_digits", "html", "png"}),
     "rl": (RLConfig, {"pretrained", "out", "device", "resume", "seed"}),
 }
+
+
+def model_fields(preset: dict, name: str, where: str = "preset") -> dict:
+    """The `PretrainConfig` fields of the preset's model ``name`` (``shipped`` aside)."""
+    fields = dict(preset["models"][name])
+    shipped = fields.pop("shipped", None)
+    if shipped is not None and not (isinstance(shipped, str) and NAME.match(shipped)):
+        raise UserError(f"{where}: models.{name}.shipped must be the name of a directory in {CHECKPOINTS_DIR}")
+    return typed_fields(PretrainConfig, fields, SECTIONS["models"][1], f"{where}: models.{name}")
+
+
+def check_name(name: Any, where: str) -> None:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise UserError(f"{where} name {name!r} must be letters, digits, '_', '.', '+' or '-' (it names a directory)")
 
 
 def section_fields(preset: dict, section: str, overrides: dict, where: str = "preset") -> dict:

@@ -1,8 +1,8 @@
-"""Reading a reproduction directory: the plan, each job's results, the timing; the runs' metrics.
+"""Reading a study directory (the ``--out`` of ``reproduce``): the plan, each job's results, the timing; the runs' metrics.
 
-A reproduction is files (``reproduce.json``: the plan and every hyper-parameter; ``timing.json``:
+A study directory is files (``reproduce.json``: the plan and every hyper-parameter; ``timing.json``:
 wall time, hardware; per job ``DONE.json``, ``metrics.jsonl``, ``config.json``, ``table.json``,
-``report.json``). The report reads them through `Reproduction`, never a live object.
+``report.json``). The report reads them through `StudyDir`, never a live object.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ class Runs(list):
         self.trials = {key: config[field] for key, field in ACCURACY_EPISODES.items() if isinstance(config.get(field), int)}
 
 
-class Reproduction:
-    """A reproduction directory as files: the plan, the jobs' results, the timing."""
+class StudyDir:
+    """A study directory as files: the plan, the jobs' results, the timing."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -1,4 +1,4 @@
-"""One job of a reproduction's plan (an `experiments.Job`): where it stands on disk, and running it.
+"""One job of a study's plan (a `plan.Job`): where it stands on disk, and running it.
 
 `job_status` reads the job's directory: done (``DONE.json`` with the same config), to resume (the
 checkpoint of an interrupted run) or fresh; a directory made with other hyper-parameters is an
@@ -20,12 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from .critical.command import CriticalConfig
-from .evaluate import EvaluateConfig
-from .experiments import CHECKPOINTS_DIR, Job, comparable
-from .pretrain import PretrainConfig
-from .rl.config import RLConfig
-from .runs import UserError, read_json, write_json
+from ..critical.command import CriticalConfig
+from ..evaluate import EvaluateConfig
+from ..pretrain import PretrainConfig
+from ..rl.config import RLConfig
+from ..runs import UserError, read_json, write_json
+from .plan import Job, comparable
+from .preset_fields import CHECKPOINTS_DIR
 
 DONE = "DONE.json"  # written in a job's directory when it has finished
 PATH_FIELDS = ("out", "pretrained", "run", "init_from")  # relative to OUT in a job's config
@@ -72,13 +73,13 @@ def _absolute(config: dict, root: Path) -> dict:
 
 
 def _run_pretrain(job: Job, root: Path, resume: bool) -> None:
-    from .pretrain import pretrain
+    from ..pretrain import pretrain
 
     pretrain(dataclasses.replace(PretrainConfig(**_absolute(job.config, root)), resume=resume))
 
 
 def _run_copy(job: Job, root: Path, resume: bool) -> None:
-    from .runs import atomic_dir
+    from ..runs import atomic_dir
 
     source = CHECKPOINTS_DIR / job.config["shipped"]
     with atomic_dir(root / job.dir) as tmp:
@@ -87,9 +88,9 @@ def _run_copy(job: Job, root: Path, resume: bool) -> None:
 
 
 def _run_evaluate(job: Job, root: Path, resume: bool) -> None:
-    from .evaluate import evaluate_model, table_markdown
-    from .model import load_pretrained, pick_device
-    from .runs import atomic_write_text
+    from ..evaluate import evaluate_model, table_markdown
+    from ..model import load_pretrained, pick_device
+    from ..runs import atomic_write_text
 
     config = EvaluateConfig(**_absolute(job.config, root))
     model, tokenizer, n_digits = load_pretrained(config.run, config.n_digits)
@@ -100,7 +101,7 @@ def _run_evaluate(job: Job, root: Path, resume: bool) -> None:
 
 
 def _run_critical(job: Job, root: Path, resume: bool) -> None:
-    from .critical.command import critical
+    from ..critical.command import critical
 
     config = CriticalConfig(**_absolute(job.config, root))
     critical(config)  # writes RUN/critical/report.json beside the model; the experiment keeps a copy
@@ -110,7 +111,7 @@ def _run_critical(job: Job, root: Path, resume: bool) -> None:
 
 
 def _run_rl(job: Job, root: Path, resume: bool) -> None:
-    from .rl.loop import train
+    from ..rl.loop import train
 
     train(dataclasses.replace(RLConfig(**_absolute(job.config, root)), resume=resume))
 
@@ -141,7 +142,7 @@ def _output_to(path: Path):
 
 def execute(job: Job, root: str, resume: bool, wandb: bool) -> float:
     """Runs one job in a worker process, its output in OUT/logs/; returns its wall time in seconds."""
-    from .report import log_wandb, write_tensorboard
+    from ..tracking import log_wandb, write_tensorboard
 
     root = Path(root)
     directory = root / job.dir
