@@ -7,6 +7,7 @@ minute, so only ratios measured side by side mean something.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -86,3 +87,29 @@ def median(values) -> float:
 
 def fmt_rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.2f}" if x >= 1 else f"{x:.3g}"
+
+
+@contextlib.contextmanager
+def commit_tree(root, commit: str):
+    """A temporary git worktree of ``root`` at ``commit`` (a Path), removed on exit; exits with one line if it cannot be made."""
+    import pathlib
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as parent:
+        tree = pathlib.Path(parent) / "baseline"
+        made = subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=root, capture_output=True, text=True)
+        if made.returncode:
+            sys.exit(f"error: cannot check out {commit}: {made.stderr.strip().splitlines()[-1]}")
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root, capture_output=True)
+
+
+def cpu_confirm_preset(tree) -> str:
+    """The path of cpu-confirm's preset in ``tree`` (critical_tokens/study/presets/ since issue 34, critical_tokens/presets/ before)."""
+    import pathlib
+
+    new = pathlib.Path(tree) / "critical_tokens" / "study" / "presets" / "cpu-confirm.json"
+    return str(new if new.exists() else pathlib.Path(tree) / "critical_tokens" / "presets" / "cpu-confirm.json")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine_header  # noqa: E402
+from common import commit_tree, cpu_confirm_preset, machine_header  # noqa: E402
 
 # Runs inside the tree under test (PYTHONPATH): its own RLConfig, train and preset.
 ONE_RUN = r"""
@@ -34,7 +34,7 @@ import json, resource, sys, time, torch
 torch.set_num_threads(1)
 from critical_tokens.rl.config import RLConfig
 from critical_tokens.rl.loop import train
-preset = json.load(open("critical_tokens/study/presets/cpu-confirm.json"))
+preset = json.load(open(sys.argv[3]))
 config = RLConfig(**preset["rl"], kl="prioritized", beta="8", pretrained="critical_tokens/checkpoints/tiny-n3-d1-lr3e-4",
                   out=sys.argv[1], seed=int(sys.argv[2]))
 wall, cpu = time.perf_counter(), time.process_time()
@@ -50,7 +50,7 @@ print("RESULT " + json.dumps({"wall": wall, "cpu": cpu, **parts, "final_sampled"
 def run_once(tree: Path, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-c", ONE_RUN, str(Path(out) / "run"), str(seed)], cwd=tree, env=env,
+        done = subprocess.run([sys.executable, "-c", ONE_RUN, str(Path(out) / "run"), str(seed), cpu_confirm_preset(tree)], cwd=tree, env=env,
                               capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"error: the run in {tree} failed:\n{done.stderr[-2000:]}")
@@ -71,23 +71,16 @@ def main() -> None:
     if args.rounds <= 0:
         parser.error("--rounds must be positive")
     machine_header(f"one study run (cpu-confirm, prioritized beta 8, 1 thread): {args.baseline} against the working tree", threads=1)
-    with tempfile.TemporaryDirectory() as parent:
-        old_tree = Path(parent) / "baseline"
-        made = subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.baseline], cwd=ROOT, capture_output=True, text=True)
-        if made.returncode:
-            sys.exit(f"error: cannot check out {args.baseline}: {made.stderr.strip().splitlines()[-1]}")
-        try:
-            ratios, cpu_ratios = [], []
-            for round_ in range(args.rounds):
-                sides = [("old", old_tree), ("new", ROOT)]
-                results = {name: run_once(tree, args.seed) for name, tree in (sides if round_ % 2 == 0 else sides[::-1])}
-                ratios.append(results["old"]["wall"] / results["new"]["wall"])
-                cpu_ratios.append(results["old"]["cpu"] / results["new"]["cpu"])
-                print(f"round {round_ + 1}: old / new wall {ratios[-1]:.2f}x, cpu {cpu_ratios[-1]:.2f}x")
-                for name in ("old", "new"):
-                    print(describe(name, results[name]))
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, capture_output=True)
+    with commit_tree(ROOT, args.baseline) as old_tree:
+        ratios, cpu_ratios = [], []
+        for round_ in range(args.rounds):
+            sides = [("old", old_tree), ("new", ROOT)]
+            results = {name: run_once(tree, args.seed) for name, tree in (sides if round_ % 2 == 0 else sides[::-1])}
+            ratios.append(results["old"]["wall"] / results["new"]["wall"])
+            cpu_ratios.append(results["old"]["cpu"] / results["new"]["cpu"])
+            print(f"round {round_ + 1}: old / new wall {ratios[-1]:.2f}x, cpu {cpu_ratios[-1]:.2f}x")
+            for name in ("old", "new"):
+                print(describe(name, results[name]))
     print(f"cpu-time speedup: {statistics.median(cpu_ratios):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in cpu_ratios)})")
     print(f"speedup: {statistics.median(ratios):.2f}x")
 

@@ -1,0 +1,94 @@
+"""The same numbers at two commits: RL runs of the studies' arms at an older commit and at the working tree, compared number for number.
+
+A change meant to leave behaviour alone (a refactor, a new layout) is checked by running the same
+configurations at both commits, each in its own process with one torch thread, and comparing every
+number of their ``metrics.jsonl`` (the ``time/*`` keys aside) and of ``final_eval.json``:
+
+    python scripts/same_numbers.py --baseline 094f75d                        # cpu-confirm's prioritized arm, cpu-methods' archer arm
+    python scripts/same_numbers.py --baseline 094f75d --arms cpu-methods:kl-cov --episodes 640
+
+Each ARM is ``PRESET:ARM`` of a study (the ``confirm`` experiment): the run is the preset's RL values,
+the study's and the arm's overrides, on the shipped regime model ``tiny-n3-d1-lr3e-4``, at ``--seed``,
+for ``--episodes`` episodes (the final evaluation at the preset's sizes). Prints one line per arm
+("identical" or the differing keys) and exits 1 if any differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import commit_tree  # noqa: E402
+
+# Runs inside the tree under test (PYTHONPATH): its own RLConfig, train and presets (either layout).
+ONE_RUN = r"""
+import json, sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from critical_tokens.rl.config import RLConfig
+from critical_tokens.rl.loop import train
+out, preset_name, arm_name, seed, episodes = sys.argv[1:6]
+folder = next(p for p in (Path("critical_tokens/study/presets"), Path("critical_tokens/presets")) if p.is_dir())
+preset = json.loads((folder / f"{preset_name}.json").read_text())
+study = preset["experiments"]["confirm"]
+arm = next(a for a in study["arms"] if a["name"] == arm_name)
+values = {**preset["rl"], **study.get("rl", {}), **{k: v for k, v in arm.items() if k != "name"}}
+train(RLConfig(**values, pretrained="critical_tokens/checkpoints/tiny-n3-d1-lr3e-4", out=out, seed=int(seed), episodes=int(episodes)))
+"""
+
+
+def run(tree: Path, out: Path, arm: str, seed: int, episodes: int) -> tuple[list[dict], dict]:
+    """One run of ``arm`` in ``tree``: its metrics lines without time/*, and its final_eval.json."""
+    preset, name = arm.split(":", 1)
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", ONE_RUN, str(out), preset, name, str(seed), str(episodes)], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"error: {arm} in {tree} failed:\n{done.stderr[-2000:]}")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines], json.loads((out / "final_eval.json").read_text())
+
+
+def differences(old, new, where: str = "") -> list[str]:
+    """The paths at which two JSON values differ (floats compared exactly; NaN equals NaN)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in differences(old.get(k), new.get(k), f"{where}.{k}")]
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return [f"{where}: {len(old)} against {len(new)} items"]
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
+    same = old == new or (isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new))
+    return [] if same else [f"{where}: {old!r} against {new!r}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", required=True, help="the commit to compare with")
+    parser.add_argument("--arms", nargs="+", default=["cpu-confirm:prioritized", "cpu-methods:archer"], help="PRESET:ARM of each run")
+    parser.add_argument("--seed", type=int, default=7705, help="the RL seed of every run")
+    parser.add_argument("--episodes", type=int, default=160, help="episodes of every run (the preset's final evaluation at the end)")
+    args = parser.parse_args()
+    if args.episodes <= 0 or any(":" not in arm for arm in args.arms):
+        parser.error("--episodes must be positive and each arm PRESET:ARM")
+    differ = False
+    with commit_tree(ROOT, args.baseline) as old_tree, tempfile.TemporaryDirectory() as scratch:
+        for k, arm in enumerate(args.arms):
+            old = run(old_tree, Path(scratch) / f"old{k}", arm, args.seed, args.episodes)
+            new = run(ROOT, Path(scratch) / f"new{k}", arm, args.seed, args.episodes)
+            found = differences(old, new)
+            differ |= bool(found)
+            print(f"{arm} (seed {args.seed}, {args.episodes} episodes, {len(old[0])} metrics lines): "
+                  + ("identical" if not found else f"{len(found)} differences: " + "; ".join(found[:5])))
+    sys.exit(1 if differ else 0)
+
+
+if __name__ == "__main__":
+    main()
