@@ -40,8 +40,9 @@ folder = next(p for p in (Path("critical_tokens/study/presets"), Path("critical_
 preset = json.loads((folder / f"{preset_name}.json").read_text())
 study = preset["experiments"]["confirm"]
 arm = next(a for a in study["arms"] if a["name"] == arm_name)
-values = {**preset["rl"], **study.get("rl", {}), **{k: v for k, v in arm.items() if k != "name"}}
-train(RLConfig(**values, pretrained="critical_tokens/checkpoints/tiny-n3-d1-lr3e-4", out=out, seed=int(seed), episodes=int(episodes)))
+values = {**preset["rl"], **study.get("rl", {}), **{k: v for k, v in arm.items() if k != "name"},
+          "pretrained": "critical_tokens/checkpoints/tiny-n3-d1-lr3e-4", "out": out, "seed": int(seed), "episodes": int(episodes)}
+train(RLConfig(**values))
 """
 
 
