@@ -80,9 +80,11 @@ def save_random_model(root: Path, preset: str) -> Path:
     return root
 
 
-def step_seconds(trainer_class, config_class, pretrained: Path, out: Path, args, loaded=None, **options) -> list[float]:
+def step_seconds(trainer_class, config_class, pretrained: Path, out: Path, args, loaded=None, cpu: list | None = None, **options) -> list[float]:
     """Seconds of each optimizer step after the first, from a fresh trainer's train(). ``loaded``: the
-    (model, tokenizer, dataset) to train on, if not the addition model saved at ``pretrained``."""
+    (model, tokenizer, dataset) to train on, if not the addition model saved at ``pretrained``;
+    ``cpu``: a list that receives each of those steps' CPU seconds of this process (all its threads),
+    which other jobs on the machine disturb far less than the wall time."""
     if loaded is None:
         model, tokenizer, _ = load_pretrained(pretrained)
         prompts_per_step = args.completions // args.num_generations
@@ -90,11 +92,12 @@ def step_seconds(trainer_class, config_class, pretrained: Path, out: Path, args,
         dataset = Dataset.from_dict({"prompt": [addition.prompt(a, b) for a, b in pairs]})
     else:
         model, tokenizer, dataset = loaded
-    ends = []
+    ends, cpu_ends = [], []
 
     class StepTimes(TrainerCallback):
         def on_step_end(self, *_, **__):
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     config = config_class(output_dir=str(out), per_device_train_batch_size=args.completions, num_generations=args.num_generations,
                           max_completion_length=args.length, generation_kwargs={"min_new_tokens": args.length}, temperature=1.0,
@@ -105,9 +108,11 @@ def step_seconds(trainer_class, config_class, pretrained: Path, out: Path, args,
                             train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimes()])
     trainer.remove_callback(PrinterCallback)
     torch.set_num_threads(threads)  # the Trainer sets its own; keep the benchmark's
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    ends = [start] + ends
+    ends, cpu_ends = [start] + ends, [cpu_start] + cpu_ends
+    if cpu is not None:
+        cpu[:] = [b - a for a, b in zip(cpu_ends[1:], cpu_ends[2:])]
     return [b - a for a, b in zip(ends[1:], ends[2:])]  # the first step (warm-up) is not timed
 
 
@@ -198,9 +203,10 @@ def child(args) -> None:
     trainer_class, config_class, options = side(args.child)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     loaded = load_qwen2(Path(args.model_dir), (args.completions // args.num_generations) * args.steps)
-    seconds = step_seconds(trainer_class, config_class, Path(args.model_dir), Path(args.out), args, loaded=loaded, **options)
+    cpu: list[float] = []
+    seconds = step_seconds(trainer_class, config_class, Path(args.model_dir), Path(args.out), args, loaded=loaded, cpu=cpu, **options)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
-    print("RESULT " + json.dumps({"side": args.child, "seconds": seconds, "peak_bytes": peak, "rss_before_bytes": rss_before}))
+    print("RESULT " + json.dumps({"side": args.child, "seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak, "rss_before_bytes": rss_before}))
 
 
 def run_child(side: str, model_dir: Path, out: Path, args) -> dict:
@@ -245,9 +251,11 @@ def qwen2_main(args) -> None:
         for name in args.rules:
             step_ratios = [median(x["seconds"]) / median(p["seconds"]) for x, p in zip(results[name], results["plain"])]
             memory_ratios = [x["peak_bytes"] / p["peak_bytes"] for x, p in zip(results[name], results["plain"])]
+            cpu_ratios = [median(x["cpu_seconds"]) / median(p["cpu_seconds"]) for x, p in zip(results[name], results["plain"])]
             step_ratio, memory_ratio = median(step_ratios), median(memory_ratios)
             print(f"  {name}: {step[name]:.2f} s/step, {peak[name]:.2f} GiB peak; / plain: step time {step_ratio:.3f} "
-                  f"({', '.join(f'{x:.3f}' for x in step_ratios)}), peak memory {memory_ratio:.3f} ({', '.join(f'{x:.3f}' for x in memory_ratios)}); "
+                  f"({', '.join(f'{x:.3f}' for x in step_ratios)}), step CPU time {median(cpu_ratios):.3f} "
+                  f"({', '.join(f'{x:.3f}' for x in cpu_ratios)}), peak memory {memory_ratio:.3f} ({', '.join(f'{x:.3f}' for x in memory_ratios)}); "
                   f"targets: step +5% {'met' if step_ratio <= 1.05 else 'NOT met'} ({100 * (step_ratio - 1):+.1f}%), "
                   f"peak +10% {'met' if memory_ratio <= 1.10 else 'NOT met'} ({100 * (memory_ratio - 1):+.1f}%)")
 
