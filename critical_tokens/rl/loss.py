@@ -25,9 +25,9 @@ import torch
 
 from .. import kl
 from .. import token_weights as tw
+from ..policy_gradient import clipped_surrogate
 from .batch import RolloutBatch
 from .config import RLConfig
-from ..policy_gradient import clipped_surrogate
 
 
 @dataclass(frozen=True)
