@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import platform
+import subprocess
 import sys
+import tempfile
 import statistics
 import time
 import warnings
@@ -92,10 +95,6 @@ def fmt_rate(x: float) -> str:
 @contextlib.contextmanager
 def commit_tree(root, commit: str):
     """A temporary git worktree of ``root`` at ``commit`` (a Path), removed on exit; exits with one line if it cannot be made."""
-    import pathlib
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory() as parent:
         tree = pathlib.Path(parent) / "baseline"
         made = subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=root, capture_output=True, text=True)
@@ -107,9 +106,8 @@ def commit_tree(root, commit: str):
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root, capture_output=True)
 
 
-def cpu_confirm_preset(tree) -> str:
-    """The path of cpu-confirm's preset in ``tree`` (critical_tokens/study/presets/ since issue 34, critical_tokens/presets/ before)."""
-    import pathlib
-
-    new = pathlib.Path(tree) / "critical_tokens" / "study" / "presets" / "cpu-confirm.json"
-    return str(new if new.exists() else pathlib.Path(tree) / "critical_tokens" / "presets" / "cpu-confirm.json")
+def presets_dir(tree) -> pathlib.Path:
+    """The folder of the packaged presets in ``tree``: critical_tokens/study/presets/ since issue 34,
+    critical_tokens/presets/ at older commits."""
+    new = pathlib.Path(tree) / "critical_tokens" / "study" / "presets"
+    return new if new.is_dir() else pathlib.Path(tree) / "critical_tokens" / "presets"

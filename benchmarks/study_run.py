@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import commit_tree, cpu_confirm_preset, machine_header  # noqa: E402
+from common import commit_tree, machine_header, presets_dir  # noqa: E402
 
 # Runs inside the tree under test (PYTHONPATH): its own RLConfig, train and preset.
 ONE_RUN = r"""
@@ -50,7 +50,7 @@ print("RESULT " + json.dumps({"wall": wall, "cpu": cpu, **parts, "final_sampled"
 def run_once(tree: Path, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-c", ONE_RUN, str(Path(out) / "run"), str(seed), cpu_confirm_preset(tree)], cwd=tree, env=env,
+        done = subprocess.run([sys.executable, "-c", ONE_RUN, str(Path(out) / "run"), str(seed), str(presets_dir(tree) / "cpu-confirm.json")], cwd=tree, env=env,
                               capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"error: the run in {tree} failed:\n{done.stderr[-2000:]}")

@@ -42,12 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from critical_tokens.rl.endpoints import KL_FLOOR  # noqa: E402
 from critical_tokens.runs import UserError, atomic_write_text, read_metrics, write_json  # noqa: E402
+from critical_tokens.study.preset import PRESETS_DIR  # noqa: E402
 
 BETAS = (4, 8, 16)
 KL_COEF = 5.0
 PILOT_SEEDS = (900, 3)  # first seed, count: disjoint from every study's seeds (cpu-confirm 100-109, cpu-methods 300-309, trl-grpo 500-507)
 INSTANCES = 4
-STUDY_SEEDS = (600, 15)  # first seed, count: fresh (earlier studies: 0-9, 100-109, 200-211, 300-309, 500-507; pilots 900-902)
+STUDY_SEEDS = (600, 15)  # first seed, count: no preset uses them (tested); pilots 900-902
 ACCURACY_MARGIN = 0.03  # the equivalence margin on sampled N+1 accuracy: 3 points
 COMFORT_MARGIN = 0.5  # the equivalence margin on log10 of the comfort KL: half an order of magnitude (a factor of 3.16)
 ACC, COMFORT_KL, COMFORT = "final/accuracy_sampled", "final/comfort_kl", "final/comfort_kl_log10"
@@ -69,12 +70,18 @@ def chosen_instances(rows: Path, partial: bool = False) -> list[int]:
     return seeds
 
 
-def pilot_preset(seeds: list[int]) -> dict:
-    """cpu-confirm's preset with the chosen instances and the pilot arms in place of its study."""
-    base = json.loads((ROOT / "critical_tokens" / "study" / "presets" / "cpu-confirm.json").read_text())
+def cpu_confirm_with(seeds: list[int]) -> tuple[dict, dict]:
+    """cpu-confirm's preset, and its models with its instances replaced by the regime recipe at ``seeds`` (``i<seed>``)."""
+    base = json.loads((PRESETS_DIR / "cpu-confirm.json").read_text())
     template = base["models"]["i21"]
     models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
     models.update({f"i{s}": {**copy.deepcopy(template), "seed": s} for s in seeds})
+    return base, models
+
+
+def pilot_preset(seeds: list[int]) -> dict:
+    """cpu-confirm's preset with the chosen instances and the pilot arms in place of its study."""
+    base, models = cpu_confirm_with(seeds)
     arms = [{"name": f"prio-b{b}", "kl": "prioritized", "beta": str(b)} for b in BETAS]  # the standard arm: no calibration reads it
     return {"name": "cpu-placement-pilot",
             "description": "The pilots of cpu-placement: the realized penalty of the prioritized arms at beta 4, 8 and 16, and the "
@@ -135,7 +142,7 @@ def _pooled_sd(groups: list[list[float]]) -> float | None:
 
 
 def power_inputs(result: dict) -> dict:
-    """The spreads and margins the study's power is computed from, by rules fixed before the pilots ended.
+    """The spreads and margins the study's power is computed from (the rules of the module docstring).
 
     - accuracy: the pilots have no matched arm, so the spread of prioritized - matched is taken from the
       closest pairs they have, prioritized at adjacent betas (4 - 8 and 8 - 16) on the same seed: the
@@ -172,12 +179,8 @@ def study_preset(result: dict) -> dict:
     matched per instance to its realized penalty), per beta superiority and TOST on sampled N+1 accuracy
     and on log10 of the comfort KL (lower is better), the replication of cpu-confirm's H1 as a
     comparison, and the placement decision rule."""
-    base = json.loads((ROOT / "critical_tokens" / "study" / "presets" / "cpu-confirm.json").read_text())
-    template = base["models"]["i21"]
     instances = list(result["instances"])
-    models = {k: v for k, v in base["models"].items() if not k.startswith("i")}
-    models.update({name: {**copy.deepcopy(template), "seed": int(name.removeprefix("i"))} for name in instances})
-    margins = power_inputs(result)
+    base, models = cpu_confirm_with([int(name.removeprefix("i")) for name in instances])
     arms = [{"name": "standard", "kl": "standard"}]
     hypotheses = [{"name": "C-b8", "arm": "prio-b8", "versus": "standard", "metric": ACC, "margin": 0.0, "role": "comparison", "group": "beta 8"}]
     groups = []
@@ -269,9 +272,9 @@ def main() -> None:
         elif args.command == "calibrate":
             result = calibrate([Path(r) for r in args.run])
             write_json(Path(args.to + ".json"), result)
-            atomic_write_text(Path(args.to + ".md"), markdown(result) + "\n" + "\n".join(power_table(result)) + "\n")
-            print(markdown(result))
-            print("\n".join(power_table(result)))
+            text = markdown(result) + "\n" + "\n".join(power_table(result)) + "\n"
+            atomic_write_text(Path(args.to + ".md"), text)
+            print(text, end="")
         else:
             path = Path(args.calibration)
             if not path.is_file():

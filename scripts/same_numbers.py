@@ -26,18 +26,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import commit_tree  # noqa: E402
+from common import commit_tree, presets_dir  # noqa: E402
 
-# Runs inside the tree under test (PYTHONPATH): its own RLConfig, train and presets (either layout).
+# Runs inside the tree under test (PYTHONPATH): its own RLConfig, train and presets.
 ONE_RUN = r"""
 import json, sys, torch
 from pathlib import Path
 torch.set_num_threads(1)
 from critical_tokens.rl.config import RLConfig
 from critical_tokens.rl.loop import train
-out, preset_name, arm_name, seed, episodes = sys.argv[1:6]
-folder = next(p for p in (Path("critical_tokens/study/presets"), Path("critical_tokens/presets")) if p.is_dir())
-preset = json.loads((folder / f"{preset_name}.json").read_text())
+out, preset_path, arm_name, seed, episodes = sys.argv[1:6]
+preset = json.loads(Path(preset_path).read_text())
 study = preset["experiments"]["confirm"]
 arm = next(a for a in study["arms"] if a["name"] == arm_name)
 values = {**preset["rl"], **study.get("rl", {}), **{k: v for k, v in arm.items() if k != "name"},
@@ -50,7 +49,8 @@ def run(tree: Path, out: Path, arm: str, seed: int, episodes: int) -> tuple[list
     """One run of ``arm`` in ``tree``: its metrics lines without time/*, and its final_eval.json."""
     preset, name = arm.split(":", 1)
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", ONE_RUN, str(out), preset, name, str(seed), str(episodes)], cwd=tree, env=env,
+    preset_path = presets_dir(tree) / f"{preset}.json"
+    done = subprocess.run([sys.executable, "-c", ONE_RUN, str(out), str(preset_path), name, str(seed), str(episodes)], cwd=tree, env=env,
                           capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"error: {arm} in {tree} failed:\n{done.stderr[-2000:]}")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import kl
+from ..policy_gradient import group_advantages, leave_one_out_advantages
 from .a2c import gae
 from .config import RLConfig
-from ..policy_gradient import group_advantages, leave_one_out_advantages
 
 
 @dataclass(frozen=True)
