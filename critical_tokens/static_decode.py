@@ -12,12 +12,20 @@ about 1 ms. A :class:`StaticDecoder` keeps every shape of a step fixed:
 
 So on a GPU the step is captured once per (batch, length) as a ``torch.cuda.CUDAGraph`` and each
 token costs one graph replay. On a CPU it runs as plain eager code (the tests check it against
-transformers' logits) with two savings that a graph's fixed shapes forbid: a step attends over the
-slots written so far only (not all L), and :meth:`StaticDecoder.keep` drops the rows that have
-finished. Reading the KV cache is most of a CPU decoding step (4 KB per row, layer pair and slot
-for ``tiny``, read at memory speed), so the work then follows the rows still generating. The transformer's own modules (``ln_1``, ``c_attn``, ``c_proj``, ``mlp``,
-``ln_f``, ``lm_head``) do the work; only the attention over the static cache and the residual wiring
-are written here (GPT-2's pre-LayerNorm block; Radford et al. 2019).
+transformers' logits) with three savings that a graph's fixed shapes forbid:
+
+- a step attends over the chunks of slots written so far only (not all L);
+- :meth:`StaticDecoder.keep` drops the rows that have finished;
+- the cache is a list of chunks of ``CHUNK`` slots, each (layers, B, H, CHUNK, D), added as the slots
+  fill, so that the keys and values a step reads are whole contiguous blocks. Reading the KV cache is
+  most of a CPU decoding step (4 KB per row, layer pair and slot for ``tiny``), and a batched matrix
+  product over the first ``span`` slots of a (B, H, L, D) cache, blocks ``L * D`` apart, ran 1.6-2.1x
+  slower on this project's CPU than over contiguous blocks (benchmarks/README.md, issue 36). The
+  attention is the plain softmax(q k^T / sqrt(D) + mask) v, its scores concatenated over the chunks.
+
+The transformer's own modules (``ln_1``, ``c_attn``, ``c_proj``, ``mlp``, ``ln_f``, ``lm_head``) do
+the work; only the attention over the static cache and the residual wiring are written here (GPT-2's
+pre-LayerNorm block; Radford et al. 2019).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+CHUNK = 64  # slots per block of the CPU's KV cache
 
 
 def supports(model) -> bool:
@@ -52,10 +62,15 @@ class StaticDecoder:
         self.heads = c.n_head
         self.device = next(model.parameters()).device
         self.gpu = self.device.type == "cuda"
-        dtype = torch.bfloat16 if self.gpu else next(model.parameters()).dtype
-        shape = (c.n_layer, batch, c.n_head, length, c.n_embd // c.n_head)
-        self.keys = torch.zeros(shape, dtype=dtype, device=self.device)  # (layers, B, H, L, D)
-        self.values = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.dtype = torch.bfloat16 if self.gpu else next(model.parameters()).dtype
+        if self.gpu:
+            shape = (c.n_layer, batch, c.n_head, length, c.n_embd // c.n_head)
+            self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)  # (layers, B, H, L, D)
+            self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        else:
+            self.length = length = CHUNK * -(-length // CHUNK)
+            self.key_chunks: list[torch.Tensor] = []  # each (layers, B, H, CHUNK, D)
+            self.value_chunks: list[torch.Tensor] = []
         self.key_mask = torch.zeros((batch, length), dtype=torch.bool, device=self.device)  # (B, L) slots written
         self.token = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) the step's input token
         self.position = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) its position id
@@ -72,17 +87,50 @@ class StaticDecoder:
         under ``mask`` (B, 1, T, L'), where L' = the cache prefix the mask covers."""
         B, T, C = h.shape
         H, D = self.heads, C // self.heads
-        span = mask.shape[-1]
+        bias = None if self.gpu else _additive_bias(mask, CHUNK * -(-mask.shape[-1] // CHUNK))  # (B, 1, T, chunks * CHUNK)
         for i, block in enumerate(self.model.transformer.h):
             q, k, v = block.attn.c_attn(block.ln_1(h)).split(C, dim=2)  # (B, T, C) each
             q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
-            self.keys[i].index_copy_(2, slots, k.to(self.keys.dtype))
-            self.values[i].index_copy_(2, slots, v.to(self.values.dtype))
-            attended = F.scaled_dot_product_attention(q, self.keys[i, :, :, :span].to(q.dtype),
-                                                      self.values[i, :, :, :span].to(q.dtype), attn_mask=mask)  # (B, H, T, D)
+            if self.gpu:
+                self.keys[i].index_copy_(2, slots, k.to(self.keys.dtype))
+                self.values[i].index_copy_(2, slots, v.to(self.values.dtype))
+                span = mask.shape[-1]
+                attended = F.scaled_dot_product_attention(q, self.keys[i, :, :, :span].to(q.dtype),
+                                                          self.values[i, :, :, :span].to(q.dtype), attn_mask=mask)  # (B, H, T, D)
+            else:
+                self._write_chunks(i, int(slots[0]), k, v)
+                attended = self._attend_chunks(i, q, bias)
             h = h + block.attn.c_proj(attended.transpose(1, 2).reshape(B, T, C))
             h = h + block.mlp(block.ln_2(h))
         return self.model.lm_head(self.model.transformer.ln_f(h))  # (B, T, V)
+
+    def _write_chunks(self, layer: int, start: int, k, v) -> None:
+        """CPU: keys and values (B, H, T, D) into slots start..start+T-1 of the chunked cache."""
+        end = start + k.shape[2]
+        for chunk in range(start // CHUNK, -(-end // CHUNK)):
+            if chunk == len(self.key_chunks):  # zeros, not empty: a masked slot gets weight 0, and 0 * NaN is NaN
+                shape = (len(self.model.transformer.h), self.batch, self.heads, CHUNK, k.shape[-1])
+                self.key_chunks.append(torch.zeros(shape, dtype=self.dtype))
+                self.value_chunks.append(torch.zeros(shape, dtype=self.dtype))
+            first, last = max(start, chunk * CHUNK), min(end, (chunk + 1) * CHUNK)
+            within = slice(first - chunk * CHUNK, last - chunk * CHUNK)
+            self.key_chunks[chunk][layer, :, :, within] = k[:, :, first - start : last - start]
+            self.value_chunks[chunk][layer, :, :, within] = v[:, :, first - start : last - start]
+
+    def _attend_chunks(self, layer: int, q, bias):
+        """CPU: softmax(q k^T / sqrt(D) + bias) v over the chunks that ``bias`` (B, 1, T, chunks * CHUNK)
+        covers, for queries q (B, H, T, D); each chunk's keys and values are one contiguous block."""
+        B, H, T, D = q.shape
+        chunks = bias.shape[-1] // CHUNK
+        q = (q * D**-0.5).reshape(B * H, T, D)
+        keys = [self.key_chunks[j][layer].view(B * H, CHUNK, D) for j in range(chunks)]
+        values = [self.value_chunks[j][layer].view(B * H, CHUNK, D) for j in range(chunks)]
+        scores = torch.cat([torch.bmm(q, k.transpose(1, 2)) for k in keys], dim=-1)  # (B H, T, chunks CHUNK)
+        weights = (scores.view(B, H, T, -1) + bias).softmax(-1).view(B * H, T, chunks, CHUNK)
+        attended = torch.bmm(weights[:, :, 0].contiguous(), values[0])  # (B H, T, D)
+        for j in range(1, chunks):
+            attended.baddbmm_(weights[:, :, j].contiguous(), values[j])
+        return attended.view(B, H, T, D)
 
     def _embed(self, ids, positions):
         return self.model.transformer.wte(ids) + self.model.transformer.wpe(positions)
@@ -93,6 +141,8 @@ class StaticDecoder:
         B, P = input_ids.shape
         self.key_mask.zero_()
         self.key_mask[:, :P] = prompt_mask.bool()
+        if not self.gpu:
+            self.key_chunks, self.value_chunks = [], []
         causal = torch.ones((P, P), dtype=torch.bool, device=self.device).tril()
         # A padding query attends to itself alone: a row with no key would give NaN keys to later layers.
         mask = (self.key_mask[:, None, None, :P] & causal) | torch.eye(P, dtype=torch.bool, device=self.device)  # (B, 1, P, P)
@@ -119,12 +169,8 @@ class StaticDecoder:
         dropping finished rows. Copies the kept rows' written slots once; not for a captured graph."""
         if self.graph not in (None, False):
             raise RuntimeError("a decoder with a captured CUDA graph keeps its batch")
-        written = slice(0, int(self.slot))
-        keys = self.keys.new_empty((self.keys.shape[0], len(rows), *self.keys.shape[2:]))  # (layers, B', H, L, D)
-        values = torch.empty_like(keys)
-        keys[:, :, :, written] = self.keys[:, rows, :, written]
-        values[:, :, :, written] = self.values[:, rows, :, written]
-        self.keys, self.values = keys, values
+        self.key_chunks = [chunk.index_select(1, rows) for chunk in self.key_chunks]
+        self.value_chunks = [chunk.index_select(1, rows) for chunk in self.value_chunks]
         self.key_mask, self.token, self.position = self.key_mask[rows], self.token[rows], self.position[rows]
         self.batch = len(rows)
 
@@ -154,6 +200,15 @@ class StaticDecoder:
                 return self._step()
         self.graph.replay()
         return self.logits
+
+
+def _additive_bias(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A boolean attention mask (B, 1, T, S) as the additive bias (B, 1, T, width) of the softmax:
+    0 where attended, -inf where masked and on the slots S..width-1 that the mask does not cover."""
+    B, _, T, S = mask.shape
+    bias = torch.full((B, 1, T, width), float("-inf"), device=mask.device)
+    bias[..., :S].masked_fill_(mask, 0.0)
+    return bias
 
 
 def decoder_for(model, batch: int, length: int) -> StaticDecoder:

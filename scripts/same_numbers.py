@@ -6,11 +6,14 @@ number of their ``metrics.jsonl`` (the ``time/*`` keys aside) and of ``final_eva
 
     python scripts/same_numbers.py --baseline 094f75d                        # cpu-confirm's prioritized arm, cpu-methods' archer arm
     python scripts/same_numbers.py --baseline 094f75d --arms cpu-methods:kl-cov --episodes 640
+    python scripts/same_numbers.py --baseline cac5674 --rtol 1e-4                # the same tokens, floats to rounding
 
 Each ARM is ``PRESET:ARM`` of a study (the ``confirm`` experiment): the run is the preset's RL values,
 the study's and the arm's overrides, on the shipped regime model ``tiny-n3-d1-lr3e-4``, at ``--seed``,
 for ``--episodes`` episodes (the final evaluation at the preset's sizes). Prints one line per arm
-("identical" or the differing keys) and exits 1 if any differs.
+("identical", "equal within rtol" with the largest relative difference, or the differing keys) and
+exits 1 if any differs beyond ``--rtol``. A change of the order of floating-point operations (another
+attention kernel) keeps the tokens but moves the floats in their last digits: ``--rtol`` says how far.
 """
 
 from __future__ import annotations
@@ -58,16 +61,36 @@ def run(tree: Path, out: Path, arm: str, seed: int, episodes: int) -> tuple[list
     return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines], json.loads((out / "final_eval.json").read_text())
 
 
-def differences(old, new, where: str = "") -> list[str]:
-    """The paths at which two JSON values differ (floats compared exactly; NaN equals NaN)."""
+def differences(old, new, where: str = "") -> list[tuple[str, object, object]]:
+    """(path, old, new) wherever two JSON values differ (floats compared exactly; NaN equals NaN)."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new)) for d in differences(old.get(k), new.get(k), f"{where}.{k}")]
-    if isinstance(old, list) and isinstance(new, list):
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
         if len(old) != len(new):
-            return [f"{where}: {len(old)} against {len(new)} items"]
+            return [(where, f"{len(old)} items", f"{len(new)} items")]
         return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
     same = old == new or (isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new))
-    return [] if same else [f"{where}: {old!r} against {new!r}"]
+    return [] if same else [(where, old, new)]
+
+
+def relative_difference(old, new) -> float:
+    """|old - new| / max(|old|, |new|) of two numbers; infinity for anything else (a count, a string)."""
+    if not all(isinstance(x, float) for x in (old, new)):
+        return math.inf
+    return abs(old - new) / max(abs(old), abs(new))
+
+
+def verdict(found: list[tuple[str, object, object]], rtol: float) -> tuple[str, bool]:
+    """A one-line account of the differences, and whether any exceeds ``rtol``."""
+    if not found:
+        return "identical", False
+    worst = max(found, key=lambda d: relative_difference(d[1], d[2]))
+    largest = relative_difference(worst[1], worst[2])
+    if largest <= rtol:
+        return (f"equal within rtol {rtol:g}: {len(found)} floats differ, the largest relative difference {largest:.1e} "
+                f"(at {worst[0]}); every other value identical"), False
+    beyond = [d for d in found if relative_difference(d[1], d[2]) > rtol]
+    return f"{len(beyond)} differences beyond rtol {rtol:g}: " + "; ".join(f"{p}: {a!r} against {b!r}" for p, a, b in beyond[:5]), True
 
 
 def main() -> None:
@@ -76,18 +99,19 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["cpu-confirm:prioritized", "cpu-methods:archer"], help="PRESET:ARM of each run")
     parser.add_argument("--seed", type=int, default=7705, help="the RL seed of every run")
     parser.add_argument("--episodes", type=int, default=160, help="episodes of every run (the preset's final evaluation at the end)")
+    parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance on floats (default 0: bit for bit); "
+                        "counts, tokens' outcomes and other non-floats must always be identical")
     args = parser.parse_args()
-    if args.episodes <= 0 or any(":" not in arm for arm in args.arms):
-        parser.error("--episodes must be positive and each arm PRESET:ARM")
+    if args.episodes <= 0 or args.rtol < 0 or any(":" not in arm for arm in args.arms):
+        parser.error("--episodes must be positive, --rtol not negative and each arm PRESET:ARM")
     differ = False
     with commit_tree(ROOT, args.baseline) as old_tree, tempfile.TemporaryDirectory() as scratch:
         for k, arm in enumerate(args.arms):
             old = run(old_tree, Path(scratch) / f"old{k}", arm, args.seed, args.episodes)
             new = run(ROOT, Path(scratch) / f"new{k}", arm, args.seed, args.episodes)
-            found = differences(old, new)
-            differ |= bool(found)
-            print(f"{arm} (seed {args.seed}, {args.episodes} episodes, {len(old[0])} metrics lines): "
-                  + ("identical" if not found else f"{len(found)} differences: " + "; ".join(found[:5])))
+            line, beyond = verdict(differences(old, new), args.rtol)
+            differ |= beyond
+            print(f"{arm} (seed {args.seed}, {args.episodes} episodes, {len(old[0])} metrics lines): {line}")
     sys.exit(1 if differ else 0)
 
 

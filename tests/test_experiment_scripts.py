@@ -194,3 +194,25 @@ def test_the_committed_cpu_placement_preset_is_the_calibrations_and_runs_fresh_s
     assert len(jobs) == 7 * 4 * 15
     used_before = {j.seed for name in preset_names() if name not in ("cpu-placement", "smoke") for j in plan(load_preset(name)[0])[0] if j.kind == "rl"}
     assert not used_before & {j.seed for j in jobs}
+
+
+# --- scripts/same_numbers.py: the comparison of two commits' numbers ------------------------------------
+
+
+def test_same_numbers_tells_identical_from_rounding_from_a_real_difference():
+    same_numbers = script("same_numbers")
+    old = ([{"step": 32, "accuracy": 0.5, "kl": 0.0018}], {"final/accuracy_sampled": 0.29})
+    assert same_numbers.verdict(same_numbers.differences(old, old), 0.0) == ("identical", False)
+
+    rounded = ([{"step": 32, "accuracy": 0.5, "kl": 0.0018 * (1 + 2e-6)}], {"final/accuracy_sampled": 0.29})
+    found = same_numbers.differences(old, rounded)
+    assert [path for path, _, _ in found] == ["[0][0].kl"]
+    line, beyond = same_numbers.verdict(found, 1e-4)
+    assert not beyond and "equal within rtol" in line and "2.0e-06" in line
+    assert same_numbers.verdict(found, 0.0)[1]  # bit for bit: a difference
+
+    other_outcome = ([{"step": 32, "accuracy": 0.53125, "kl": 0.0018}], {"final/accuracy_sampled": 0.29})
+    line, beyond = same_numbers.verdict(same_numbers.differences(old, other_outcome), 1e-4)
+    assert beyond and "accuracy" in line  # 0.5 -> 0.53: beyond rounding
+    fewer_lines = ([], old[1])
+    assert same_numbers.verdict(same_numbers.differences(old, fewer_lines), 1.0)[1]  # a missing metrics line is never rounding

@@ -204,6 +204,33 @@ def test_static_decoder_logits_match_a_full_forward_pass(model, tokenizer, promp
     torch.testing.assert_close(decoder.position, position_ids_of(full_mask)[:, -1] + 1)
 
 
+def test_the_cpu_cache_in_chunks_gives_a_full_forward_passs_logits_across_chunk_boundaries(model, tokenizer):
+    """A prompt longer than a chunk (its prefill written across two chunks), then steps that cross the next
+    boundary, with rows dropped half way (keep): each step's logits are those of one model(...) call on the
+    whole sequence. Left padding of unequal prompts is masked in every chunk."""
+    from critical_tokens.static_decode import CHUNK, StaticDecoder
+
+    texts = [prompt(12, 34) + completion(12, 34)[:70], prompt(7, 8) + completion(7, 8)[:30]]
+    rows = [encode(tokenizer, t) for t in texts]
+    assert 2 * CHUNK > len(rows[0]) > CHUNK > len(rows[1])
+    ids, mask = left_pad(rows, tokenizer.pad_token_id, "cpu")  # (2, P), P > CHUNK
+    steps = 2 * CHUNK - ids.shape[1] + 3  # past the end of the second chunk
+    decoder = StaticDecoder(model, 2, ids.shape[1] + steps)
+    with torch.no_grad():
+        logits = decoder.prefill(ids, mask, position_ids_of(mask))
+        for t in range(steps):
+            token = logits.argmax(-1)  # (R,)
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if t == steps // 2:  # the first row leaves; the second goes on alone
+                decoder.keep(torch.tensor([1]))
+                ids, mask = ids[1:], mask[1:]
+                token = token[1:]
+            logits = decoder.step(token)
+            expected = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask)).logits[:, -1]
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert len(decoder.key_chunks) == 3 and decoder.key_chunks[0].shape[1] == 1
+
+
 def test_a_models_decoders_are_kept_per_shape_two_at_most(tokenizer):
     from critical_tokens.static_decode import decoder_for
 
