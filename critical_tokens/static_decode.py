@@ -19,8 +19,8 @@ transformers' logits) with three savings that a graph's fixed shapes forbid:
 - the cache is a list of chunks of ``CHUNK`` slots, each (layers, B, H, CHUNK, D), added as the slots
   fill, so that the keys and values a step reads are whole contiguous blocks. Reading the KV cache is
   most of a CPU decoding step (4 KB per row, layer pair and slot for ``tiny``), and a batched matrix
-  product over the first ``span`` slots of a (B, H, L, D) cache, blocks ``L * D`` apart, ran 1.6-2.1x
-  slower on this project's CPU than over contiguous blocks (benchmarks/README.md, issue 36). The
+  product over the first ``span`` slots of a (B, H, L, D) cache, blocks ``L * D`` apart, ran 1.5-2.1x
+  slower on this project's CPU than over contiguous blocks (`benchmarks/profile_decode.py --layouts`). The
   attention is the plain softmax(q k^T / sqrt(D) + mask) v, its scores concatenated over the chunks.
 
 The transformer's own modules (``ln_1``, ``c_attn``, ``c_proj``, ``mlp``, ``ln_f``, ``lm_head``) do
