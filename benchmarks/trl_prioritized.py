@@ -239,8 +239,10 @@ def qwen2_main(args) -> None:
                 for i, name in enumerate(order):
                     results[name].append(run_child(name, model_dir, Path(tmp) / f"side{i}-{length}-{r}", args))
                 plain = results["plain"][-1]
-                print(f"{length} tokens, round {r + 1}: plain {median(plain['seconds']):.2f} s/step, peak {plain['peak_bytes'] / gib:.2f} GiB; "
+                print(f"{length} tokens, round {r + 1}: plain {median(plain['seconds']):.2f} s/step, {median(plain['cpu_seconds']):.2f} CPU s/step, "
+                      f"peak {plain['peak_bytes'] / gib:.2f} GiB; "
                       + "; ".join(f"{name} x{median(results[name][-1]['seconds']) / median(plain['seconds']):.3f} step, "
+                                  f"x{median(results[name][-1]['cpu_seconds']) / median(plain['cpu_seconds']):.3f} CPU, "
                                   f"x{results[name][-1]['peak_bytes'] / plain['peak_bytes']:.3f} peak" for name in args.rules), flush=True)
             summary.append((length, results))
     print()
@@ -252,11 +254,12 @@ def qwen2_main(args) -> None:
             step_ratios = [median(x["seconds"]) / median(p["seconds"]) for x, p in zip(results[name], results["plain"])]
             memory_ratios = [x["peak_bytes"] / p["peak_bytes"] for x, p in zip(results[name], results["plain"])]
             cpu_ratios = [median(x["cpu_seconds"]) / median(p["cpu_seconds"]) for x, p in zip(results[name], results["plain"])]
-            step_ratio, memory_ratio = median(step_ratios), median(memory_ratios)
+            step_ratio, cpu_ratio, memory_ratio = median(step_ratios), median(cpu_ratios), median(memory_ratios)
             print(f"  {name}: {step[name]:.2f} s/step, {peak[name]:.2f} GiB peak; / plain: step time {step_ratio:.3f} "
                   f"({', '.join(f'{x:.3f}' for x in step_ratios)}), step CPU time {median(cpu_ratios):.3f} "
                   f"({', '.join(f'{x:.3f}' for x in cpu_ratios)}), peak memory {memory_ratio:.3f} ({', '.join(f'{x:.3f}' for x in memory_ratios)}); "
-                  f"targets: step +5% {'met' if step_ratio <= 1.05 else 'NOT met'} ({100 * (step_ratio - 1):+.1f}%), "
+                  f"targets: step +5% in wall time {'met' if step_ratio <= 1.05 else 'NOT met'} ({100 * (step_ratio - 1):+.1f}%), "
+                  f"in CPU time {'met' if cpu_ratio <= 1.05 else 'NOT met'} ({100 * (cpu_ratio - 1):+.1f}%), "
                   f"peak +10% {'met' if memory_ratio <= 1.10 else 'NOT met'} ({100 * (memory_ratio - 1):+.1f}%)")
 
 
