@@ -12,7 +12,7 @@ Each ARM is ``PRESET:ARM`` of a study (the ``confirm`` experiment): the run is t
 the study's and the arm's overrides, on the shipped regime model ``tiny-n3-d1-lr3e-4``, at ``--seed``,
 for ``--episodes`` episodes (the final evaluation at the preset's sizes). Prints one line per arm
 ("identical", "equal within rtol" with the largest relative difference, or the differing keys) and
-exits 1 if any differs beyond ``--rtol``. A change of the order of floating-point operations (another
+exits 1 if any differs beyond ``--rtol`` and ``--atol``. A change of the order of floating-point operations (another
 attention kernel) keeps the tokens but moves the floats in their last digits: ``--rtol`` says how far.
 """
 
@@ -80,17 +80,26 @@ def relative_difference(old, new) -> float:
     return abs(old - new) / max(abs(old), abs(new))
 
 
-def verdict(found: list[tuple[str, object, object]], rtol: float) -> tuple[str, bool]:
-    """A one-line account of the differences, and whether any exceeds ``rtol``."""
+def within(old, new, rtol: float, atol: float) -> bool:
+    """Two floats within |old - new| <= atol + rtol * max(|old|, |new|) (numpy's isclose, symmetric);
+    never two values of which one is not a float."""
+    if not all(isinstance(x, float) for x in (old, new)):
+        return False
+    return abs(old - new) <= atol + rtol * max(abs(old), abs(new))
+
+
+def verdict(found: list[tuple[str, object, object]], rtol: float, atol: float = 0.0) -> tuple[str, bool]:
+    """A one-line account of the differences, and whether any is beyond ``rtol`` and ``atol``."""
     if not found:
         return "identical", False
     worst = max(found, key=lambda d: relative_difference(d[1], d[2]))
     largest = relative_difference(worst[1], worst[2])
-    if largest <= rtol:
-        return (f"equal within rtol {rtol:g}: {len(found)} floats differ, the largest relative difference {largest:.1e} "
+    tolerance = f"rtol {rtol:g}" + (f", atol {atol:g}" if atol else "")
+    beyond = [d for d in found if not within(d[1], d[2], rtol, atol)]
+    if not beyond:
+        return (f"equal within {tolerance}: {len(found)} floats differ, the largest relative difference {largest:.1e} "
                 f"(at {worst[0]}); every other value identical"), False
-    beyond = [d for d in found if relative_difference(d[1], d[2]) > rtol]
-    return f"{len(beyond)} differences beyond rtol {rtol:g}: " + "; ".join(f"{p}: {a!r} against {b!r}" for p, a, b in beyond[:5]), True
+    return f"{len(beyond)} differences beyond {tolerance}: " + "; ".join(f"{p}: {a!r} against {b!r}" for p, a, b in beyond[:5]), True
 
 
 def main() -> None:
@@ -101,15 +110,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=160, help="episodes of every run (the preset's final evaluation at the end)")
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance on floats (default 0: bit for bit); "
                         "counts, tokens' outcomes and other non-floats must always be identical")
+    parser.add_argument("--atol", type=float, default=0.0, help="absolute tolerance on floats, added to --rtol's (for a loss, "
+                        "a sum of terms that nearly cancel)")
     args = parser.parse_args()
-    if args.episodes <= 0 or args.rtol < 0 or any(":" not in arm for arm in args.arms):
-        parser.error("--episodes must be positive, --rtol not negative and each arm PRESET:ARM")
+    if args.episodes <= 0 or min(args.rtol, args.atol) < 0 or any(":" not in arm for arm in args.arms):
+        parser.error("--episodes must be positive, --rtol and --atol not negative and each arm PRESET:ARM")
     differ = False
     with commit_tree(ROOT, args.baseline) as old_tree, tempfile.TemporaryDirectory() as scratch:
         for k, arm in enumerate(args.arms):
             old = run(old_tree, Path(scratch) / f"old{k}", arm, args.seed, args.episodes)
             new = run(ROOT, Path(scratch) / f"new{k}", arm, args.seed, args.episodes)
-            line, beyond = verdict(differences(old, new), args.rtol)
+            line, beyond = verdict(differences(old, new), args.rtol, args.atol)
             differ |= beyond
             print(f"{arm} (seed {args.seed}, {args.episodes} episodes, {len(old[0])} metrics lines): {line}")
     sys.exit(1 if differ else 0)

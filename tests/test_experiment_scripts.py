@@ -214,5 +214,8 @@ def test_same_numbers_tells_identical_from_rounding_from_a_real_difference():
     other_outcome = ([{"step": 32, "accuracy": 0.53125, "kl": 0.0018}], {"final/accuracy_sampled": 0.29})
     line, beyond = same_numbers.verdict(same_numbers.differences(old, other_outcome), 1e-4)
     assert beyond and "accuracy" in line  # 0.5 -> 0.53: beyond rounding
+    cancelling = ([{"step": 32, "accuracy": 0.5, "kl": 0.0018, "loss": 1e-4}], old[1])
+    found = same_numbers.differences(cancelling, ([{**cancelling[0][0], "loss": 1.0002e-4}], old[1]))
+    assert same_numbers.verdict(found, 1e-4)[1] and not same_numbers.verdict(found, 1e-4, atol=1e-7)[1]  # 2e-4 relative, 2e-8 absolute
     fewer_lines = ([], old[1])
     assert same_numbers.verdict(same_numbers.differences(old, fewer_lines), 1.0)[1]  # a missing metrics line is never rounding
