@@ -158,11 +158,14 @@ class _Forward:
         self.next_position = self.next_position + 1
 
 
-def _next_token(logits: torch.Tensor, temperature: float, generator, noise_rows, batch: int,
+def _next_token(logits: torch.Tensor, temperature: float | torch.Tensor, generator, noise_rows, batch: int,
                 rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token, log-prob) of each running row, both (R,), from its logits (R, V): greedy, or Gumbel-max
     sampling at ``temperature`` with one (``batch``, V) block of uniform noise from ``generator`` (or
-    ``noise_rows[0]`` rows, of which ``noise_rows[1]`` are kept), of which ``rows`` are kept."""
+    ``noise_rows[0]`` rows, of which ``noise_rows[1]`` are kept), of which ``rows`` are kept. A
+    ``temperature`` per row (B,): `_next_token_per_row`."""
+    if isinstance(temperature, torch.Tensor):
+        return _next_token_per_row(logits, temperature, generator, rows)
     if temperature > 0:
         logp = torch.log_softmax(logits / temperature, dim=-1)  # (R, V)
         if noise_rows is None:
@@ -175,6 +178,23 @@ def _next_token(logits: torch.Tensor, temperature: float, generator, noise_rows,
     else:
         logp = torch.log_softmax(logits, dim=-1)
         token = logp.argmax(-1)
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+def _next_token_per_row(logits: torch.Tensor, temperature: torch.Tensor, generator,
+                        rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_next_token` with one temperature per row of the batch (B,), 0 for greedy. The noise is one
+    (S, V) block for the S sampled rows, in their order: each sampled row gets the noise, hence the
+    token, that a call on the sampled rows alone would give it, and a greedy row the argmax (log-probs
+    at temperature 1)."""
+    sampled = temperature > 0  # (B,)
+    running = temperature if rows is None else temperature[rows]  # (R,)
+    logp = torch.log_softmax(logits / torch.where(running > 0, running, 1.0).to(logits.device)[:, None], dim=-1)  # (R, V)
+    u = torch.rand((int(sampled.sum()), logp.shape[1]), generator=generator, device="cpu")
+    gumbel = torch.zeros((len(temperature), logp.shape[1]))
+    gumbel[sampled] = -torch.log(-torch.log(u.clamp_min(1e-20)))
+    gumbel = (gumbel if rows is None else gumbel[rows]).to(logits.device)
+    token = (logp + gumbel).argmax(-1)
     return token, logp.gather(-1, token[:, None])[:, 0]
 
 
@@ -236,10 +256,10 @@ def generate(
     model,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     eos_token_id: int,
     pad_token_id: int,
-    temperature: float = 0.0,
+    temperature: float | Sequence[float] = 0.0,
     stop_token_id: int | None = None,
     stop_after: Sequence[int] = (),
     certainty_method: str | None = None,
@@ -254,6 +274,11 @@ def generate(
     softmax(logits / temperature). A row stops at end-of-text, or at the first ``stop_token_id``
     generated after the token sequence ``stop_after`` (for the addition task: the newline after the
     result line, i.e. after ``"</scratch>\\n"``), or after ``max_new_tokens`` (``finished`` False).
+
+    ``temperature`` and ``max_new_tokens`` may also be given per row (B values), so that greedy and
+    sampled rows, and rows of different lengths, share one call: the sampled rows (temperature > 0)
+    then draw one (S, V) block of noise per step for their S rows alone, so each row's tokens are those
+    of a call on its own kind of rows (up to the last bits of the floats, which depend on the batch).
 
     ``noise_rows`` = (B_all, rows): the prompts are ``rows`` of a batch of B_all (a rank's share under
     torchrun). The sampling noise is drawn for the whole batch and these rows kept, so the shares
@@ -274,6 +299,12 @@ def generate(
     drawn at every step, whatever else is still running.
     """
     device = next(model.parameters()).device
+    row_limits = None if isinstance(max_new_tokens, int) else torch.as_tensor(max_new_tokens, device=device)  # (B,)
+    max_new_tokens = max_new_tokens if row_limits is None else int(row_limits.max())
+    if not isinstance(temperature, (int, float)):
+        temperature = torch.as_tensor(temperature, dtype=torch.float)  # (B,)
+        if noise_rows is not None:
+            raise ValueError("a temperature per row and noise_rows (a rank's share of a batch) do not go together")
     check_every = GPU_CHECK_EVERY if device.type == "cuda" and noise_rows is None else 1
     if decoder not in ("auto", "hf", "static"):
         raise ValueError(f"decoder must be auto, hf or static, got {decoder!r}")
@@ -291,6 +322,8 @@ def generate(
                 None if x is None else torch.zeros(B, dtype=x.dtype).index_copy_(0, rows, x) for x in (token, step_logprobs, step_certainty))
         token = record.write(t, token, step_logprobs, step_certainty)  # (B,)
         record.apply_stop_rule(t, token, eos_token_id, stop_token_id)
+        if row_limits is not None:
+            record.done |= t + 1 >= row_limits  # a row at its own limit: done, not finished
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(record.done.all())):
             break
         forward.drop_finished(record.done)

@@ -153,3 +153,39 @@ def test_evaluate_refuses_out_of_range_values_in_one_line(run_copy, capsys, flag
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flags[0] in err[0], err
     assert not (run_copy / "eval").exists()
+
+
+# --- several sets in one generation call (the RL run's intermediate evaluations) --------------------
+
+
+@pytest.mark.parametrize("batch_size", [250, 40])  # one call for the three sets; set by set
+def test_completions_together_gives_each_sets_own_completions(batch_size):
+    """Greedy N+1, greedy N and sampled N+1 prompts in one call: the texts of three separate calls, the
+    sampled ones with the same generator seed. On the shipped regime model (real stops), and on a
+    random micro model that never stops early, so that every row runs to its own set's limit."""
+    import torch
+
+    from critical_tokens import addition
+    from critical_tokens.evaluate import completions, completions_together
+    from critical_tokens.model import build_model, load_pretrained
+    from critical_tokens.tokenizer import build_tokenizer
+
+    shipped, tokenizer, _ = load_pretrained(PACKAGE_DIR / "checkpoints" / "tiny-n3-d1-lr3e-4")
+    torch.manual_seed(0)
+    micro = build_model("micro", build_tokenizer(), n_digits=2)
+    for model, n in ((shipped.eval(), 3), (micro.eval(), 2)):
+        task, comfort = addition.rl_pairs(n, 1, 12, seed=1), addition.eval_pairs(n, "varying", 5, seed=2)
+        sets = [(task, 0.0), (comfort, 0.0), (task, 1.0)]
+        together = completions_together(model, tokenizer, sets, generator=torch.Generator().manual_seed(9), batch_size=batch_size)
+        apart = [completions(model, tokenizer, pairs, temperature=t, generator=torch.Generator().manual_seed(9)) for pairs, t in sets]
+        assert together == apart
+        assert together[0] != together[2]  # not vacuous: sampling changed some completions
+    lengths = {len(text) for text in together[1]}  # the micro model's N-digit rows: their own limit
+    assert max(lengths) <= addition.max_completion_length(2) + 100 < max(len(t) for t in together[0])
+
+
+def test_completions_together_takes_one_sampled_set():
+    from critical_tokens.evaluate import completions_together
+
+    with pytest.raises(ValueError, match="one sampled set"):
+        completions_together(None, None, [([(1, 2)], 1.0), ([(3, 4)], 0.5)])

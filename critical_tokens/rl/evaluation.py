@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from .. import addition
-from ..evaluate import accuracy_on, completions, right_answers
+from ..evaluate import completions_together, right_answers
 from ..seeding import stream_seed
 from .config import Resolved, RLConfig
 from .endpoints import final_endpoints
@@ -71,11 +71,12 @@ def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: He
         (config.eval_episodes, config.eval_comfort_episodes, config.probe_examples)
     task_pairs, comfort_pairs, probe_pairs = (pairs[:n] for pairs, n in zip((held_out.task, held_out.comfort, held_out.probe), sizes))
     sampler = torch.Generator().manual_seed(stream_seed(config.seed, "eval_sampling"))
-    task_texts = completions(lm, tokenizer, task_pairs)  # greedy
-    comfort_texts = completions(lm, tokenizer, comfort_pairs)
+    # One generation call for the three sets when they fit in one batch (the intermediate evaluations).
+    task_texts, comfort_texts, sampled_texts = completions_together(
+        lm, tokenizer, [(task_pairs, 0.0), (comfort_pairs, 0.0), (task_pairs, config.temperature)], generator=sampler)
     record = {
         "eval/accuracy_greedy": right_answers(task_pairs, task_texts).mean().item(),
-        "eval/accuracy_sampled": accuracy_on(lm, tokenizer, task_pairs, temperature=config.temperature, generator=sampler).mean().item(),
+        "eval/accuracy_sampled": right_answers(task_pairs, sampled_texts).mean().item(),
         "eval/comfort_accuracy_greedy": right_answers(comfort_pairs, comfort_texts).mean().item(),
     }
     record.update(tracked_probabilities(lm, tokenizer, probe_pairs, n_digits, temperature=config.temperature))
