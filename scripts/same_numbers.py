@@ -99,7 +99,9 @@ def verdict(found: list[tuple[str, object, object]], rtol: float, atol: float = 
     if not beyond:
         return (f"equal within {tolerance}: {len(found)} floats differ, the largest relative difference {largest:.1e} "
                 f"(at {worst[0]}); every other value identical"), False
-    return f"{len(beyond)} differences beyond {tolerance}: " + "; ".join(f"{p}: {a!r} against {b!r}" for p, a, b in beyond[:5]), True
+    beyond.sort(key=lambda d: relative_difference(d[1], d[2]), reverse=True)  # a changed outcome or count first
+    return (f"{len(beyond)} of {len(found)} differences beyond {tolerance}, the largest relative difference {largest:.1e}: "
+            + "; ".join(f"{p}: {a!r} against {b!r}" for p, a, b in beyond[:5])), True
 
 
 def main() -> None:
