@@ -14,7 +14,7 @@ kernel's time and that floor is what a better single-query attention kernel coul
 ``--layouts`` times one decoding step's attention (4 layers of `tiny`'s 4 heads of 32, one query per
 row, softmax(q k^T / sqrt(D) + mask) v with batched products) over the first ``span`` slots of a
 (B, H, L, D) cache of L = 512 slots, the static decoder's layout before issue 36, against the same over
-contiguous chunks of 64 slots (`static_decode.CHUNK`), the layout it has now, side by side.
+contiguous chunks of 64 slots (`static_decode.CHUNK`; the decoder's own code), the layout it has now, side by side.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from critical_tokens import addition
 from critical_tokens.generation import generate
 from critical_tokens.model import build_model
-from critical_tokens.static_decode import CHUNK
+from critical_tokens.static_decode import CHUNK, StaticDecoder
 from critical_tokens.tokenizer import build_tokenizer, encode
 
 from common import add_thread_argument, machine_header
@@ -62,33 +62,35 @@ def kv_bytes_read(model, batch: int, prompt_length: int, new_tokens: int) -> flo
 
 def attention_layouts(batch: int = 200, spans=(100, 200, 300), length: int = 512, repeats: int = 10) -> None:
     """Prints ms per step of the attention over a (B, H, L, D) cache's first span slots and over
-    contiguous chunks of CHUNK slots, and their ratio; the caches of 4 layers, so that no layer's keys
-    stay in the CPU's caches from one layer to the next."""
-    layers, heads, dim = 4, 4, 32
+    contiguous chunks of CHUNK slots (the static decoder's own `_attend_chunks`, on `tiny`'s shape), and
+    their ratio; the caches of every layer, so that no layer's keys stay in the CPU's caches from one
+    layer to the next."""
+    model = build_model("tiny", build_tokenizer(), N_DIGITS).eval()
+    layers, heads = model.config.n_layer, model.config.n_head
+    dim = model.config.n_embd // heads
     print(f"\nattention of one decoding step, batch {batch}, {layers} layers of {heads} heads x {dim}, one query per row:")
     for span in spans:
         chunks = -(-span // CHUNK)
-        q = torch.randn(batch * heads, 1, dim)
+        q = torch.randn(batch, heads, 1, dim)
         bias = torch.zeros(batch, 1, 1, chunks * CHUNK)
         bias[..., :3] = float("-inf")  # left padding
         bias[..., span:] = float("-inf")  # slots not yet written
         whole = [[torch.randn(batch, heads, length, dim) for _ in range(2)] for _ in range(layers)]
-        chunked = [[[torch.randn(batch * heads, CHUNK, dim) for _ in range(chunks)] for _ in range(2)] for _ in range(layers)]
+        decoder = StaticDecoder(model, batch, chunks * CHUNK)
+        decoder.key_chunks = [torch.randn(layers, batch, heads, CHUNK, dim) for _ in range(chunks)]
+        decoder.value_chunks = [torch.randn(layers, batch, heads, CHUNK, dim) for _ in range(chunks)]
 
         def over_whole():
             for keys, values in whole:
                 k = keys[:, :, :span].reshape(batch * heads, span, dim)  # blocks L * D apart
                 v = values[:, :, :span].reshape(batch * heads, span, dim)
-                scores = (torch.bmm(q, k.transpose(1, 2)).view(batch, heads, 1, span) + bias[..., :span]).softmax(-1)
+                scaled = (q * dim**-0.5).reshape(batch * heads, 1, dim)
+                scores = (torch.bmm(scaled, k.transpose(1, 2)).view(batch, heads, 1, span) + bias[..., :span]).softmax(-1)
                 torch.bmm(scores.view(batch * heads, 1, span), v)
 
         def over_chunks():
-            for keys, values in chunked:
-                scores = torch.cat([torch.bmm(q, k.transpose(1, 2)) for k in keys], -1)
-                weights = (scores.view(batch, heads, 1, -1) + bias).softmax(-1).view(batch * heads, 1, chunks, CHUNK)
-                out = torch.bmm(weights[:, :, 0].contiguous(), values[0])
-                for j in range(1, chunks):
-                    out.baddbmm_(weights[:, :, j].contiguous(), values[j])
+            for layer in range(layers):
+                decoder._attend_chunks(layer, q, bias)
 
         times = {f: [] for f in (over_whole, over_chunks)}
         for _ in range(repeats):  # alternating

@@ -174,11 +174,16 @@ def _next_token(logits: torch.Tensor, temperature: float | torch.Tensor, generat
             u = torch.rand((noise_rows[0], logp.shape[1]), generator=generator, device="cpu")[noise_rows[1]]
         u = u.pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda else u
         u = u if rows is None else u[rows]
-        token = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
+        token = (logp + _gumbel(u)).argmax(-1)
     else:
         logp = torch.log_softmax(logits, dim=-1)
         token = logp.argmax(-1)
     return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+def _gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise -log(-log u) from uniform noise u: argmax(log p + g) samples from p."""
+    return -torch.log(-torch.log(u.clamp_min(1e-20)))
 
 
 def _next_token_per_row(logits: torch.Tensor, temperature: torch.Tensor, generator,
@@ -192,7 +197,7 @@ def _next_token_per_row(logits: torch.Tensor, temperature: torch.Tensor, generat
     logp = torch.log_softmax(logits / torch.where(running > 0, running, 1.0).to(logits.device)[:, None], dim=-1)  # (R, V)
     u = torch.rand((int(sampled.sum()), logp.shape[1]), generator=generator, device="cpu")
     gumbel = torch.zeros((len(temperature), logp.shape[1]))
-    gumbel[sampled] = -torch.log(-torch.log(u.clamp_min(1e-20)))
+    gumbel[sampled] = _gumbel(u)
     gumbel = (gumbel if rows is None else gumbel[rows]).to(logits.device)
     token = (logp + gumbel).argmax(-1)
     return token, logp.gather(-1, token[:, None])[:, 0]

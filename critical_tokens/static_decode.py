@@ -19,7 +19,7 @@ transformers' logits) with three savings that a graph's fixed shapes forbid:
 - the cache is a list of chunks of ``CHUNK`` slots, each (layers, B, H, CHUNK, D), added as the slots
   fill, so that the keys and values a step reads are whole contiguous blocks. Reading the KV cache is
   most of a CPU decoding step (4 KB per row, layer pair and slot for ``tiny``), and a batched matrix
-  product over the first ``span`` slots of a (B, H, L, D) cache, blocks ``L * D`` apart, ran 1.5-2.1x
+  product over the first ``span`` slots of a (B, H, L, D) cache, blocks ``L * D`` apart, ran 1.3-2.1x
   slower on this project's CPU than over contiguous blocks (`benchmarks/profile_decode.py --layouts`). The
   attention is the plain softmax(q k^T / sqrt(D) + mask) v, its scores concatenated over the chunks.
 
@@ -154,7 +154,7 @@ class StaticDecoder:
 
     def _step(self) -> torch.Tensor:
         """One token per row at slot ``self.slot``; advances slot and positions. No host synchronisation
-        on a GPU (all L slots attended, the unwritten ones masked); on a CPU only the written span."""
+        on a GPU (all L slots attended, the unwritten ones masked); on a CPU only the chunks written."""
         self.key_mask.index_fill_(1, self.slot, True)
         span = self.length if self.gpu else int(self.slot) + 1  # on a CPU, reading the slot costs no sync
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
