@@ -14,6 +14,17 @@ for ``--episodes`` episodes (the final evaluation at the preset's sizes). Prints
 ("identical", "equal within rtol" with the largest relative difference, or the differing keys) and
 exits 1 if any differs beyond ``--rtol`` and ``--atol``. A change of the order of floating-point operations (another
 attention kernel) keeps the tokens but moves the floats in their last digits: ``--rtol`` says how far.
+
+Over long runs such floats can tip a sampled token, and the runs part ways. ``--seeds`` then checks
+the same science in distribution instead of number for number:
+
+    python scripts/same_numbers.py --baseline aa60bb0 --episodes 640 --seeds 7710 7711 7712 7713 \\
+        --arms cpu-confirm:prioritized cpu-confirm:matched-penalty
+
+runs every arm at every seed at both commits and prints, per arm and final endpoint (sampled and
+greedy N+1 accuracy, greedy in-distribution accuracy), each commit's mean over the seeds with its
+95% t interval and the paired difference new - old with its interval; it exits 1 if either mean
+falls outside the other commit's interval.
 """
 
 from __future__ import annotations
@@ -30,6 +41,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import commit_tree, presets_dir  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from critical_tokens.report.paired import paired_test  # noqa: E402
+from critical_tokens.report.statistics import Estimate, t_interval  # noqa: E402
+
+# The final endpoints compared in distribution (--seeds): every commit's final_eval.json has them.
+ENDPOINTS = ("final/accuracy_sampled", "final/accuracy_greedy", "final/comfort_accuracy_greedy")
 
 # Runs inside the tree under test (PYTHONPATH): its own RLConfig, train and presets.
 ONE_RUN = r"""
@@ -104,11 +122,30 @@ def verdict(found: list[tuple[str, object, object]], rtol: float, atol: float = 
             + "; ".join(f"{p}: {a!r} against {b!r}" for p, a, b in beyond[:5])), True
 
 
+def inside(value: float, interval: Estimate) -> bool:
+    """``value`` within ``interval``'s 95% bounds (a single seed has none: never inside)."""
+    return interval.low is not None and interval.low <= value <= interval.high
+
+
+def distribution_line(arm: str, endpoint: str, old: dict[int, float], new: dict[int, float]) -> tuple[str, bool]:
+    """One endpoint of one arm over the seeds at both commits: each commit's mean and 95% interval,
+    the paired difference new - old, and whether either mean falls outside the other's interval."""
+    a, b = t_interval(list(old.values())), t_interval(list(new.values()))
+    difference = paired_test([new[s] - old[s] for s in sorted(old)])
+    apart = not (inside(a.mean, b) and inside(b.mean, a))
+    span = (f"[{difference.low:+.3f}, {difference.high:+.3f}]" if difference.low is not None else "(one seed)")
+    return (f"{arm} {endpoint}: old {a.mean:.3f} [{a.low:.3f}, {a.high:.3f}], new {b.mean:.3f} [{b.low:.3f}, {b.high:.3f}], "
+            f"new - old {difference.mean:+.3f} {span}; " + ("a mean outside the other's interval" if apart
+                                                             else "each mean inside the other's interval")), apart
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="the commit to compare with")
     parser.add_argument("--arms", nargs="+", default=["cpu-confirm:prioritized", "cpu-methods:archer"], help="PRESET:ARM of each run")
     parser.add_argument("--seed", type=int, default=7705, help="the RL seed of every run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="several RL seeds: compare the final endpoints in distribution "
+                        "(means and intervals over the seeds) instead of number for number")
     parser.add_argument("--episodes", type=int, default=160, help="episodes of every run (the preset's final evaluation at the end)")
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance on floats (default 0: bit for bit); "
                         "counts, tokens' outcomes and other non-floats must always be identical")
@@ -117,6 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.episodes <= 0 or min(args.rtol, args.atol) < 0 or any(":" not in arm for arm in args.arms):
         parser.error("--episodes must be positive, --rtol and --atol not negative and each arm PRESET:ARM")
+    if args.seeds is not None and len(set(args.seeds)) < 2:
+        parser.error("--seeds needs at least two different seeds (one seed: --seed)")
+    if args.seeds:
+        sys.exit(1 if compare_in_distribution(args.baseline, args.arms, sorted(set(args.seeds)), args.episodes) else 0)
     differ = False
     with commit_tree(ROOT, args.baseline) as old_tree, tempfile.TemporaryDirectory() as scratch:
         for k, arm in enumerate(args.arms):
@@ -126,6 +167,26 @@ def main() -> None:
             differ |= beyond
             print(f"{arm} (seed {args.seed}, {args.episodes} episodes, {len(old[0])} metrics lines): {line}")
     sys.exit(1 if differ else 0)
+
+
+def compare_in_distribution(baseline: str, arms: list[str], seeds: list[int], episodes: int) -> bool:
+    """Every arm at every seed at ``baseline`` and at the working tree; one line per run as it ends,
+    then one per arm and endpoint (`distribution_line`). True if any endpoint's means fall apart."""
+    finals: dict[tuple[str, str], dict[int, dict]] = {}
+    with commit_tree(ROOT, baseline) as old_tree, tempfile.TemporaryDirectory() as scratch:
+        for arm in arms:
+            for seed in seeds:
+                for side, tree in (("old", old_tree), ("new", ROOT)):
+                    _, final = run(tree, Path(scratch) / f"{side}-{arm.replace(':', '-')}-{seed}", arm, seed, episodes)
+                    finals.setdefault((arm, side), {})[seed] = final
+                    print(f"{arm} seed {seed} {side}: " + ", ".join(f"{k} {final[k]:.3f}" for k in ENDPOINTS), flush=True)
+    apart = False
+    for arm in arms:
+        for endpoint in ENDPOINTS:
+            line, off = distribution_line(arm, endpoint, *({s: finals[arm, side][s][endpoint] for s in seeds} for side in ("old", "new")))
+            apart |= off
+            print(line)
+    return apart
 
 
 if __name__ == "__main__":

@@ -219,3 +219,13 @@ def test_same_numbers_tells_identical_from_rounding_from_a_real_difference():
     assert same_numbers.verdict(found, 1e-4)[1] and not same_numbers.verdict(found, 1e-4, atol=1e-7)[1]  # 2e-4 relative, 2e-8 absolute
     fewer_lines = ([], old[1])
     assert same_numbers.verdict(same_numbers.differences(old, fewer_lines), 1.0)[1]  # a missing metrics line is never rounding
+
+
+def test_same_numbers_in_distribution_says_when_a_mean_leaves_the_other_commits_interval():
+    same_numbers = script("same_numbers")
+    old = {1: 0.40, 2: 0.44, 3: 0.36, 4: 0.40}  # mean 0.40, sd 0.0327, 95% interval 0.40 ± 3.182 * 0.0163 = [0.348, 0.452]
+    line, apart = same_numbers.distribution_line("a:b", "final/accuracy_sampled", old, {s: v + 0.01 for s, v in old.items()})
+    assert not apart and "old 0.400 [0.348, 0.452]" in line and "new - old +0.010" in line
+    line, apart = same_numbers.distribution_line("a:b", "final/accuracy_sampled", old, {s: v + 0.06 for s, v in old.items()})
+    assert apart and "outside" in line  # 0.46 is above 0.452
+    assert not same_numbers.inside(0.4, same_numbers.t_interval([0.4]))  # one seed: no interval to be inside
