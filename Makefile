@@ -9,11 +9,16 @@ OUT ?= runs/demo
 
 .PHONY: setup demo test bench readme clean
 
+# setup: the package and what it needs (enough for the demo); the tests' extras come on top, for `make test` only.
 $(BIN)/critical-tokens: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[test,trl,ray,slurm]" "$(TORCH_PIN)"  # the extras their tests need (ray and submitit: ~40 s); the pin keeps torch
+	$(BIN)/pip install -q -e . "$(TORCH_PIN)"  # the pin keeps torch
+	touch $@
+
+$(VENV)/.test-extras: $(BIN)/critical-tokens
+	$(BIN)/pip install -q -e ".[test,trl,ray,slurm]" "$(TORCH_PIN)"  # the extras the tests need (TRL, ray and submitit: about 30 s)
 	touch $@
 
 setup: $(BIN)/critical-tokens
@@ -22,10 +27,10 @@ demo: setup
 	$(BIN)/critical-tokens reproduce --preset cpu --out $(OUT)
 	@echo "the report: $(OUT)/REPORT.md, in a browser: $(OUT)/report.html"
 
-test: setup
+test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
 
-bench: setup
+bench: $(VENV)/.test-extras
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/pretrain.py
 	$(BIN)/python benchmarks/rl.py
