@@ -39,14 +39,23 @@ class Policy(torch.nn.Module):
         return logits, values
 
 
+def _entropy(logp):
+    """-sum_a p(a) log p(a) over the last axis of log-probabilities (..., V)."""
+    # Clamp -inf log-probs (from -inf logits) so that 0 * log 0 gives 0, not nan.
+    return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
+
+
+def _taken(logp, tokens):
+    """logp[..., token] at each position: (..., V) and (...) ids -> (...)."""
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
 def entropy_from_logits(logits):
     """Entropy H(softmax(z)) = -sum_a p(a) log p(a) at each position.
 
     logits: (..., V), already divided by the policy temperature. Returns (...) float32.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    # Clamp -inf log-probs (from -inf logits) so that 0 * log 0 gives 0, not nan.
-    return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
+    return _entropy(F.log_softmax(logits.float(), dim=-1))
 
 
 def token_logprobs(logits, tokens):
@@ -55,5 +64,11 @@ def token_logprobs(logits, tokens):
     logits: (..., V), already divided by the policy temperature; tokens: (...) integer ids.
     Returns (...) float32.
     """
+    return _taken(F.log_softmax(logits.float(), dim=-1), tokens)
+
+
+def token_logprobs_and_entropy(logits, tokens):
+    """`token_logprobs` and `entropy_from_logits` of the same logits from one log-softmax over the
+    vocabulary instead of two (the same numbers). Returns ((...), (...)) float32."""
     logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
-    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return _taken(logp, tokens), _entropy(logp)

@@ -64,7 +64,7 @@ if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
                       f"found TRL {trl.__version__}: pip install 'trl>={TESTED_TRL},<1.17'")
 
 from . import checks, kl, kl_rules
-from .policy import entropy_from_logits, token_logprobs
+from .policy import token_logprobs, token_logprobs_and_entropy
 
 # TRL's GRPO loss types whose aggregation of per-token terms `token_aggregate` reproduces.
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
@@ -276,11 +276,14 @@ class _PrioritizedKLMixin:
                 logits = logits.float() * logit_scale if logit_scale != 1.0 else logits.float()  # (b, chunk, V)
                 if softcap is not None:
                     logits = softcap * torch.tanh(logits / softcap)
-                logprobs_chunks.append(token_logprobs(logits / self.temperature, tokens[:, t : t + chunk]))  # (b, chunk)
+                if "entropy" in needs:  # one log-softmax for the log-probs and the entropy, both at TRL's temperature
+                    taken, entropy = token_logprobs_and_entropy(logits / self.temperature, tokens[:, t : t + chunk])  # (b, chunk) each
+                    stats_chunks["entropy"].append(entropy)
+                else:
+                    taken = token_logprobs(logits / self.temperature, tokens[:, t : t + chunk])  # (b, chunk)
+                logprobs_chunks.append(taken)
                 if "certainty" in needs:
                     stats_chunks["certainty"].append(kl.certainty(logits, self.args.certainty, self.args.certainty_temperature))
-                if "entropy" in needs:
-                    stats_chunks["entropy"].append(entropy_from_logits(logits / self.temperature))
                 del logits  # free this chunk's logits before the next one's
             del hidden
             ref_logprobs.append(torch.cat(logprobs_chunks, 1))  # (b, T)

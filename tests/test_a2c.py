@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from critical_tokens.policy import entropy_from_logits, token_logprobs
+from critical_tokens.policy import entropy_from_logits, token_logprobs, token_logprobs_and_entropy
 from critical_tokens.rl.a2c import ValueHead, gae
 
 
@@ -62,3 +62,12 @@ def test_token_logprobs():
     out = token_logprobs(logits, torch.tensor([0, 2]))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.log(torch.tensor([0.5, 0.25])), atol=1e-2, rtol=1e-2)
+
+
+def test_token_logprobs_and_entropy_from_one_log_softmax_are_the_two_functions_numbers():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [50.0, -50.0, 0.0, float("-inf")], [1.0, 1.0, float("-inf"), float("-inf")]])
+    tokens = torch.tensor([1, 0, 3])
+    taken, entropy = token_logprobs_and_entropy(logits, tokens)
+    assert torch.equal(taken, token_logprobs(logits, tokens)) and torch.equal(entropy, entropy_from_logits(logits))
+    torch.testing.assert_close(entropy, torch.tensor([math.log(4), 0.0, math.log(2)]))
+    assert taken[2] == float("-inf")  # a token of probability 0

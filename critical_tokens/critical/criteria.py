@@ -36,7 +36,7 @@ from .. import token_weights as tw
 from ..config import arg, check_fields, check_range
 from ..generation import addition_stop_rule, concatenate, generate
 from ..model import RL_SLACK, check_fits
-from ..policy import Policy, entropy_from_logits, token_logprobs
+from ..policy import Policy, token_logprobs_and_entropy
 from ..policy_gradient import leave_one_out_advantages, terminal_rewards
 from ..runs import UserError, check_output, write_json
 from ..seeding import stream_seed
@@ -98,8 +98,8 @@ def token_stats(lm, tokenizer, n_digits: int, prompts: int = 64, group_size: int
     for rows in torch.arange(len(pairs)).split(CHUNK):
         T = int(mask[rows].sum(-1).max())
         logits, _ = policy(rollout.sequences[rows, : P + T], rollout.attention_mask[rows, : P + T], P, temperature)  # (b, T, V)
-        entropy[rows, :T] = entropy_from_logits(logits).cpu()
-        logprobs[rows, :T] = token_logprobs(logits, rollout.sequences[rows, P : P + T]).cpu()
+        taken, spread = token_logprobs_and_entropy(logits, rollout.sequences[rows, P : P + T])
+        entropy[rows, :T], logprobs[rows, :T] = spread.cpu(), taken.cpu()
 
     mask = mask.cpu()
     texts = rollout.completions(tokenizer)

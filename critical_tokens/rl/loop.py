@@ -38,7 +38,7 @@ from .. import addition, distributed, kl, kl_rules
 from ..critical.selection import SelectionCounts, template_masks
 from ..generation import addition_stop_rule, concatenate, generate
 from ..model import check_fits, count_parameters, load_pretrained
-from ..policy import Policy, entropy_from_logits, token_logprobs
+from ..policy import Policy, token_logprobs, token_logprobs_and_entropy
 from ..policy_gradient import terminal_rewards
 from ..runs import MetricsLog, Timer, UserError, atomic_dir, load_run_config, read_metrics, save_config, write_json
 from ..seeding import stream_seed
@@ -61,9 +61,11 @@ def reference_pass(ref_lm, sequences, attention_mask, prompt_length: int, config
         logits = ref_lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
     logits = logits[:, prompt_length - 1 : sequences.shape[1] - 1].float()  # (B, T, V)
     actions = sequences[:, prompt_length:]  # (B, T)
-    ref_logprobs = token_logprobs(logits / config.temperature, actions)
+    if "entropy" in needs:
+        ref_logprobs, entropy = token_logprobs_and_entropy(logits / config.temperature, actions)
+    else:
+        ref_logprobs, entropy = token_logprobs(logits / config.temperature, actions), None
     certainty = kl.certainty(logits, config.certainty, config.certainty_temperature)
-    entropy = entropy_from_logits(logits / config.temperature) if "entropy" in needs else None
     return ref_logprobs, kl_rules.ReferenceStats(certainty, entropy)
 
 
@@ -293,7 +295,7 @@ def train(config: RLConfig) -> Path:
             with timer("update"):
                 # 5. Policy: log-probs of the taken actions, entropy and values, one teacher-forced pass.
                 logits, values = run.train_policy(mb.sequences, mb.attention_mask, P, config.temperature)  # (b, T, V), (b, T)
-                logprobs, entropy = token_logprobs(logits, mb.actions), entropy_from_logits(logits)  # (b, T) each
+                logprobs, entropy = token_logprobs_and_entropy(logits, mb.actions)  # (b, T) each
 
                 # 6. Advantages: a2c: GAE on the current values; ppo, grpo, rloo: those fixed at step 4.
                 advantages, returns = minibatch_advantages(mb, values, logprobs, config, run.loss.kl_coef)  # (b, T), (b, T) or None
