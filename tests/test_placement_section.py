@@ -235,3 +235,24 @@ def test_an_instance_level_analysis_needs_two_instances(tmp_path):
 def test_what_an_equivalence_test_shows_in_words(differences, p_holm, text):
     r = HypothesisResult("E", "equivalence", 0.03, tost(differences, 0.03), p_holm)  # p_holm as Holm would give it among 12
     assert equivalence_text(Hypothesis("E", "prio-b4", "matched-b4", ACC, 0.03, "equivalence"), r, 0.05, 12) == text
+
+
+def test_the_readme_placement_part_gives_each_strengths_verdict_share_and_tests(study):
+    from critical_tokens.report import readme
+    from critical_tokens.runs import UserError
+
+    rep, s, _ = study
+    numbers = json.loads(json.dumps(summary(rep, {"confirm": s})))  # as read back from summary.json
+    lines = readme.placement(numbers)
+    text = " ".join(line.strip() for line in lines)  # wrapped prose read as one line
+    assert "all 8 hypotheses: **strength explains it, within the margins: beta 4; placement adds: beta 8**" in text
+    assert "**beta 8: placement adds** (placement share 0.60 [0.60, 0.60])" in text
+    assert f"S-acc-b8 (superiority): prio-b8 - matched-b8 on `final/accuracy_sampled`: {100 * 0.6 * G.mean():+.1f} points" in text
+    # Lower is better: the tested difference matched - prio = E8 > 0, as the report's section computed it.
+    assert f"S-kl-b8 (superiority): matched-b8 - prio-b8 on `final/comfort_kl`: {E8.mean():+.3g} [" in text
+    # Each hypothesis sits under its own strength, indented below the strength's line.
+    assert text.index("S-acc-b4") < text.index("**beta 8:") < text.index("S-acc-b8")
+    assert any(line.startswith("  - E-acc-b4 (equivalence)") for line in lines)
+    del numbers["experiments"]["confirm"]["groups"]
+    with pytest.raises(UserError, match="placement rule"):
+        readme.placement(numbers)

@@ -184,9 +184,9 @@ def test_an_equivalence_and_a_lower_is_better_hypothesis_read_as_what_their_test
             "E-acc-b8": {"role": "equivalence", "arm": "prio-b8", "versus": "matched-b8", "metric": "final/accuracy_sampled", "n": 40,
                          "mean": 0.004, "low": -0.018, "high": 0.026, "low_tost": -0.012, "high_tost": 0.02, "level": 0.9,
                          "margin": 0.03, "p_holm": 0.01, "rejects": True},
-            # a KL, lower is better: summary.json holds arm - versus = -0.002, read as versus - arm = +0.002
+            # a KL, lower is better: summary.json holds the tested difference, versus - arm = +0.002 (report/paired.py)
             "S-kl-b8": {"role": "superiority", "arm": "prio-b8", "versus": "matched-b8", "metric": "final/comfort_kl", "direction": "lower",
-                        "n": 40, "mean": -0.002, "low": -0.004, "high": 0.0001, "margin": 0.0, "p_holm": 0.2, "rejects": False}}}}}
+                        "n": 40, "mean": 0.002, "low": -0.0001, "high": 0.004, "margin": 0.0, "p_holm": 0.2, "rejects": False}}}}}
     text = " ".join(line.strip() for line in readme.confirm(summary))
     assert ("E-acc-b8 (equivalence): prio-b8 - matched-b8 on `final/accuracy_sampled`: +0.4 points [-1.2, +2.0] (90% interval) "
             "over 40 pairs, margin ±3; Holm p = 0.01: equivalent within the margin.") in text

@@ -211,8 +211,11 @@ def _headline(hypotheses: tuple[Hypothesis, ...], results: dict, pooled: bool, d
             f"over {t.n} {'pairs' if pooled else 'instances'}, Holm p {hypotheses_section.p_text(results[h.name].p_holm)}; decision: {decision}")
 
 
+def share_text(s: dict) -> str:
+    """A placement share as "mean [low, high]" (its interval), "-" when there is none."""
+    return "-" if s["mean"] is None else f"{s['mean']:.2f}" + (f" [{s['low']:.2f}, {s['high']:.2f}]" if s["low"] is not None else "")
+
+
 def _placement_headline(groups: dict) -> str:
     """The summary table's "ours" for the placement rule: each group's verdict and placement share."""
-    def share(s: dict) -> str:
-        return "-" if s["mean"] is None else f"{s['mean']:.2f}" + (f" [{s['low']:.2f}, {s['high']:.2f}]" if s["low"] is not None else "")
-    return "; ".join(f"{g}: {x['verdict']} (placement share {share(x['share'])})" for g, x in groups.items())
+    return "; ".join(f"{g}: {x['verdict']} (placement share {share_text(x['share'])})" for g, x in groups.items())

@@ -10,7 +10,8 @@ The source is a report's directory (its summary.json) or a row of the regime sea
 (``docs/regime/NAME.json``). After a report's directory, a part may follow: ``kl_comparison`` (the
 default: the outcome table), ``curves`` (where each arm's mean curve is lowest and highest),
 ``kl_by_model`` (the comparison from several starting models), ``beta_sweep`` (the sensitivity to
-beta), ``confirm`` (a pre-registered study: its decision, arms and hypotheses), or ``levels``,
+beta), ``confirm`` (a pre-registered study: its decision, arms and hypotheses), ``placement`` (a study
+under the placement rule: per strength its verdict, placement share and hypotheses), or ``levels``,
 ``table1``, ``rl_levels``, ``tracked_tokens`` (that experiment's rows of the report's summary table).
 
 ``python -m critical_tokens.report.readme README.md`` (``make readme``) rewrites the lines between
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from ..config import add_arguments, arg, from_namespace
 from ..runs import UserError, atomic_write_text, read_json
+from .confirm_section import share_text
 from .document import duration
 from .statistics import weight_text
 from .statistics import Estimate, pct
@@ -189,17 +191,14 @@ def _hypothesis_line(name: str, h: dict) -> str:
     interval (an equivalence: the TOST interval at 1 - 2 alpha) and its Holm p-value."""
     scale, unit = (100, " points") if in_points(h["metric"]) else (1, "")
     number = (lambda x: f"{scale * x:+.1f}") if scale == 100 else (lambda x: f"{x:+.3g}")
-    lower = h.get("direction") == "lower"
-    difference = f"{h['versus']} - {h['arm']}" if lower else f"{h['arm']} - {h['versus']}"
-    sign = -1 if lower else 1  # summary.json holds arm - versus; a lower-is-better metric is read the other way
+    # summary.json holds the tested difference: arm - versus, or versus - arm where lower is better (report/paired.py)
+    difference = f"{h['versus']} - {h['arm']}" if h.get("direction") == "lower" else f"{h['arm']} - {h['versus']}"
     equivalence = h["role"] == "equivalence" and h.get("low_tost") is not None
     low, high = (h["low_tost"], h["high_tost"]) if equivalence else (h.get("low"), h.get("high"))
-    if low is not None and sign < 0:
-        low, high = -high, -low
     interval = "" if low is None else f" [{number(low)}, {number(high)}]" + (f" ({100 * h['level']:g}% interval)" if equivalence else "")
     margin = f"±{scale * h['margin']:g}" if h["role"] == "equivalence" else f"{scale * h['margin']:+g}"
     p = "-" if h["p_holm"] is None else f"{h['p_holm']:.2g}"
-    return (f"{name} ({h['role']}): {difference} on `{h['metric']}`: {number(sign * h['mean'])}{unit}{interval} "
+    return (f"{name} ({h['role']}): {difference} on `{h['metric']}`: {number(h['mean'])}{unit}{interval} "
             f"over {h['n']} pairs, margin {margin}; Holm p = {p}: {_outcome(h)}.")
 
 
@@ -236,6 +235,27 @@ def confirm(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def placement(summary: dict) -> list[str]:
+    """A study under the placement rule: its decision, then per group (one strength) its verdict, its
+    placement share (prioritized - matched) / (prioritized - baseline) with its interval, and the paired
+    difference and Holm p-value of each of its hypotheses."""
+    study = _experiment(summary, "confirm")
+    if not study.get("groups"):
+        raise UserError(f"the report of preset {summary['preset']!r} is not of a study under the placement rule (no groups)")
+    prereg = study["preregistration"]
+    commit = (prereg.get("commit") or "")[:7] or "not recorded"
+    lines = _wrap(f"State: {study['state']}. Decision by the rule pre-registered in `{prereg.get('path')}` (commit {commit}), "
+                  f"after Holm's correction over all {len(study['hypotheses'])} hypotheses: **{study['decision']}**. "
+                  f"{study['runs']} runs, {duration(study['compute_s'])} of compute on {_machine(summary)}.")
+    for group, numbers in study["groups"].items():
+        lines += [""] + _bullet(f"**{group}: {numbers['verdict']}** (placement share {share_text(numbers['share'])})")
+        for name, h in study["hypotheses"].items():
+            if h.get("group") == group:
+                text = _hypothesis_line(name, h) if h.get("n") else f"{name} ({h['role']}): {h['arm']} - {h['versus']}: no paired runs yet."
+                lines += ["  " + line for line in _bullet(text)]
+    return lines + [""]
+
+
 # The findings of summary.json's table that each part quotes, by the start of their name.
 FINDINGS = {"levels": ("Accuracy drops beyond N", "More digits generalise further"), "table1": ("Critical tokens are uncertain",),
             "rl_levels": ("RL from several pre-training levels",), "tracked_tokens": ("Prioritized KL keeps the critical tokens right",)}
@@ -253,7 +273,8 @@ def findings(summary: dict, part: str) -> list[str]:
     return lines + [""]
 
 
-PARTS = {"kl_comparison": outcome, "curves": curves, "kl_by_model": kl_by_model, "beta_sweep": beta_sweep, "confirm": confirm}
+PARTS = {"kl_comparison": outcome, "curves": curves, "kl_by_model": kl_by_model, "beta_sweep": beta_sweep, "confirm": confirm,
+         "placement": placement}
 
 
 def blocks(text: str) -> list[re.Match]:
