@@ -188,7 +188,9 @@ def _outcome(h: dict) -> str:
 
 def _hypothesis_line(name: str, h: dict) -> str:
     """One hypothesis's paired difference (points for an accuracy, the metric's units otherwise), its
-    interval (an equivalence: the TOST interval at 1 - 2 alpha) and its Holm p-value."""
+    interval (an equivalence: the TOST interval at 1 - 2 alpha) and its Holm p-value; or that it has no pairs yet."""
+    if not h.get("n"):
+        return f"{name} ({h['role']}): {h['arm']} - {h['versus']}: no paired runs yet."
     scale, unit = (100, " points") if in_points(h["metric"]) else (1, "")
     number = (lambda x: f"{scale * x:+.1f}") if scale == 100 else (lambda x: f"{x:+.3g}")
     # summary.json holds the tested difference: arm - versus, or versus - arm where lower is better (report/paired.py)
@@ -228,9 +230,6 @@ def confirm(summary: dict) -> list[str]:
         intro = "Paired differences (arm - versus, points, over the (instance, seed) units both finished), one-sided paired t-test, Holm-adjusted:"
     lines += ["", *_wrap(intro)]
     for name, h in study["hypotheses"].items():
-        if not h.get("n"):
-            lines += _bullet(f"{name} ({h['role']}): {h['arm']} - {h['versus']}: no paired runs yet.")
-            continue
         lines += _bullet(_hypothesis_line(name, h))
     return lines + [""]
 
@@ -251,8 +250,7 @@ def placement(summary: dict) -> list[str]:
         lines += [""] + _bullet(f"**{group}: {numbers['verdict']}** (placement share {share_text(numbers['share'])})")
         for name, h in study["hypotheses"].items():
             if h.get("group") == group:
-                text = _hypothesis_line(name, h) if h.get("n") else f"{name} ({h['role']}): {h['arm']} - {h['versus']}: no paired runs yet."
-                lines += ["  " + line for line in _bullet(text)]
+                lines += ["  " + line for line in _bullet(_hypothesis_line(name, h))]
     return lines + [""]
 
 
