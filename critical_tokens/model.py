@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from . import addition
+from .attention import use_causal_blocks
 from .runs import UserError, describe_kind, run_kind
 from .tokenizer import load_tokenizer
 
@@ -76,7 +77,7 @@ def build_model(preset_name: str, tokenizer: PreTrainedTokenizerFast, n_digits: 
         activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU as one fused kernel (same function)
         **NO_DROPOUT,
     )
-    return causal_lm_loss(GPT2LMHeadModel(config))
+    return use_causal_blocks(causal_lm_loss(GPT2LMHeadModel(config)))
 
 
 def causal_lm_loss(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
@@ -125,14 +126,14 @@ def gpt2_reduced_vocab(source: str, tokenizer: PreTrainedTokenizerFast) -> GPT2L
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(torch.stack(rows))
     model.tie_weights()
-    return causal_lm_loss(model)
+    return use_causal_blocks(causal_lm_loss(model))
 
 
 def load_model(path: str | Path) -> GPT2LMHeadModel:
     path = Path(path)
     try:
         # float32 whatever the file holds: a checkpoint shipped in half precision is computed in float32.
-        return causal_lm_loss(GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32))
+        return use_causal_blocks(causal_lm_loss(GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32)))
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a corrupt weights file
         raise UserError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
 

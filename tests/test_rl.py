@@ -265,6 +265,41 @@ def test_the_final_evaluation_uses_the_larger_held_out_sets_and_is_saved(pretrai
     assert final["final/effective_kl_coef"] == pytest.approx(json.loads((tmp_path / "f" / "config.json").read_text())["kl_coef_used"] * final["final/penalty_ratio"])
 
 
+def test_the_curves_last_point_comes_from_the_final_evaluations_first_prompts(pretrained_run, tmp_path, monkeypatch):
+    """At the end, one evaluation: the final sets hold the intermediate ones (their first prompts), so
+    the last metrics line's "eval/" keys are scored on the final completions of those prompts (the
+    greedy ones are the completions an intermediate call would give); with smaller final sets, an
+    intermediate evaluation runs as well."""
+    from critical_tokens.evaluate import right_answers
+    from critical_tokens.rl import evaluation
+
+    calls, texts = [], {}
+    real = evaluation.completions_together
+
+    def recording(model, tokenizer, sets, **kwargs):
+        out = real(model, tokenizer, sets, **kwargs)
+        calls.append([len(pairs) for pairs, _ in sets])
+        texts[len(calls)] = [list(zip(pairs, t)) for (pairs, _), t in zip(sets, out)]
+        return out
+
+    monkeypatch.setattr(evaluation, "completions_together", recording)
+    assert run_rl(pretrained_run, tmp_path / "f", "--final-eval-episodes", "10", "--final-eval-comfort-episodes", "5",
+                  "--final-probe-examples", "3") == 0
+    assert calls == [[4, 2, 4], [10, 5, 10]]  # step 0, then the final evaluation alone
+    last = metric_lines(tmp_path / "f")[-1]
+    (greedy, comfort, sampled) = texts[2]
+    assert last["eval/accuracy_greedy"] == right_answers(*zip(*greedy[:4])).mean().item()
+    assert last["eval/accuracy_sampled"] == right_answers(*zip(*sampled[:4])).mean().item()
+    assert last["eval/comfort_accuracy_greedy"] == right_answers(*zip(*comfort[:2])).mean().item()
+    assert "p_correct/critical_mean" in last and "final/p_correct/critical_mean" in last
+    assert not any(k.startswith("eval/") for k in json.loads((tmp_path / "f" / "final_eval.json").read_text()))
+
+    calls.clear()
+    assert run_rl(pretrained_run, tmp_path / "g", "--final-eval-episodes", "3") == 0  # fewer than the 4 of --eval-episodes
+    assert calls == [[4, 2, 4], [3, 2, 3], [4, 2, 4]]
+    assert "eval/accuracy_greedy" in metric_lines(tmp_path / "g")[-1]
+
+
 @pytest.mark.parametrize("method", ["entropy80", "archer", "kl_cov", "clip_cov"])
 def test_each_token_method_runs_moves_the_policy_and_logs_its_selection(pretrained_run, tmp_path, method):
     """GRPO, 2 epochs per collect (so that the ratio moves off 1), each --method: the policy moved, the

@@ -62,7 +62,10 @@ def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: He
     policy's probability of the right token at the tracked critical tokens. Keys "eval/..." and
     "p_correct/..."; ``final``: on the larger final sets, every key under "final/", and with
     ``ref_lm`` the continuous endpoints of endpoints.py (``records``: the run's metrics lines, for
-    its realized penalty ratio; None for a run without a KL term)."""
+    its realized penalty ratio; None for a run without a KL term). A final evaluation whose sets hold
+    the intermediate ones (their first prompts) also gives the intermediate keys, from those first
+    prompts' completions: the last point of the run's curves, without generating them a second time
+    (its sampled completions are a draw of the final evaluation's, not of an intermediate call)."""
     from ..critical.measure import tracked_probabilities
 
     was_training = lm.training
@@ -74,17 +77,23 @@ def evaluate_policy(lm, tokenizer, n_digits: int, config: RLConfig, held_out: He
     # One generation call for the three sets when they fit in one batch (the intermediate evaluations).
     task_texts, comfort_texts, sampled_texts = completions_together(
         lm, tokenizer, [(task_pairs, 0.0), (comfort_pairs, 0.0), (task_pairs, config.temperature)], generator=sampler)
-    record = {
-        "eval/accuracy_greedy": right_answers(task_pairs, task_texts).mean().item(),
-        "eval/accuracy_sampled": right_answers(task_pairs, sampled_texts).mean().item(),
-        "eval/comfort_accuracy_greedy": right_answers(comfort_pairs, comfort_texts).mean().item(),
-    }
-    record.update(tracked_probabilities(lm, tokenizer, probe_pairs, n_digits, temperature=config.temperature))
+    def scores(n_task: int, n_comfort: int, n_probe: int) -> dict:  # of the first prompts of each set
+        return {
+            "eval/accuracy_greedy": right_answers(task_pairs[:n_task], task_texts[:n_task]).mean().item(),
+            "eval/accuracy_sampled": right_answers(task_pairs[:n_task], sampled_texts[:n_task]).mean().item(),
+            "eval/comfort_accuracy_greedy": right_answers(comfort_pairs[:n_comfort], comfort_texts[:n_comfort]).mean().item(),
+            **tracked_probabilities(lm, tokenizer, probe_pairs[:n_probe], n_digits, temperature=config.temperature),
+        }
+
+    record = scores(*sizes)
     if final and ref_lm is not None:
         endpoints = final_endpoints(lm, ref_lm, tokenizer, task_pairs, task_texts, comfort_pairs, comfort_texts,
                                     config.temperature, records or [], kl_coef)
         record.update({f"eval/{k}": v for k, v in endpoints.items()})
-    lm.train(was_training)
     if final:
         record = {"final/" + k.removeprefix("eval/"): v for k, v in record.items()}
+        intermediate = (config.eval_episodes, config.eval_comfort_episodes, config.probe_examples)
+        if all(i <= f for i, f in zip(intermediate, sizes)):
+            record.update(scores(*intermediate))
+    lm.train(was_training)
     return record

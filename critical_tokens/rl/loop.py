@@ -236,12 +236,13 @@ def iteration_record(run: RLRun, batch: RolloutBatch, finished, reference: kl_ru
 
 def final_evaluation(run: RLRun, record: dict, episodes: int) -> dict:
     """The evaluation at the end of the run, on the larger held-out sets, with the continuous endpoints
-    (rl/endpoints.py; a run with a KL term in its loss also its realized penalty ratio), written to final_eval.json."""
+    (rl/endpoints.py; a run with a KL term in its loss also its realized penalty ratio), written to
+    final_eval.json; the record also gets the curves' last point when the final sets hold the intermediate ones."""
     config, penalized = run.config, run.loss.penalized
     final = evaluate_policy(run.policy.lm, run.tokenizer, run.resolved.n_digits, config, run.held_out, final=True, ref_lm=run.ref_lm,
                             records=read_metrics(run.run_dir) + [record] if penalized else None,
                             kl_coef=run.loss.kl_coef if penalized else None)
-    write_json(run.run_dir / "final_eval.json", {"episodes": episodes, **final, "prompts": {
+    write_json(run.run_dir / "final_eval.json", {"episodes": episodes, **{k: v for k, v in final.items() if k.startswith("final/")}, "prompts": {
         "task": config.final_eval_episodes, "comfort": config.final_eval_comfort_episodes, "probe": config.final_probe_examples}})
     return final
 
@@ -320,9 +321,10 @@ def train(config: RLConfig) -> Path:
         checkpoint = (episodes % config.eval_every < config.batch_size or iteration == resolved.iterations) and ranks.main
         if checkpoint:
             with timer("evaluation"):
-                record.update(evaluate_policy(policy.lm, run.tokenizer, resolved.n_digits, config, run.held_out))
-                if iteration == resolved.iterations:
+                if iteration == resolved.iterations:  # with the curves' last point when its sets hold theirs
                     record.update(final_evaluation(run, record, episodes))
+                if "eval/accuracy_greedy" not in record:
+                    record.update(evaluate_policy(policy.lm, run.tokenizer, resolved.n_digits, config, run.held_out))
         if ranks.main:
             metrics.log(record)  # before the checkpoint: a resumed run drops lines past its checkpoint
         if checkpoint:
