@@ -127,9 +127,10 @@ class StaticDecoder:
         values = [self.value_chunks[j][layer].view(B * H, CHUNK, D) for j in range(chunks)]
         scores = torch.cat([torch.bmm(q, k.transpose(1, 2)) for k in keys], dim=-1)  # (B H, T, chunks CHUNK)
         weights = (scores.view(B, H, T, -1) + bias).softmax(-1).view(B * H, T, chunks, CHUNK)
-        attended = torch.bmm(weights[:, :, 0].contiguous(), values[0])  # (B H, T, D)
+        weights = weights.permute(2, 0, 1, 3).contiguous()  # (chunks, B H, T, CHUNK): each chunk's weights one block
+        attended = torch.bmm(weights[0], values[0])  # (B H, T, D)
         for j in range(1, chunks):
-            attended.baddbmm_(weights[:, :, j].contiguous(), values[j])
+            attended.baddbmm_(weights[j], values[j])
         return attended.view(B, H, T, D)
 
     def _embed(self, ids, positions):
