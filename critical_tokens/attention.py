@@ -10,11 +10,11 @@ to its own last position only, under the same mask cut to that square:
 
     attention(Q, K, V)[a:b] = softmax(Q[a:b] K[:b]^T / sqrt(D) + mask[a:b, :b]) V[:b]
 
-which is the same masked softmax, since every key past b is masked for the queries before b. With n
-blocks the kernel computes (n + 1) / (2 n) of the scores (2/3 for 300 tokens); a forward pass of
-`tiny` at 32 x 300 tokens took 12% less time on this project's CPU (`attention/` in
-benchmarks/README.md). The results equal plain SDPA's up to float rounding (the kernel sums over
-fewer masked zeros; tests/test_attention.py).
+which is the same masked softmax, since every key past b is masked for the queries before b. The
+kernel then computes 69% of the scores at 300 tokens, 58% at 725 (n equal blocks: (n + 1) / (2 n));
+a forward pass of `tiny` at 32 x 300 tokens took 12% less time on this project's CPU
+(benchmarks/README.md, `study_run.py`). The results equal plain SDPA's up to float rounding (the
+kernel sums over fewer masked zeros; tests/test_attention.py).
 
 It is registered with transformers as the attention implementation ``"sdpa_causal_blocks"``
 (transformers' ``AttentionInterface``, its masks built as for ``"sdpa"``), which :func:`use_causal_blocks`
