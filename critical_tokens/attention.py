@@ -41,7 +41,8 @@ def causal_blocks_attention(module, query, key, value, attention_mask, dropout: 
     attention weights. Self-attention of T > QUERY_BLOCK queries on a CPU in query blocks; anything
     else through transformers' SDPA function."""
     T = query.shape[2]
-    causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal  # as transformers' SDPA function decides it
     plain = (query.is_cuda or T <= QUERY_BLOCK or key.shape[2] != T or dropout > 0 or not causal or kwargs.get("position_bias") is not None
              or torch.compiler.is_compiling() or torch.jit.is_tracing())
     if plain:
